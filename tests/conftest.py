@@ -1,0 +1,44 @@
+"""Models built locally, offline: tests never touch the network."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import pytest
+
+from core import ModelLoadError, load_model, save_random_gpt2
+from tests.circuits import save_induction_circuit
+
+IOI_CLEAN = "When John and Mary went to the store, John gave a bottle of milk to"
+IOI_CORRUPTED = "When John and Mary went to the store, Mary gave a bottle of milk to"
+EIFFEL = "The Eiffel Tower is located in the city of"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """2 layers, 4 heads, d_model 64, GPT-2's real tokenizer: milliseconds per call."""
+    path = save_random_gpt2(tmp_path_factory.mktemp("tiny"), n_layers=2, n_heads=4, d_model=64, n_ctx=64, seed=1)
+    return load_model(path)
+
+
+@pytest.fixture(scope="session")
+def gpt2_shaped(tmp_path_factory):
+    """GPT-2 Small's shape (12 layers x 12 heads, d_model 768) with random weights, non-zero
+    biases and non-unit LayerNorm gains, and GPT-2's real tokenizer, loaded from a local directory."""
+    return load_model(save_random_gpt2(tmp_path_factory.mktemp("gpt2_shaped"), seed=0))
+
+
+@pytest.fixture(scope="session")
+def induction_circuit(tmp_path_factory):
+    return load_model(save_induction_circuit(tmp_path_factory.mktemp("induction_circuit")))
+
+
+@pytest.fixture(scope="session")
+def gpt2():
+    """Real GPT-2 Small: only where it is cached or the Hub can be reached."""
+    try:
+        return load_model("gpt2")
+    except ModelLoadError as err:
+        pytest.skip(f"needs real GPT-2 weights (internet or the HF cache): {err}")

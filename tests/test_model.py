@@ -1,0 +1,73 @@
+"""Model loading and tokenization: local directories, the offline Hub path, bad text."""
+
+from __future__ import annotations
+
+import huggingface_hub.constants
+import pytest
+import torch
+
+from core import ModelLoadError, load_model, single_token_id, to_tokens
+from core.model import str_tokens
+
+
+def test_local_directory_loads_in_compatibility_mode(tiny_model):
+    assert tiny_model.cfg.n_layers == 2 and tiny_model.cfg.n_heads == 4
+    assert tiny_model.compatibility_mode
+    # fold_ln + centring: the unembedding is centred over d_model, as HookedTransformer had it
+    assert torch.allclose(tiny_model.W_U.mean(0), torch.zeros(tiny_model.cfg.d_vocab), atol=1e-5)
+
+
+def test_loading_is_cached_one_object_per_process(tiny_model):
+    directory = tiny_model.cfg.model_name
+    assert load_model(directory) is tiny_model
+    assert load_model(directory + "/") is tiny_model
+
+
+def test_matches_hugging_face_model_up_to_logit_centring(gpt2_shaped):
+    """Folding and centring change logits by a per-position constant only: log-probs are equal."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(gpt2_shaped.cfg.model_name, attn_implementation="eager").eval()
+    tokens = to_tokens(gpt2_shaped, "When John and Mary went to the store")
+    with torch.no_grad():
+        ours = torch.log_softmax(gpt2_shaped(tokens), -1)
+        theirs = torch.log_softmax(hf(tokens).logits, -1)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_directory_without_config_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(str(tmp_path))
+
+
+def test_unreachable_hub_fails_at_once_with_advice(monkeypatch):
+    # An endpoint on a closed local port: refused immediately, like a machine with no network.
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(ModelLoadError, match="cannot be reached.*local model directory"):
+        load_model("circuitbreaker-test/not-cached-anywhere")
+
+
+def test_prompt_gets_bos_and_labels(tiny_model):
+    tokens = to_tokens(tiny_model, "When John and Mary")
+    assert str_tokens(tiny_model, tokens) == ["<|endoftext|>", "When", " John", " and", " Mary"]
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", "\n\t "])
+def test_empty_prompt_is_rejected(tiny_model, prompt):
+    with pytest.raises(ValueError, match="prompt is empty"):
+        to_tokens(tiny_model, prompt)
+
+
+def test_prompt_longer_than_context_is_rejected(tiny_model):
+    with pytest.raises(ValueError, match=r"tokens long .* at most 64"):
+        to_tokens(tiny_model, " word" * 64)
+
+
+def test_multi_token_target_says_how_it_splits_and_suggests_a_space(tiny_model):
+    with pytest.raises(ValueError, match=r"'Berlin' -> \['Ber', 'lin'\]; did you mean ' Berlin'\?"):
+        single_token_id(tiny_model, "Berlin")
+    with pytest.raises(ValueError, match=r"' Eiffel' -> \[' E', 'iff', 'el'\]"):
+        single_token_id(tiny_model, " Eiffel")
+    with pytest.raises(ValueError, match="empty"):
+        single_token_id(tiny_model, "")
+    assert single_token_id(tiny_model, " Paris") == 6342
