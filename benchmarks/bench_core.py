@@ -1,0 +1,80 @@
+"""Time every core technique on a GPT-2 Small-shaped model (random weights, GPT-2's tokenizer).
+
+    python benchmarks/bench_core.py [--threads 2] [--repeats 3]
+
+Prints a markdown table (median wall-clock seconds over --repeats runs, after one warm-up)
+that the README quotes. Timing lives here, never in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from core import (  # noqa: E402
+    activation_patching,
+    attention_patterns,
+    direct_logit_attribution,
+    induction_scores,
+    load_model,
+    logit_lens,
+    predict,
+    save_random_gpt2,
+)
+
+EIFFEL = "The Eiffel Tower is located in the city of"
+IOI_CLEAN = "When John and Mary went to the store, John gave a bottle of milk to"
+IOI_CORRUPTED = "When John and Mary went to the store, Mary gave a bottle of milk to"
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as directory:
+        start = time.perf_counter()
+        model = load_model(save_random_gpt2(directory))
+        load_s = time.perf_counter() - start
+        cases = {
+            "predict (Eiffel, k=10)": lambda: predict(model, EIFFEL),
+            "logit lens (Eiffel, 11 tokens, 13 checkpoints)": lambda: logit_lens(model, EIFFEL, " Paris"),
+            "DLA (IOI clean, 17 tokens)": lambda: direct_logit_attribution(model, IOI_CLEAN, " Mary", " John"),
+            "attention (IOI clean, one layer)": lambda: attention_patterns(model, IOI_CLEAN, 5),
+            "induction (seq_len 50, batch 10)": lambda: induction_scores(model),
+            "activation patching, 4 sweeps (IOI pair, 17 tokens)": lambda: activation_patching(
+                model, IOI_CLEAN, IOI_CORRUPTED, " Mary", " John"
+            ),
+        }
+        print(f"GPT-2 Small-shaped model, {args.threads} threads, torch {torch.__version__}, {platform.processor() or platform.machine()}")
+        print(f"model build + load: {load_s:.1f} s\n")
+        print("| technique | median seconds |")
+        print("|---|---:|")
+        for name, fn in cases.items():
+            print(f"| {name} | {median_seconds(fn, args.repeats):.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
