@@ -30,7 +30,8 @@ UNSIGNED_SCALE = "Blues"
 
 def escape_token(token: str) -> str:
     """A token as safe, visible label text: HTML escaped, newlines and tabs shown as \\n and \\t."""
-    return html.escape(token.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r"))
+    visible = token.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+    return html.escape(visible, quote=False)  # plotly decodes &lt; &gt; &amp; but shows &quot; literally
 
 
 def token_labels(tokens: list[str]) -> list[str]:

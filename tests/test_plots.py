@@ -61,6 +61,7 @@ def test_token_labels_are_escaped_and_unique(results):
     labels = plots.token_labels(results["lens"].tokens)
     assert len(set(labels)) == len(labels)
     assert labels[0] == "0: &lt;|endoftext|&gt;"
+    assert plots.escape_token('a"b\n<') == 'a"b\\n&lt;'
     assert labels[2] == "2:  &lt;"  # GPT-2 splits "<script>" into " <", "script", ">"
     for figure in all_figures(results):
         text = figure.to_json()
