@@ -307,3 +307,67 @@ def dla_vs_patching(result: PatchingResult) -> go.Figure:
         yaxis_title="patching score (head output, all positions)",
     )
     return fig
+
+
+# --- contrast pairs -------------------------------------------------------------------
+
+WINNER_COLOURS = {"answer": "#111111", "wrong": "#777777", "neither": "#cccccc"}
+
+
+def contrast_lens(pair: dict[str, tuple[LogitLensResult, LogitLensResult]]) -> go.Figure:
+    """Side-by-side final-position logit lens for each prompt of a pair.
+
+    `pair` maps a panel title (e.g. "clean") to (lens tracking the answer, lens tracking the wrong
+    token) for that prompt. Lines: P(answer), P(wrong) by checkpoint. Top-1 token written at each
+    checkpoint: black = the answer wins, dark grey = the wrong token wins, light = neither.
+    """
+    from plotly.subplots import make_subplots
+
+    titles = list(pair)
+    fig = make_subplots(rows=1, cols=len(titles), shared_yaxes=True, subplot_titles=titles, horizontal_spacing=0.04)
+    for col, title in enumerate(titles, start=1):
+        answer_lens, wrong_lens = pair[title]
+        answer, wrong = escape_token(answer_lens.target), escape_token(wrong_lens.target)
+        tops = [row[-1] for row in answer_lens.top_tokens]
+        winners = [
+            "answer" if top == answer_lens.target else "wrong" if top == wrong_lens.target else "neither" for top in tops
+        ]
+        for lens, name, dash in ((answer_lens, answer, "solid"), (wrong_lens, wrong, "dot")):
+            fig.add_trace(
+                go.Scatter(
+                    x=lens.layers,
+                    y=lens.target_probs[:, -1],
+                    mode="lines",
+                    line=dict(dash=dash, color="#2166ac" if lens is answer_lens else "#b2182b"),
+                    name=f"P({name})",
+                    legendgroup=name,
+                    showlegend=col == 1,
+                    hovertemplate=f"{title}<br>checkpoint %{{x}}<br>P({name}) = %{{y:.4f}}<extra></extra>",
+                ),
+                row=1,
+                col=col,
+            )
+        fig.add_trace(
+            go.Scatter(
+                x=answer_lens.layers,
+                y=np.maximum(answer_lens.target_probs[:, -1], wrong_lens.target_probs[:, -1]),
+                mode="markers+text",
+                text=[escape_token(t) for t in tops],
+                textposition="top center",
+                textfont=dict(color=[WINNER_COLOURS[w] for w in winners]),
+                marker=dict(color=[WINNER_COLOURS[w] for w in winners], size=8),
+                customdata=winners,
+                name="top-1 token",
+                showlegend=col == 1,
+                hovertemplate=f"{title}<br>checkpoint %{{x}}<br>top-1 %{{text}} (%{{customdata}} wins)<extra></extra>",
+            ),
+            row=1,
+            col=col,
+        )
+    fig.update_layout(
+        template=TEMPLATE,
+        title="Logit lens at the final position: black = answer is top-1, dark grey = wrong token is top-1, light = neither",
+        yaxis_title="probability",
+    )
+    fig.update_xaxes(tickangle=-45)
+    return fig
