@@ -1,0 +1,225 @@
+"""The app: handlers in-process, a real server called with gradio_client, the real entry point."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+
+import app
+from core import (
+    activation_patching,
+    attention_patterns,
+    direct_logit_attribution,
+    induction_scores,
+    logit_lens,
+    predict,
+)
+from core.runner import Runner
+from tests.conftest import IOI_CLEAN, IOI_CORRUPTED
+
+ROOT = Path(__file__).resolve().parent.parent
+SHORT_CLEAN, SHORT_CORRUPTED = "When John and Mary went to the store", "When John and Paul went to the store"
+JSON_ENDPOINTS = {
+    "/predict": ["tokens", "top_tokens", "top_probs"],
+    "/logit_lens": ["tokens", "layers", "top_tokens", "top_probs", "target", "target_probs", "target_ranks"],
+    "/dla": ["tokens", "target", "competing", "value", "heads", "mlps", "embed", "pos_embed", "bias", "total"],
+    "/attention": ["tokens", "layer", "patterns"],
+    "/induction": ["scores", "prev_token_scores", "duplicate_token_scores", "loss_by_position", "threshold", "induction_heads"],
+    "/patching": [
+        "clean_tokens", "corrupted_tokens", "clean_value", "corrupted_value",
+        "resid_pre", "attn_out", "mlp_out", "head_out", "head_dla", "pearson_r",
+    ],
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    demo = app.build_demo(runner=Runner(tiny_model, cache_dir=tmp_path_factory.mktemp("cache")))
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, theme=app.THEME, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return Client(server, verbose=False)
+
+
+def test_every_endpoint_is_documented(client):
+    endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert set(JSON_ENDPOINTS) | {"/explore", "/contrast", "/circuit_map"} == set(endpoints)
+
+
+CALLS = [
+    ("/predict", (IOI_CLEAN, 5), lambda m: predict(m, IOI_CLEAN, 5)),
+    ("/logit_lens", (IOI_CLEAN, " Mary"), lambda m: logit_lens(m, IOI_CLEAN, " Mary")),
+    ("/logit_lens", (IOI_CLEAN, ""), lambda m: logit_lens(m, IOI_CLEAN)),
+    ("/dla", (IOI_CLEAN, " Mary", " John"), lambda m: direct_logit_attribution(m, IOI_CLEAN, " Mary", " John")),
+    ("/dla", (IOI_CLEAN, " Mary", ""), lambda m: direct_logit_attribution(m, IOI_CLEAN, " Mary")),
+    ("/attention", (IOI_CLEAN, 1), lambda m: attention_patterns(m, IOI_CLEAN, 1)),
+    ("/induction", (10, 3, 4), lambda m: induction_scores(m, 10, 3, 4)),
+    (
+        "/patching",
+        (IOI_CLEAN, IOI_CORRUPTED, " Mary", " John"),
+        lambda m: activation_patching(m, IOI_CLEAN, IOI_CORRUPTED, " Mary", " John"),
+    ),
+]
+
+
+@pytest.mark.parametrize("endpoint, args, compute", CALLS, ids=[f"{c[0]}-{i}" for i, c in enumerate(CALLS)])
+def test_json_endpoints_equal_core(client, tiny_model, endpoint, args, compute):
+    result = client.predict(*args, api_name=endpoint)
+    assert list(result) == JSON_ENDPOINTS[endpoint]
+    assert result == compute(tiny_model).to_dict()
+
+
+def test_defaults_of_optional_inputs(client, tiny_model):
+    assert client.predict(IOI_CLEAN, api_name="/predict") == predict(tiny_model, IOI_CLEAN, 10).to_dict()
+    assert client.predict(api_name="/induction", seq_len=8) == induction_scores(tiny_model, 8, 10, 0).to_dict()
+
+
+@pytest.mark.parametrize(
+    "endpoint, args, message",
+    [
+        ("/predict", ("   ",), "prompt is empty"),
+        ("/predict", (IOI_CLEAN, 0), "k must be between 1 and 100"),
+        ("/logit_lens", (IOI_CLEAN, "Berlin"), r"'Berlin' -> \['Ber', 'lin'\]; did you mean ' Berlin'\?"),
+        ("/dla", (IOI_CLEAN, ""), "target token is empty"),
+        ("/attention", (IOI_CLEAN, 7), "layer must be between 0 and 1"),
+        ("/induction", (1, 2, 0), "seq_len must be between 2 and 31"),
+        ("/patching", (IOI_CLEAN, "When John and Mary went", " Mary", " John"), r"clean has 17 .* corrupted has 6"),
+        ("/patching", (IOI_CLEAN, IOI_CLEAN, " Mary", " John"), "same logit difference"),
+    ],
+)
+def test_bad_input_reaches_the_client_as_a_clear_message(client, endpoint, args, message):
+    with pytest.raises(AppError, match=message):
+        client.predict(*args, api_name=endpoint)
+    assert client.predict("still serving", 1, api_name="/predict")["tokens"][-1] == " serving"
+
+
+def test_concurrent_requests_equal_serial_ones(server, tiny_model):
+    """Hooks live on the one shared model: requests at the same time must not corrupt each other."""
+    calls = [
+        ("/dla", (SHORT_CLEAN, " Mary", " John")),
+        ("/logit_lens", (SHORT_CORRUPTED, " John")),
+        ("/attention", (SHORT_CLEAN, 0)),
+        ("/patching", (SHORT_CLEAN, SHORT_CORRUPTED, " Mary", " John")),
+        ("/induction", (12, 4, 9)),
+        ("/predict", (SHORT_CORRUPTED, 4)),
+    ] * 3
+    serial = [Client(server, verbose=False).predict(*args, api_name=name) for name, args in calls[:6]]
+
+    def call(item):
+        name, args = item
+        return Client(server, verbose=False).predict(*args, api_name=name)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        results = list(pool.map(call, calls))
+    for i, result in enumerate(results):
+        assert result == serial[i % 6], calls[i][0]
+
+
+def test_ui_events_return_figures_and_a_download(client):
+    label, heatmap, final, dla_heads, dla_parts, attention, download = client.predict(
+        IOI_CLEAN, "", " John", 1, api_name="/explore"
+    )
+    assert label["label"]  # the top prediction, used as the default target
+    assert Path(download).read_text(encoding="utf-8").startswith('{"predictions"')
+    summary, *figures, download = client.predict(SHORT_CLEAN, SHORT_CORRUPTED, " Mary", " John", api_name="/contrast")
+    assert "clean" in summary and "swing" in summary and len(figures) == 6
+    *figures, heads, download = client.predict(8, 2, 0, api_name="/circuit_map")
+    assert len(figures) == 5 and Path(download).exists()
+
+
+def test_handlers_in_process_default_the_target_to_the_top_prediction(tiny_model, tmp_path):
+    handlers = app.Handlers(Runner(tiny_model, cache_dir=None), str(tmp_path))
+    label, heatmap, *_ = handlers.explore(IOI_CLEAN, "", "", 0)
+    top = predict(tiny_model, IOI_CLEAN).top_tokens[0]
+    assert next(iter(label)) == repr(top)
+    assert heatmap.layout.title.text.startswith("Logit lens")
+
+
+def test_persistent_cache_survives_a_restart_and_is_keyed_by_model_and_code(tiny_model, gpt2_shaped, tmp_path, monkeypatch):
+    first = Runner(tiny_model, cache_dir=tmp_path)
+    first.run(predict, IOI_CLEAN, 3, persist=True)
+    (stored,) = tmp_path.glob("*.pkl")
+    stored.write_bytes(pickle.dumps("served from disk"))
+    assert Runner(tiny_model, cache_dir=tmp_path).run(predict, IOI_CLEAN, 3, persist=True) == "served from disk"
+    # another model, or changed code, must never see that entry
+    assert Runner(gpt2_shaped, cache_dir=tmp_path).run(predict, IOI_CLEAN, 3, persist=True) != "served from disk"
+    monkeypatch.setattr("core.runner.code_fingerprint", lambda: "edited code")
+    assert Runner(tiny_model, cache_dir=tmp_path).run(predict, IOI_CLEAN, 3, persist=True) != "served from disk"
+
+
+def test_runner_lru_is_bounded(tiny_model):
+    runner = Runner(tiny_model, cache_dir=None, max_entries=3)
+    for k in range(1, 6):
+        runner.run(predict, IOI_CLEAN, k)
+    assert len(runner._memory) == 3
+
+
+def test_settings_from_arguments_and_environment(monkeypatch):
+    assert app.Settings.from_env(["--model", "/models/gpt2", "--port", "9000", "--share"]) == app.Settings(
+        model="/models/gpt2", host="127.0.0.1", port=9000, share=True
+    )
+    monkeypatch.setenv("CIRCUITBREAKER_MODEL", "distilgpt2")
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7000")
+    assert app.Settings.from_env([]) == app.Settings(model="distilgpt2", host="0.0.0.0", port=7000, share=False)
+
+
+def _run_app(*args, env=None):
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "app.py"), *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_python_app_py_serves_a_local_model_directory(tiny_model, tmp_path):
+    port = free_port()
+    process = _run_app("--model", tiny_model.cfg.model_name, "--port", str(port), env={"CIRCUITBREAKER_CACHE_DIR": str(tmp_path)})
+    try:
+        for _ in range(600):  # the loop ends when the page answers or the process dies
+            if process.poll() is not None:
+                pytest.fail(f"app.py exited: {process.stdout.read()}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                time.sleep(0.5)
+        result = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(IOI_CLEAN, 2, api_name="/predict")
+        assert result == predict(tiny_model, IOI_CLEAN, 2).to_dict()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_python_app_py_without_a_model_says_what_to_do():
+    process = _run_app("--model", "circuitbreaker-test/not-cached-anywhere", env={"HF_HUB_OFFLINE": "1"})
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert "cannot be reached" in output and "local model directory" in output
+    assert "Traceback" not in output
