@@ -32,12 +32,11 @@ from core import (  # noqa: E402
     attention_patterns,
     direct_logit_attribution,
     induction_scores,
-    load_model,
     logit_lens,
     plots,
     predict,
 )
-from core.model import Model  # noqa: E402
+from core.model import Model, load_with_fallback, model_label  # noqa: E402
 from core.runner import Runner  # noqa: E402
 
 EXAMPLES = json.loads((Path(__file__).resolve().parent / "examples" / "prompts.json").read_text(encoding="utf-8"))
@@ -299,19 +298,25 @@ def build_api(h: Handlers):
         gr.api(user_errors(getattr(h, name)), api_name=name, concurrency_id=MODEL_EVENTS, concurrency_limit=1)
 
 
-def build_demo(model: Model | None = None, runner: Runner | None = None, warm: bool = True) -> gr.Blocks:
-    """The whole app around `model` (default: load_model(settings)). `warm` precomputes every example."""
-    runner = runner or Runner(model if model is not None else load_model(Settings.from_env().model))
+def build_demo(
+    model: Model | None = None, runner: Runner | None = None, warm: bool = True, notice: str | None = None
+) -> gr.Blocks:
+    """The whole app around `model` (default: the configured model, or the demo model when it cannot
+    be loaded). `warm` precomputes every example; `notice` is shown at the top of the page."""
+    if model is None and runner is None:
+        model, notice = load_with_fallback(Settings.from_env().model)
+    runner = runner or Runner(model)
     model = runner.model
     handlers = Handlers(runner, tempfile.mkdtemp(prefix="circuitbreaker-downloads-"))
     if warm:
         warm_examples(handlers)
-    name = Path(model.cfg.model_name).name or model.cfg.model_name
     with gr.Blocks(title="CircuitBreaker") as demo:
         gr.Markdown(
-            f"# CircuitBreaker\nWatch **{name}** ({model.cfg.n_layers} layers x {model.cfg.n_heads} heads) "
+            f"# CircuitBreaker\nWatch **{model_label(model)}** ({model.cfg.n_layers} layers x {model.cfg.n_heads} heads) "
             "think: logit lens, direct logit attribution, attention, induction heads and activation patching."
         )
+        if notice:
+            gr.Markdown(f"> ⚠️ {notice}", elem_id="model-notice")
         with gr.Tabs():
             with gr.Tab("Prompt Explorer", id="explorer"):
                 build_prompt_explorer(handlers, model)
@@ -349,10 +354,12 @@ class Settings:
 def main(argv: list[str] | None = None) -> None:
     settings = Settings.from_env(sys.argv[1:] if argv is None else argv)
     try:
-        model = load_model(settings.model)
+        model, notice = load_with_fallback(settings.model)
     except ModelLoadError as err:
         raise SystemExit(f"CircuitBreaker: {err}") from None
-    demo = build_demo(model)
+    if notice:
+        print(f"CircuitBreaker: {notice}", flush=True)
+    demo = build_demo(model, notice=notice)
     demo.launch(server_name=settings.host, server_port=settings.port, share=settings.share, theme=THEME, footer_links=["api"])
 
 

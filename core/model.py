@@ -22,6 +22,8 @@ from transformer_lens.model_bridge import TransformerBridge
 from core.config import DEFAULTS
 
 Model = TransformerBridge
+DEMO = "demo"  # load_model(DEMO): the small model trained by demo_model/train.py, shipped in the repository
+DEMO_DIR = Path(__file__).resolve().parent.parent / "demo_model" / "weights"
 
 
 class ModelLoadError(RuntimeError):
@@ -49,9 +51,39 @@ def load_model(name_or_path: str = DEFAULTS.model_name, device: str | None = Non
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise ModelLoadError("Give a model name such as 'gpt2' or a path to a model directory.")
     key = name_or_path.strip()
+    if key == DEMO:
+        key = str(DEMO_DIR)
     if os.path.isdir(key):
         key = str(Path(key).resolve())
     return _load_cached(key, device or default_device())
+
+
+def load_with_fallback(name_or_path: str = DEFAULTS.model_name) -> tuple[Model, str | None]:
+    """The default model, or the bundled demo model when the default cannot be loaded.
+
+    Returns (model, notice): notice is None when `name_or_path` loaded, else a sentence for the
+    page saying what happened and how to get the real model. Only the default name falls back:
+    a model the user named explicitly that fails to load is an error.
+    """
+    try:
+        return load_model(name_or_path), None
+    except ModelLoadError as err:
+        if name_or_path != DEFAULTS.model_name:
+            raise
+        notice = (
+            f"GPT-2 could not be loaded ({err}) This page is running the small **demo model** bundled with "
+            "CircuitBreaker (trained on IOI sentences, landmark facts and repeated text; see the README). "
+            "To get GPT-2 Small: restart with internet access, or run `python app.py --model DIR` with a local copy."
+        )
+        return load_model(DEMO), notice
+
+
+def model_label(model: Model) -> str:
+    """A short human name: "gpt2", a local directory's name, or "the demo model"."""
+    name = str(model.cfg.model_name)
+    if Path(name) == DEMO_DIR:
+        return "the CircuitBreaker demo model"
+    return Path(name).name if os.path.isdir(name) else name
 
 
 def _boot(name: str, hf_model, tokenizer, device: str) -> Model:
@@ -154,6 +186,7 @@ def to_tokens(model: Model, prompt: str) -> Int[Tensor, "1 pos"]:
     if not prompt.strip():
         raise ValueError("The prompt is empty: type some text to run the model on.")
     tokens = model.to_tokens(prompt, prepend_bos=True, truncate=False)
+    _check_known_words(model, prompt, tokens)
     n_ctx = model.cfg.n_ctx
     if tokens.shape[-1] > n_ctx:
         raise ValueError(
@@ -163,20 +196,45 @@ def to_tokens(model: Model, prompt: str) -> Int[Tensor, "1 pos"]:
     return tokens
 
 
+def _unknown_id(model: Model) -> int | None:
+    """The id of a real "unknown word" token (GPT-2 has none: its unk is its BOS/EOS)."""
+    unk = model.tokenizer.unk_token_id
+    return None if unk is None or unk == model.tokenizer.bos_token_id else unk
+
+
+def _check_known_words(model: Model, text: str, ids) -> None:
+    unk = _unknown_id(model)
+    if unk is None or unk not in ids:
+        return
+    pre = model.tokenizer.backend_tokenizer.pre_tokenizer
+    vocab = model.tokenizer.get_vocab()
+    words = [piece for piece, _ in pre.pre_tokenize_str(text)] if pre is not None else text.split()
+    unknown = [model.tokenizer.convert_tokens_to_string([w]) for w in words if w not in vocab]
+    raise ValueError(
+        f"This model's vocabulary has no {', '.join(repr(w) for w in dict.fromkeys(unknown))}: "
+        "use words it knows (the demo model knows the words of its examples; see the README)."
+    )
+
+
 def str_tokens(model: Model, tokens: Int[Tensor, "1 pos"]) -> list[str]:
     return [model.tokenizer.decode([int(t)]) for t in tokens.reshape(-1)]
 
 
 def single_token_id(model: Model, text: str, role: str = "target") -> int:
-    """The id of `text` if it is exactly one token, else a ValueError saying how it splits."""
+    """The id of `text` if it is exactly one known token, else a ValueError saying how it splits."""
     if not isinstance(text, str) or text == "":
         raise ValueError(f"The {role} token is empty: give a single token such as ' Paris'.")
     ids = model.tokenizer.encode(text, add_special_tokens=False)
-    if len(ids) == 1:
+    unk = _unknown_id(model)
+    if len(ids) == 1 and ids[0] != unk:
         return int(ids[0])
-    pieces = [model.tokenizer.decode([i]) for i in ids]
-    message = f"The {role} must be a single token, got {text!r} -> {pieces}"
-    if not text.startswith(" ") and len(model.tokenizer.encode(" " + text, add_special_tokens=False)) == 1:
+    if unk in ids:
+        message = f"The {role} {text!r} is not in this model's vocabulary"
+    else:
+        pieces = [model.tokenizer.decode([i]) for i in ids]
+        message = f"The {role} must be a single token, got {text!r} -> {pieces}"
+    spaced = model.tokenizer.encode(" " + text, add_special_tokens=False)
+    if not text.startswith(" ") and len(spaced) == 1 and spaced[0] != unk:
         message += f"; did you mean {' ' + text!r}?"
     else:
         message += "; pick a word that is one token (most common words with a leading space are)."

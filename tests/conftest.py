@@ -42,3 +42,9 @@ def gpt2():
         return load_model("gpt2")
     except ModelLoadError as err:
         pytest.skip(f"needs real GPT-2 weights (internet or the HF cache): {err}")
+
+
+@pytest.fixture(scope="session")
+def demo_model():
+    """The small model trained by demo_model/train.py and committed in the repository."""
+    return load_model("demo")

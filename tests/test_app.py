@@ -50,8 +50,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
-    demo = app.build_demo(runner=Runner(tiny_model, cache_dir=tmp_path_factory.mktemp("cache")))
+def server(demo_model, tmp_path_factory):
+    """The app on the bundled demo model, so the API tests exercise real circuits."""
+    demo = app.build_demo(runner=Runner(demo_model, cache_dir=tmp_path_factory.mktemp("cache")))
     port = free_port()
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, theme=app.THEME, quiet=True)
     yield f"http://127.0.0.1:{port}/"
@@ -85,15 +86,15 @@ CALLS = [
 
 
 @pytest.mark.parametrize("endpoint, args, compute", CALLS, ids=[f"{c[0]}-{i}" for i, c in enumerate(CALLS)])
-def test_json_endpoints_equal_core(client, tiny_model, endpoint, args, compute):
+def test_json_endpoints_equal_core(client, demo_model, endpoint, args, compute):
     result = client.predict(*args, api_name=endpoint)
     assert list(result) == JSON_ENDPOINTS[endpoint]
-    assert result == compute(tiny_model).to_dict()
+    assert result == compute(demo_model).to_dict()
 
 
-def test_defaults_of_optional_inputs(client, tiny_model):
-    assert client.predict(IOI_CLEAN, api_name="/predict") == predict(tiny_model, IOI_CLEAN, 10).to_dict()
-    assert client.predict(api_name="/induction", seq_len=8) == induction_scores(tiny_model, 8, 10, 0).to_dict()
+def test_defaults_of_optional_inputs(client, demo_model):
+    assert client.predict(IOI_CLEAN, api_name="/predict") == predict(demo_model, IOI_CLEAN, 10).to_dict()
+    assert client.predict(api_name="/induction", seq_len=8) == induction_scores(demo_model, 8, 10, 0).to_dict()
 
 
 @pytest.mark.parametrize(
@@ -101,9 +102,10 @@ def test_defaults_of_optional_inputs(client, tiny_model):
     [
         ("/predict", ("   ",), "prompt is empty"),
         ("/predict", (IOI_CLEAN, 0), "k must be between 1 and 100"),
-        ("/logit_lens", (IOI_CLEAN, "Berlin"), r"'Berlin' -> \['Ber', 'lin'\]; did you mean ' Berlin'\?"),
+        ("/logit_lens", (IOI_CLEAN, "Berlin"), r"'Berlin' is not in this model's vocabulary; did you mean ' Berlin'\?"),
+        ("/logit_lens", ("The zebra", ""), r"vocabulary has no ' zebra'"),
         ("/dla", (IOI_CLEAN, ""), "target token is empty"),
-        ("/attention", (IOI_CLEAN, 7), "layer must be between 0 and 1"),
+        ("/attention", (IOI_CLEAN, 7), "layer must be between 0 and 3"),
         ("/induction", (1, 2, 0), "seq_len must be between 2 and 31"),
         ("/patching", (IOI_CLEAN, "When John and Mary went", " Mary", " John"), r"clean has 17 .* corrupted has 6"),
         ("/patching", (IOI_CLEAN, IOI_CLEAN, " Mary", " John"), "same logit difference"),
@@ -112,10 +114,10 @@ def test_defaults_of_optional_inputs(client, tiny_model):
 def test_bad_input_reaches_the_client_as_a_clear_message(client, endpoint, args, message):
     with pytest.raises(AppError, match=message):
         client.predict(*args, api_name=endpoint)
-    assert client.predict("still serving", 1, api_name="/predict")["tokens"][-1] == " serving"
+    assert client.predict("When John and Mary went", 1, api_name="/predict")["tokens"][-1] == " went"
 
 
-def test_concurrent_requests_equal_serial_ones(server, tiny_model):
+def test_concurrent_requests_equal_serial_ones(server):
     """Hooks live on the one shared model: requests at the same time must not corrupt each other."""
     calls = [
         ("/dla", (SHORT_CLEAN, " Mary", " John")),
@@ -197,19 +199,25 @@ def _run_app(*args, env=None):
     )
 
 
+def wait_for_page(process: subprocess.Popen, port: int) -> None:
+    """Until the app answers on `port`; fails with its output if it exits first."""
+    for _ in range(600):
+        if process.poll() is not None:
+            pytest.fail(f"app.py exited: {process.stdout.read()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+                assert response.status == 200
+                return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail("app.py did not answer within 5 minutes")
+
+
 def test_python_app_py_serves_a_local_model_directory(tiny_model, tmp_path):
     port = free_port()
     process = _run_app("--model", tiny_model.cfg.model_name, "--port", str(port), env={"CIRCUITBREAKER_CACHE_DIR": str(tmp_path)})
     try:
-        for _ in range(600):  # the loop ends when the page answers or the process dies
-            if process.poll() is not None:
-                pytest.fail(f"app.py exited: {process.stdout.read()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
-                    assert response.status == 200
-                    break
-            except OSError:
-                time.sleep(0.5)
+        wait_for_page(process, port)
         result = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(IOI_CLEAN, 2, api_name="/predict")
         assert result == predict(tiny_model, IOI_CLEAN, 2).to_dict()
     finally:

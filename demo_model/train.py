@@ -1,0 +1,162 @@
+"""Train CircuitBreaker's demo model: a small GPT-2 on a synthetic corpus, deterministic by seed.
+
+    python demo_model/train.py [--out demo_model/weights] [--steps N] [--seed 0]
+
+The corpus mixes IOI sentences (Wang et al. templates, both name orders), landmark facts
+("The Eiffel Tower is located in the city of Paris.") and random words repeated twice (so
+induction heads form). The tokenizer is word-level with GPT-2's byte-level pre-tokenizer, so
+tokens look like GPT-2's (" Mary" with its leading space) and the app's examples work unchanged.
+Prints the measured behaviour (see measure.py) at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from demo_model import corpus  # noqa: E402
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+BOS, UNK = "<|endoftext|>", "<|unk|>"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    n_layers: int = 4
+    n_heads: int = 4
+    d_model: int = 128
+    n_ctx: int = 64  # longest sample: BOS + 2 x 24 repeated words
+    steps: int = 3000
+    batch: int = 64
+    lr: float = 3e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    mix: tuple[float, float, float] = (0.35, 0.1, 0.55)  # IOI, facts, repeated random words
+    repeat_len: tuple[int, int] = (4, 24)  # random words per copy
+    threads: int = 2
+    position_scale: float = 0.1  # size of the sinusoidal position initialisation
+
+
+def build_tokenizer():
+    """Word-level vocabulary of every word in the corpus and the examples, GPT-2-style pieces."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    pieces = sorted({piece for text in corpus.vocabulary_texts() for piece, _ in pre.pre_tokenize_str(text)})
+    vocab = {BOS: 0, UNK: 1, **{piece: i + 2 for i, piece in enumerate(pieces)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    backend.pre_tokenizer = pre
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=BOS, unk_token=UNK, pad_token=BOS)
+
+
+def make_batch(rng: random.Random, tokenizer, config: TrainConfig, word_ids: list[int]):
+    """Token ids [batch, n_ctx] (BOS first, padded) and a loss mask on real next tokens."""
+    rows = []
+    for _ in range(config.batch):
+        kind = rng.choices(["ioi", "fact", "repeat"], weights=config.mix)[0]
+        learn_from = 0  # index of the first token whose prediction is trained
+        if kind == "repeat":
+            half = [rng.choice(word_ids) for _ in range(rng.randint(*config.repeat_len))]
+            ids, learn_from = half + half, len(half)  # the first copy is unpredictable noise: no loss
+        else:
+            text = corpus.sample_ioi(rng) if kind == "ioi" else corpus.sample_fact(rng)
+            ids = tokenizer.encode(text, add_special_tokens=False)
+        rows.append(([tokenizer.bos_token_id, *ids][: config.n_ctx], learn_from))
+    tokens = torch.full((config.batch, config.n_ctx), tokenizer.bos_token_id)
+    mask = torch.zeros(config.batch, config.n_ctx - 1)
+    for i, (row, learn_from) in enumerate(rows):
+        tokens[i, : len(row)] = torch.tensor(row)
+        mask[i, learn_from : len(row) - 1] = 1.0  # mask[i, t] trains the prediction of token t + 1
+    return tokens, mask
+
+
+def sinusoidal_positions(n_ctx: int, d_model: int, scale: float) -> torch.Tensor:
+    """Transformer-style sinusoidal position vectors: "attend to the previous position" is then an
+    easy rotation to learn, which lets the previous-token heads (and so induction) form early."""
+    position = torch.arange(n_ctx, dtype=torch.float32)[:, None]
+    frequency = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-torch.log(torch.tensor(1e4)) / d_model))
+    table = torch.zeros(n_ctx, d_model)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency)
+    return scale * table
+
+
+def induction_stripe(model, word_ids: list[int], seq_len: int = 20, batch: int = 16) -> float:
+    """Progress signal: the best head's mean attention on the induction stripe (fixed eval batch)."""
+    rng = random.Random(12345)
+    half = torch.tensor([[rng.choice(word_ids) for _ in range(seq_len)] for _ in range(batch)])
+    tokens = torch.cat([torch.full((batch, 1), model.config.bos_token_id), half, half], dim=1)
+    with torch.no_grad():
+        attentions = model(tokens, output_attentions=True).attentions  # per layer [batch, head, dest, src]
+    stripes = [a.diagonal(offset=1 - seq_len, dim1=-2, dim2=-1)[..., 2:].mean((0, -1)) for a in attentions[1:]]
+    return float(torch.stack(stripes).max())
+
+
+def train(config: TrainConfig, out: Path, log=print) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(config.seed)
+    torch.set_num_threads(config.threads)
+    rng = random.Random(config.seed)
+    tokenizer = build_tokenizer()
+    word_ids = [i for i in tokenizer.get_vocab().values() if i not in tokenizer.all_special_ids]
+    model_config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=config.n_ctx, n_embd=config.d_model, n_layer=config.n_layers,
+        n_head=config.n_heads, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.bos_token_id,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager",
+    )
+    model = GPT2LMHeadModel(model_config).train()
+    with torch.no_grad():
+        model.transformer.wpe.weight.copy_(sinusoidal_positions(config.n_ctx, config.d_model, config.position_scale))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: min(1.0, (step + 1) / config.warmup) * 0.5 * (1 + torch.cos(torch.tensor(step / config.steps * torch.pi)).item()),
+    )
+    start = time.perf_counter()
+    for step in range(config.steps):
+        tokens, mask = make_batch(rng, tokenizer, config, word_ids)
+        logits = model(tokens).logits[:, :-1]
+        losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none")
+        loss = (losses * mask.reshape(-1)).sum() / mask.sum()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 250 == 0 or step == config.steps - 1:
+            log(f"step {step:5d}  loss {loss.item():.3f}  best induction stripe {induction_stripe(model, word_ids):.3f}  {time.perf_counter() - start:.0f}s")
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "train_config.json").write_text(__import__("json").dumps(asdict(config), indent=2) + "\n")
+    log(f"saved to {out} after {time.perf_counter() - start:.0f}s")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=WEIGHTS_DIR)
+    parser.add_argument("--steps", type=int, default=TrainConfig.steps)
+    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    args = parser.parse_args()
+    out = train(TrainConfig(steps=args.steps, seed=args.seed), args.out)
+    from demo_model.measure import measure, report
+
+    print(report(measure(str(out))))
+
+
+if __name__ == "__main__":
+    main()
