@@ -18,9 +18,11 @@ def test_local_directory_loads_in_compatibility_mode(tiny_model):
 
 
 def test_loading_is_cached_one_object_per_process(tiny_model):
+    # (the cache keeps the 4 most recent models, so compare fresh loads, not the session fixture)
     directory = tiny_model.cfg.model_name
-    assert load_model(directory) is tiny_model
-    assert load_model(directory + "/") is tiny_model
+    model = load_model(directory)
+    assert load_model(directory) is model
+    assert load_model(directory + "/") is model
 
 
 def test_matches_hugging_face_model_up_to_logit_centring(gpt2_shaped):
