@@ -154,7 +154,7 @@ class Handlers:
 
     def circuit_map(self, seq_len: int, batch: int, seed: int, persist: bool = False):
         """Circuit Map: head scores on repeated random sequences, heads above the threshold."""
-        result = self.runner.run(induction_scores, _whole(seq_len, "seq_len"), _whole(batch, "batch"), _whole(seed, "seed"), persist=persist)
+        result = self.runner.run(induction_scores, _whole(seq_len), _whole(batch), _whole(seed), persist=persist)
         heads = [[f"L{h['layer']}H{h['head']}", round(h["score"], 4)] for h in result.induction_heads]
         return (
             plots.induction_heatmap(result),
@@ -167,7 +167,7 @@ class Handlers:
         )
 
 
-def _whole(value, name: str):
+def _whole(value):
     """gr.Number sends floats; pass whole numbers on as int and let core judge the range."""
     return int(value) if isinstance(value, float) and value.is_integer() else value
 

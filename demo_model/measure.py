@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core import activation_patching, induction_scores, load_model, predict  # noqa: E402
-from core.model import to_tokens  # noqa: E402
+from core.model import single_token_id, to_tokens  # noqa: E402
 from demo_model import corpus  # noqa: E402
 
 EIFFEL = "The Eiffel Tower is located in the city of"
@@ -34,13 +34,13 @@ def logit_differences(model, prompts: list[tuple[str, str, str]]) -> np.ndarray:
     for i, tokens in enumerate(encoded):
         by_length.setdefault(len(tokens), []).append(i)
     values = np.zeros(len(prompts))
-    vocab = model.tokenizer.get_vocab()
     with torch.no_grad():
         for indices in by_length.values():
             logits = model(torch.stack([encoded[i] for i in indices]))[:, -1]
             for row, i in enumerate(indices):
                 _, good, bad = prompts[i]
-                good_id, bad_id = vocab["Ġ" + good.strip()], vocab["Ġ" + bad.strip()]
+                good_id = single_token_id(model, " " + good.strip(), "name")
+                bad_id = single_token_id(model, " " + bad.strip(), "name")
                 values[i] = float(logits[row, good_id] - logits[row, bad_id])
     return values
 

@@ -12,6 +12,7 @@ Prints the measured behaviour (see measure.py) at the end.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 import time
@@ -141,7 +142,7 @@ def train(config: TrainConfig, out: Path, log=print) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "train_config.json").write_text(__import__("json").dumps(asdict(config), indent=2) + "\n")
+    (out / "train_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
     log(f"saved to {out} after {time.perf_counter() - start:.0f}s")
     return out
 

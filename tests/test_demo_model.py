@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -86,13 +83,10 @@ def test_default_model_falls_back_to_the_demo_model_offline(monkeypatch):
 
 
 def test_python_app_py_offline_starts_on_the_demo_model_and_says_so(tmp_path):
-    from tests.test_app import free_port, wait_for_page
+    from tests.test_app import _run_app, free_port, wait_for_page
 
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CIRCUITBREAKER_CACHE_DIR": str(tmp_path)}
-    process = subprocess.Popen(
-        [sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    process = _run_app("--port", str(port), env={"HF_HUB_OFFLINE": "1", "CIRCUITBREAKER_CACHE_DIR": str(tmp_path)})
     try:
         wait_for_page(process, port)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=10) as response:
