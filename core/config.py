@@ -16,7 +16,9 @@ class Defaults:
     induction_threshold: float = 0.6  # a head scoring above this is listed (the seed's cut-off)
     max_induction_batch: int = 64  # keeps one Circuit Map request within memory on a CPU Space
     tokens_per_forward: int = 2048  # batch x pos per forward pass, bounds logits memory (~400 MB for GPT-2)
-    patch_batch_size: int = 32  # patched runs evaluated together in one forward pass
+    patch_batch_size: int = 32  # patched runs evaluated together in one forward pass (hook engine)
+    patch_rows_per_pass: int = 4096  # patched positions evaluated together by the fast engine (bounds memory)
+    fast_path_tolerance: float = 1e-3  # the fast engine's unpatched runs must match the model's own this closely
     same_metric_tolerance: float = 1e-6  # |clean - corrupted| below this cannot be normalised
     hub_timeout_s: float = 2.0  # how long to wait for the Hugging Face Hub before giving up
 
