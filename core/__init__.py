@@ -10,6 +10,7 @@
 from core import plots
 from core.attention import attention_patterns
 from core.attribution import direct_logit_attribution
+from core.attribution_patching import agreement, attribution_patching
 from core.config import DEFAULTS, Defaults
 from core.induction import induction_scores, repeated_random_tokens
 from core.logit_lens import logit_lens
@@ -17,6 +18,7 @@ from core.model import ModelLoadError, load_model, save_random_gpt2, single_toke
 from core.patching import SWEEPS, activation_patching
 from core.predictions import predict
 from core.results import (
+    ApproximatePatchingResult,
     AttentionResult,
     DLAResult,
     InductionResult,
@@ -28,6 +30,7 @@ from core.results import (
 __all__ = [
     "DEFAULTS",
     "SWEEPS",
+    "ApproximatePatchingResult",
     "AttentionResult",
     "DLAResult",
     "Defaults",
@@ -37,6 +40,8 @@ __all__ = [
     "PatchingResult",
     "Predictions",
     "activation_patching",
+    "agreement",
+    "attribution_patching",
     "attention_patterns",
     "direct_logit_attribution",
     "induction_scores",

@@ -170,3 +170,35 @@ class PatchingResult:
             "head_dla": _floats(self.head_dla),
             "pearson_r": self.pearson_r,
         }
+
+
+@dataclass(frozen=True)
+class ApproximatePatchingResult:
+    """Attribution patching: the linear APPROXIMATION of activation patching, same axes and
+    normalisation (0 = corrupted, 1 = clean). Exact patching (PatchingResult) is the truth."""
+
+    clean_tokens: list[str]  # [pos]
+    corrupted_tokens: list[str]  # [pos]
+    answer: str
+    wrong_answer: str
+    clean_value: float
+    corrupted_value: float
+    resid_pre: np.ndarray  # [layer, pos]
+    attn_out: np.ndarray  # [layer, pos]
+    mlp_out: np.ndarray  # [layer, pos]
+    head_out: np.ndarray  # [layer, head]
+    method: str = "attribution patching (linear approximation: gradient x activation difference)"
+
+    def to_dict(self) -> dict:
+        return {
+            "approximate": True,
+            "method": self.method,
+            "clean_tokens": self.clean_tokens,
+            "corrupted_tokens": self.corrupted_tokens,
+            "clean_value": float(self.clean_value),
+            "corrupted_value": float(self.corrupted_value),
+            "resid_pre": _floats(self.resid_pre),
+            "attn_out": _floats(self.attn_out),
+            "mlp_out": _floats(self.mlp_out),
+            "head_out": _floats(self.head_out),
+        }

@@ -1,5 +1,6 @@
 """Every technique cross-checked against TransformerLens's own utilities on a GPT-2 Small-shaped
-random model (real GPT-2 tokenizer, non-zero biases, non-unit LayerNorm gains)."""
+random model (real GPT-2 tokenizer, non-zero biases, non-unit LayerNorm gains) and, for
+patching, on the trained demo model too."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import pytest
 import torch
 from transformer_lens import patching as tl_patching
 
-from core import activation_patching, attention_patterns, direct_logit_attribution, logit_lens
+from core import DEFAULTS, SWEEPS, activation_patching, attention_patterns, direct_logit_attribution, logit_lens, patching
+from core.attribution_patching import agreement, attribution_patching
+from core.fast_patching import Engine
 from core.model import to_tokens
 from tests.conftest import IOI_CLEAN
 
@@ -18,9 +21,14 @@ TL_SWEEPS = {
     "mlp_out": tl_patching.get_act_patch_mlp_out,
     "head_out": tl_patching.get_act_patch_attn_head_out_all_pos,
 }
+# (model fixture, clean, corrupted): differing at one position, at several, right after BOS, at the end
 PAIRS = [
-    ("When John and Mary went to the store", "When John and Paul went to the store"),  # one position differs
-    ("The cat sat on the mat", "The dog sat on the rug"),  # two positions differ
+    ("gpt2_shaped", "When John and Mary went to the store", "When John and Paul went to the store"),
+    ("gpt2_shaped", "The cat sat on the mat", "The dog sat on the rug"),
+    ("gpt2_shaped", "Alice plays the piano", "Bob plays the violin"),
+    ("demo_model", "When John and Mary went to the store, John gave a bottle of milk to", "When John and Mary went to the store, Mary gave a bottle of milk to"),
+    ("demo_model", "When John and Mary went to the store, John gave a ball to", "When Tom and Sarah went to the park, Tom gave a ball to"),
+    ("demo_model", "When John and Mary went to the store, John gave a ball to", "When John and Mary went to the store, John gave a ball at"),
 ]
 
 
@@ -33,26 +41,101 @@ def _best_conditioned_answers(model, clean, corrupted):
     return decode([int(shift.argmax())]), decode([int(shift.argmin())])
 
 
-@pytest.mark.parametrize("clean, corrupted", PAIRS)
-def test_patching_equals_transformer_lens(gpt2_shaped, clean, corrupted):
-    answer, wrong = _best_conditioned_answers(gpt2_shaped, clean, corrupted)
-    ours = activation_patching(gpt2_shaped, clean, corrupted, answer, wrong)
-    answer_id, wrong_id = gpt2_shaped.to_single_token(answer), gpt2_shaped.to_single_token(wrong)
+def transformer_lens_patching(model, clean, corrupted, answer, wrong, clean_value, corrupted_value) -> dict:
+    """The four sweeps by transformer_lens.patching (one forward pass per patch), normalised."""
+    answer_id, wrong_id = model.to_single_token(answer), model.to_single_token(wrong)
 
     def normalised(logits):
         value = logits[0, -1, answer_id] - logits[0, -1, wrong_id]
-        return (value - ours.corrupted_value) / (ours.clean_value - ours.corrupted_value)
+        return (value - corrupted_value) / (clean_value - corrupted_value)
 
-    clean_tokens, corrupted_tokens = to_tokens(gpt2_shaped, clean), to_tokens(gpt2_shaped, corrupted)
     with torch.no_grad():
-        _, clean_cache = gpt2_shaped.run_with_cache(clean_tokens)
-        for name, tl_sweep in TL_SWEEPS.items():
-            reference = tl_sweep(gpt2_shaped, corrupted_tokens, clean_cache, normalised).double().numpy()
-            difference = np.abs(getattr(ours, name) - reference).max()
-            assert difference <= 1e-4, f"{name}: max abs difference {difference:.2e}"
+        _, clean_cache = model.run_with_cache(to_tokens(model, clean))
+        corrupted_tokens = to_tokens(model, corrupted)
+        return {name: sweep(model, corrupted_tokens, clean_cache, normalised).double().numpy() for name, sweep in TL_SWEEPS.items()}
+
+
+@pytest.mark.parametrize("fixture, clean, corrupted", PAIRS)
+def test_patching_equals_transformer_lens(request, fixture, clean, corrupted):
+    model = request.getfixturevalue(fixture)
+    answer, wrong = _best_conditioned_answers(model, clean, corrupted)
+    assert patching._engine(model) is not None  # the fast path is what is being checked
+    ours = activation_patching(model, clean, corrupted, answer, wrong)
+    reference = transformer_lens_patching(model, clean, corrupted, answer, wrong, ours.clean_value, ours.corrupted_value)
+    for name, expected in reference.items():
+        difference = np.abs(getattr(ours, name) - expected).max()
+        assert difference <= 1e-4, f"{name}: max abs difference {difference:.2e}"
     # causal attention: positions before the first differing token are the same in both runs
     first_difference = next(i for i, (a, b) in enumerate(zip(ours.clean_tokens, ours.corrupted_tokens)) if a != b)
-    assert first_difference > 0 and np.abs(ours.resid_pre[:, :first_difference]).max() < 1e-5
+    assert first_difference > 0
+    for name in ("resid_pre", "attn_out", "mlp_out"):
+        assert np.all(getattr(ours, name)[:, :first_difference] == 0.0)
+
+
+def test_fast_path_equals_the_hook_engine_at_any_chunk_size(gpt2_shaped, monkeypatch):
+    clean, corrupted = "The cat sat on the mat", "The dog sat on the rug"
+    answer, wrong = _best_conditioned_answers(gpt2_shaped, clean, corrupted)
+    fast = activation_patching(gpt2_shaped, clean, corrupted, answer, wrong)
+    monkeypatch.setattr("core.patching.DEFAULTS", DEFAULTS.__class__(patch_rows_per_pass=7))  # many small chunks
+    chunked = activation_patching(gpt2_shaped, clean, corrupted, answer, wrong)
+    monkeypatch.setattr(patching, "_engine", lambda model: None)
+    hooks = activation_patching(gpt2_shaped, clean, corrupted, answer, wrong)
+    for name in SWEEPS:
+        np.testing.assert_allclose(getattr(chunked, name), getattr(fast, name), atol=1e-5)
+        np.testing.assert_allclose(getattr(hooks, name), getattr(fast, name), atol=1e-4)
+
+
+def test_a_fast_engine_that_disagrees_with_the_model_is_never_used(demo_model, monkeypatch):
+    clean, corrupted = PAIRS[3][1:]
+    truth = activation_patching(demo_model, clean, corrupted, " Mary", " John")
+    broken = Engine(demo_model)
+    broken.b_U = broken.b_U + torch.arange(broken.b_U.shape[0], dtype=broken.b_U.dtype)  # shifts the metric
+    monkeypatch.setitem(patching._ENGINES, demo_model, broken)
+    result = activation_patching(demo_model, clean, corrupted, " Mary", " John")
+    assert patching._ENGINES[demo_model] is None  # dropped for this model from now on
+    for name in SWEEPS:
+        np.testing.assert_allclose(getattr(result, name), getattr(truth, name), atol=1e-4)
+
+
+def test_attribution_patching_equals_the_gradient_from_backward_hooks(gpt2_shaped):
+    """Nanda's recipe with TransformerLens backward hooks: (clean - corrupted act) . grad on the corrupted run."""
+    model = gpt2_shaped
+    clean, corrupted = PAIRS[1][1:]
+    answer, wrong = _best_conditioned_answers(model, clean, corrupted)
+    approx = attribution_patching(model, clean, corrupted, answer, wrong)
+    answer_id, wrong_id = model.to_single_token(answer), model.to_single_token(wrong)
+    names = lambda name: name.endswith(tuple(sweep.hook for sweep in SWEEPS.values()))  # noqa: E731
+    grads, acts = {}, {}
+    model.reset_hooks()
+    model.add_hook(names, lambda grad, hook: grads.__setitem__(hook.name, grad.detach()), "bwd")
+    model.add_hook(names, lambda act, hook: acts.__setitem__(hook.name, act.detach()), "fwd")
+    try:
+        with torch.enable_grad():
+            logits = model(to_tokens(model, corrupted))
+            (logits[0, -1, answer_id] - logits[0, -1, wrong_id]).backward()
+    finally:
+        model.reset_hooks()
+        model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        _, clean_cache = model.run_with_cache(to_tokens(model, clean))
+    swing = approx.clean_value - approx.corrupted_value
+    for layer in range(model.cfg.n_layers):
+        for name, sweep in SWEEPS.items():
+            key = next(k for k in grads if k.startswith(f"blocks.{layer}.") and (k.endswith(sweep.hook) or (sweep.hook == "hook_resid_pre" and k.endswith(".hook_in"))))
+            product = ((clean_cache[f"blocks.{layer}.{sweep.hook}"] - acts[key]) * grads[key])[0].double()
+            expected = (product.sum((0, 2)) if sweep.axis == "head" else product.sum(-1)).numpy() / swing
+            np.testing.assert_allclose(getattr(approx, name)[layer], expected, atol=1e-4, err_msg=f"{name} layer {layer}")
+
+
+def test_attribution_patching_tracks_exact_patching_on_the_demo_model(demo_model):
+    clean, corrupted = PAIRS[3][1:]
+    exact = activation_patching(demo_model, clean, corrupted, " Mary", " John")
+    approx = attribution_patching(demo_model, clean, corrupted, " Mary", " John")
+    assert approx.to_dict()["approximate"] is True
+    stats = agreement(exact, approx)
+    for name in SWEEPS:
+        assert stats[name]["pearson_r"] > 0.95, stats
+        assert stats[name]["top_k_overlap"] >= 8, stats
 
 
 def test_dla_parts_sum_to_the_logit_difference(gpt2_shaped):
