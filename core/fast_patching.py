@@ -181,7 +181,7 @@ class Engine:
         return metrics
 
     def _attention(self, layer: int, x: Tensor, live: Tensor, corrupted: Trace, start: int, last: bool) -> Tensor:
-        B, T, d = x.shape
+        B, T, _ = x.shape
         H, dh = self.n_heads, self.d_head
         query_rows = live.clone()
         if last:  # only the final position's output matters after the last layer

@@ -15,8 +15,8 @@ through hooks, many patches per batched forward pass (`patch_sweep`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import weakref
+from dataclasses import dataclass
 from typing import Callable, Literal
 
 import torch
