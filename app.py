@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import inspect
 import json
 import os
 import sys
@@ -29,7 +30,9 @@ from core import (  # noqa: E402
     SWEEPS,
     ModelLoadError,
     activation_patching,
+    agreement,
     attention_patterns,
+    attribution_patching,
     direct_logit_attribution,
     induction_scores,
     logit_lens,
@@ -46,6 +49,16 @@ MODEL_EVENTS = "model"  # concurrency id shared by every event that runs the mod
 
 def user_errors(fn):
     """Core raises ValueError with a sentence a person can act on; show it as a Gradio error."""
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def steps(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except ValueError as err:
+                raise gr.Error(str(err), print_exception=False) from None
+
+        return steps
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -97,8 +110,12 @@ class Handlers:
         return self.runner.run(induction_scores, seq_len, batch, seed).to_dict()
 
     def patching(self, clean_prompt: str, corrupted_prompt: str, answer: str, wrong_answer: str) -> dict:
-        """Activation patching (resid_pre, attn_out, mlp_out by layer x pos; head_out by layer x head)."""
+        """Activation patching, exact (resid_pre, attn_out, mlp_out by layer x pos; head_out by layer x head)."""
         return self.runner.run(activation_patching, clean_prompt, corrupted_prompt, answer, wrong_answer).to_dict()
+
+    def attribution_patching(self, clean_prompt: str, corrupted_prompt: str, answer: str, wrong_answer: str) -> dict:
+        """Attribution patching: an APPROXIMATION of /patching (same keys, plus "approximate": true)."""
+        return self.runner.run(attribution_patching, clean_prompt, corrupted_prompt, answer, wrong_answer).to_dict()
 
     # --- UI events -------------------------------------------------------------------
 
@@ -123,10 +140,10 @@ class Handlers:
     def attention_figure(self, prompt: str, layer: int):
         return plots.attention_heads(self.runner.run(attention_patterns, prompt, layer))
 
-    def contrast(self, clean: str, corrupted: str, answer: str, wrong: str, persist: bool = False, progress=None):
-        """Contrast Pairs: both logit differences, side-by-side logit lens, patching, DLA vs patching."""
-        report = None if progress is None else (lambda fraction, desc: progress(fraction, desc=desc))
-        result = self.runner.run(activation_patching, clean, corrupted, answer, wrong, progress=report, persist=persist)
+    def contrast_steps(self, clean: str, corrupted: str, answer: str, wrong: str, persist: bool = False, progress=None):
+        """Contrast Pairs, in two steps: first the approximate preview (attribution patching) with
+        both prompts' logit lens, then exact activation patching beside it, their agreement, and DLA."""
+        approximate = self.runner.run(attribution_patching, clean, corrupted, answer, wrong, persist=persist)
         lenses = {
             f"clean: ...{plots.escape_token(clean[-40:])}": (
                 self.runner.run(logit_lens, clean, answer, persist=persist),
@@ -137,20 +154,41 @@ class Handlers:
                 self.runner.run(logit_lens, corrupted, wrong, persist=persist),
             ),
         }
-        swing = result.clean_value - result.corrupted_value
+        lens = plots.contrast_lens(lenses)
+        approximate_maps = [plots.patching_heatmap(approximate, name) for name in SWEEPS]
+        values = (
+            f"**logit({answer!r}) − logit({wrong!r})**: clean **{approximate.clean_value:+.3f}**, "
+            f"corrupted **{approximate.corrupted_value:+.3f}**, swing **{approximate.clean_value - approximate.corrupted_value:+.3f}**. "
+            "Patching scores: 1 = clean behaviour restored, 0 = no effect."
+        )
+        yield (
+            values + "\n\nShowing the **approximate preview** (attribution patching); exact activation patching is running…",
+            lens, *[None] * len(SWEEPS), *approximate_maps, None, None, None,
+        )
+        report = None if progress is None else (lambda fraction, desc: progress(fraction, desc=desc))
+        exact = self.runner.run(activation_patching, clean, corrupted, answer, wrong, progress=report, persist=persist)
+        stats = agreement(exact, approximate)
+        rows = "\n".join(f"| {name} | {_r(s['pearson_r'])} | {s['top_k_overlap']}/{s['top_k']} |" for name, s in stats.items())
         summary = (
-            f"**logit({answer!r}) − logit({wrong!r})**: clean **{result.clean_value:+.3f}**, "
-            f"corrupted **{result.corrupted_value:+.3f}**, swing **{swing:+.3f}**. "
-            f"Patching scores: 1 = clean behaviour restored, 0 = no effect. "
-            f"Pearson r (head patching vs head DLA) = **{'n/a' if result.pearson_r is None else f'{result.pearson_r:.3f}'}**."
+            f"{values} Pearson r (head patching vs head DLA) = **{_r(exact.pearson_r)}**.\n\n"
+            "Exact activation patching (left) is the result; attribution patching (right) is its linear "
+            "approximation. How well they agree:\n\n| sweep | Pearson r | top-10 overlap |\n|---|---:|---:|\n" + rows
         )
-        return (
+        data = {"exact": exact.to_dict(), "approximate": approximate.to_dict(), "agreement": stats}
+        yield (
             summary,
-            plots.contrast_lens(lenses),
-            *[plots.patching_heatmap(result, name) for name in SWEEPS],
-            plots.dla_vs_patching(result),
-            self._download("contrast-pair", result.to_dict()),
+            lens,
+            *[plots.patching_heatmap(exact, name) for name in SWEEPS],
+            *approximate_maps,
+            plots.approximation_vs_exact(exact, approximate, stats),
+            plots.dla_vs_patching(exact),
+            self._download("contrast-pair", data),
         )
+
+    def contrast(self, clean: str, corrupted: str, answer: str, wrong: str, persist: bool = False, progress=None):
+        """Contrast Pairs' final outputs (what /contrast returns to gradio_client)."""
+        *_, final = self.contrast_steps(clean, corrupted, answer, wrong, persist=persist, progress=progress)
+        return final
 
     def circuit_map(self, seq_len: int, batch: int, seed: int, persist: bool = False):
         """Circuit Map: head scores on repeated random sequences, heads above the threshold."""
@@ -165,6 +203,10 @@ class Handlers:
             heads,
             self._download("circuit-map", result.to_dict()),
         )
+
+
+def _r(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _whole(value):
@@ -248,19 +290,19 @@ def build_contrast_pairs(h: Handlers, model: Model):
         run = gr.Button("Run patching", variant="primary")
     summary = gr.Markdown()
     lens = gr.Plot(label="Logit lens, both prompts")
-    with gr.Row():
-        resid_pre = gr.Plot(label="Patching resid_pre")
-        attn_out = gr.Plot(label="Patching attn_out")
-    with gr.Row():
-        mlp_out = gr.Plot(label="Patching mlp_out")
-        head_out = gr.Plot(label="Patching head_out")
+    exact, approximate = {}, {}
+    for name in SWEEPS:
+        with gr.Row():
+            exact[name] = gr.Plot(label=f"Activation patching (exact): {name}")
+            approximate[name] = gr.Plot(label=f"Attribution patching (approximate): {name}")
+    agreement_plot = gr.Plot(label="Approximate vs exact")
     scatter = gr.Plot(label="DLA vs patching")
-    download = gr.File(label="Download results (JSON)")
+    download = gr.File(label="Download results (JSON: exact, approximate, agreement)")
     inputs = [clean, corrupted, answer, wrong]
-    outputs = [summary, lens, resid_pre, attn_out, mlp_out, head_out, scatter, download]
+    outputs = [summary, lens, *exact.values(), *approximate.values(), agreement_plot, scatter, download]
 
     def contrast(clean, corrupted, answer, wrong, progress=gr.Progress()):
-        return h.contrast(clean, corrupted, answer, wrong, progress=progress)
+        yield from h.contrast_steps(clean, corrupted, answer, wrong, progress=progress)
 
     run.click(user_errors(contrast), inputs, outputs, api_name="contrast", concurrency_id=MODEL_EVENTS, concurrency_limit=1)
     _examples(rows, labels, inputs, outputs, contrast, "contrast_example")
@@ -294,7 +336,7 @@ def build_circuit_map(h: Handlers, model: Model):
 
 def build_api(h: Handlers):
     """JSON endpoints for gradio_client, one per technique (README lists them)."""
-    for name in ("predict", "logit_lens", "dla", "attention", "induction", "patching"):
+    for name in ("predict", "logit_lens", "dla", "attention", "induction", "patching", "attribution_patching"):
         gr.api(user_errors(getattr(h, name)), api_name=name, concurrency_id=MODEL_EVENTS, concurrency_limit=1)
 
 

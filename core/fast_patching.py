@@ -13,8 +13,8 @@ A GPT-2-style model is re-expressed in plain tensor algebra from its (folded) we
   is one row block of the same matrix products.
 
 `Engine.supports(model)` says whether a model fits (GPT-2 family: learned absolute positions,
-LayerNorm, sequential attention then MLP); `core.patching` falls back to hooks otherwise and
-checks every fast answer's unpatched runs against the model's own forward pass.
+LayerNorm, sequential attention then MLP); `core.patching` falls back to hooks otherwise, and
+before trusting an engine checks its unpatched runs against the model's own forward pass.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from torch import Tensor
 
 from core.model import Model
 
-ACTIVATIONS = {
-    "gelu_new": lambda x: 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0)))),
-    "gelu_fast": lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
+ACTIVATIONS = {  # gelu_new and gelu_fast are both the tanh approximation of GELU (GPT-2's)
+    "gelu_new": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
     "gelu": torch.nn.functional.gelu,
     "relu": torch.relu,
 }
@@ -50,11 +50,6 @@ class Trace:
     metric: float  # logit(answer) - logit(wrong) at the final position
 
 
-def _layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-    x = x - x.mean(-1, keepdim=True)
-    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight + bias
-
-
 class Engine:
     """A model's weights as plain tensors, and the passes exact patching needs."""
 
@@ -65,6 +60,7 @@ class Engine:
         self.scale = 1.0 / math.sqrt(cfg.d_head)
         self.act = ACTIVATIONS[cfg.act_fn]
         self.device = model.W_E.device
+        self.verified = False  # set once its unpatched runs are seen to match the model's own (core.patching)
         with torch.no_grad():
             self.W_E, self.W_pos = model.W_E.detach(), model.W_pos.detach()
             self.W_Q, self.b_Q = model.W_Q.detach(), model.b_Q.detach()
@@ -111,7 +107,7 @@ class Engine:
         return weight, bias
 
     def _ln(self, x: Tensor, params: tuple[Tensor, Tensor]) -> Tensor:
-        return _layer_norm(x, params[0], params[1], self.eps)
+        return torch.nn.functional.layer_norm(x, x.shape[-1:], params[0], params[1], self.eps)
 
     def metric_direction(self, answer_id: int, wrong_id: int) -> tuple[Tensor, Tensor]:
         return self.W_U[:, answer_id] - self.W_U[:, wrong_id], self.b_U[answer_id] - self.b_U[wrong_id]
@@ -144,19 +140,31 @@ class Engine:
         stacked = {name: torch.stack(values) for name, values in keep.items()}
         return Trace(**stacked, metric=float(self._metric(x[-1], direction)))
 
+    def head_dla(self, trace: Trace, direction) -> Float[Tensor, "layer head"]:
+        """Each head's direct logit attribution at the final position: its output, centred and
+        divided by the final LayerNorm's scale, on the metric's unembedding direction."""
+        results = torch.einsum("lhd,lhdm->lhm", trace.z[:, -1], self.W_O)
+        results = results - results.mean(-1, keepdim=True)
+        final = trace.resid_pre[-1, -1]
+        final = final - final.mean()
+        scale = torch.sqrt(final.pow(2).mean() + self.eps)
+        return (results / scale * self.ln_final[0]) @ direction[0]
+
     # --- many patched runs at once ------------------------------------------------------
 
-    def patched_metrics(self, corrupted: Trace, start: int, jobs: list["Job"], direction) -> Float[Tensor, "job"]:
+    def patched_metrics(self, corrupted: Trace, start: int, jobs: list[Job], direction) -> Float[Tensor, "job"]:
         """The metric of each job's patched run. Every job's residual stream is given for
-        positions start.. (rows before a job's `live` position equal the corrupted run's)."""
+        positions start.. (rows before a job's `live` position equal the corrupted run's).
+        State: x [job, pos, d_model]; `rows` indexes its live (job, pos) rows in x.view(-1, d_model)."""
         T = corrupted.resid_pre.shape[1] - start
         order = sorted(range(len(jobs)), key=lambda i: (jobs[i].layer, jobs[i].stage))
         x = corrupted.resid_pre.new_zeros(0, T, corrupted.resid_pre.shape[-1])
         live = torch.zeros(0, T, dtype=torch.bool, device=self.device)
+        rows = torch.zeros(0, dtype=torch.long, device=self.device)
         added = 0
 
         def join(layer: int, stage: int):
-            nonlocal x, live, added
+            nonlocal x, live, rows, added
             group = []
             while added < len(order) and (jobs[order[added]].layer, jobs[order[added]].stage) == (layer, stage):
                 group.append(jobs[order[added]])
@@ -165,37 +173,48 @@ class Engine:
                 x = torch.cat([x, torch.stack([job.resid for job in group])])
                 positions = torch.arange(T, device=self.device)
                 live = torch.cat([live, torch.stack([positions >= job.live for job in group])])
+                rows = live.reshape(-1).nonzero().squeeze(1)
 
         for layer in range(self.n_layers):
             last = layer == self.n_layers - 1
             join(layer, Job.PRE)
             if len(x):
-                x = self._attention(layer, x, live, corrupted, start, last)
+                self._attention(layer, x, rows, corrupted, start, last)
             join(layer, Job.MID)
             if len(x):
-                x = self._mlp(layer, x, live, last)
+                self._mlp(layer, x, rows, last)
         join(self.n_layers, Job.PRE)
         assert added == len(order)
         metrics = torch.empty(len(jobs), dtype=torch.float64)
         metrics[torch.tensor(order, dtype=torch.long)] = self._metric(x[:, -1], direction).double().cpu()
         return metrics
 
-    def _attention(self, layer: int, x: Tensor, live: Tensor, corrupted: Trace, start: int, last: bool) -> Tensor:
+    def _final_rows(self, x: Tensor) -> Tensor:
+        """Flat indices of each job's final position."""
         B, T, _ = x.shape
+        return torch.arange(B, device=self.device) * T + (T - 1)
+
+    def _attention(self, layer: int, x: Tensor, rows: Tensor, corrupted: Trace, start: int, last: bool) -> None:
+        """Adds the attention output to x in place, at the live rows (only the final ones if `last`)."""
+        B, T, d = x.shape
         H, dh = self.n_heads, self.d_head
-        query_rows = live.clone()
-        if last:  # only the final position's output matters after the last layer
-            query_rows[:, :-1] = False
-        normed = self._ln(x[live], self.ln1[layer])
+        flat = x.view(-1, d)
         w, b = self.W_QKV[layer], self.b_QKV[layer]
-        k_new = (normed @ w[:, H * dh : 2 * H * dh] + b[H * dh : 2 * H * dh]).reshape(-1, H, dh)
-        v_new = (normed @ w[:, 2 * H * dh :] + b[2 * H * dh :]).reshape(-1, H, dh)
-        keys = corrupted.k[layer, start:].expand(B, T, H, dh).clone()
-        values = corrupted.v[layer, start:].expand(B, T, H, dh).clone()
-        keys[live], values[live] = k_new, v_new
-        q = (self._ln(x[query_rows], self.ln1[layer]) @ w[:, : H * dh] + b[: H * dh]).reshape(-1, H, dh)
-        queries = x.new_zeros(B, T, H, dh)
-        queries[query_rows] = q
+        normed = self._ln(flat.index_select(0, rows), self.ln1[layer])
+        if last:  # keys and values everywhere, queries (and so outputs) only at the final position
+            kv = torch.addmm(b[H * dh :], normed, w[:, H * dh :])
+            query_rows = self._final_rows(x)
+            q = torch.addmm(b[: H * dh], self._ln(flat.index_select(0, query_rows), self.ln1[layer]), w[:, : H * dh])
+        else:
+            qkv = torch.addmm(b, normed, w)
+            q, kv = qkv[:, : H * dh], qkv[:, H * dh :]
+            query_rows = rows
+        keys = corrupted.k[layer, start:].expand(B, T, H, dh).reshape(B * T, H * dh).clone()
+        values = corrupted.v[layer, start:].expand(B, T, H, dh).reshape(B * T, H * dh).clone()
+        keys.index_copy_(0, rows, kv[:, : H * dh].contiguous())
+        values.index_copy_(0, rows, kv[:, H * dh :].contiguous())
+        queries = x.new_zeros(B * T, H * dh).index_copy_(0, query_rows, q.contiguous()).view(B, T, H, dh)
+        keys, values = keys.view(B, T, H, dh), values.view(B, T, H, dh)
         prefix_k, prefix_v = corrupted.k[layer, :start], corrupted.v[layer, :start]  # [start, head, d_head]
         own = torch.einsum("bqhd,bkhd->bhqk", queries, keys)
         before = torch.einsum("bqhd,khd->bhqk", queries, prefix_k)
@@ -205,19 +224,16 @@ class Engine:
         z = torch.einsum("bhqk,khd->bqhd", pattern[..., :start], prefix_v) + torch.einsum(
             "bhqk,bkhd->bqhd", pattern[..., start:], values
         )
-        out = z[query_rows].reshape(-1, H * dh) @ self.W_O_flat[layer] + self.b_O[layer]
-        x = x.clone()
-        x[query_rows] += out
-        return x
+        z = z.reshape(B * T, H * dh).index_select(0, query_rows)
+        flat.index_add_(0, query_rows, torch.addmm(self.b_O[layer], z, self.W_O_flat[layer]))
 
-    def _mlp(self, layer: int, x: Tensor, live: Tensor, last: bool) -> Tensor:
-        rows = live.clone()
+    def _mlp(self, layer: int, x: Tensor, rows: Tensor, last: bool) -> None:
+        """Adds the MLP output to x in place, at the live rows (only the final ones if `last`)."""
+        flat = x.view(-1, x.shape[-1])
         if last:
-            rows[:, :-1] = False
-        hidden = self.act(self._ln(x[rows], self.ln2[layer]) @ self.W_in[layer] + self.b_in[layer])
-        x = x.clone()
-        x[rows] += hidden @ self.W_out[layer] + self.b_out[layer]
-        return x
+            rows = self._final_rows(x)
+        hidden = self.act(torch.addmm(self.b_in[layer], self._ln(flat.index_select(0, rows), self.ln2[layer]), self.W_in[layer]))
+        flat.index_add_(0, rows, torch.addmm(self.b_out[layer], hidden, self.W_out[layer]))
 
 
 @dataclass(frozen=True)
@@ -238,51 +254,58 @@ def sweep_jobs(engine: Engine, clean: Trace, corrupted: Trace, start: int) -> di
     from `start` (the first that differs) for the by-position sweeps, every head for head_out."""
     n_pos = corrupted.resid_pre.shape[1]
     jobs: dict[str, list] = {"resid_pre": [], "attn_out": [], "mlp_out": [], "head_out": []}
+
+    def add(name: str, index: tuple[int, int], layer: int, stage: int, base: Tensor, row: int, change: Tensor, value=None) -> None:
+        """Patch: the residual stream `base` (all positions) plus `change` from `row` on (or `value` at `row`)."""
+        if torch.any(change != 0):  # a patch that changes nothing leaves the corrupted metric, exactly
+            resid = base[start:].clone()
+            if value is None:
+                resid[row : row + len(change)] += change
+            else:
+                resid[row] = value
+            jobs[name].append((index, Job(layer, stage, resid, row)))
+
     for layer in range(engine.n_layers):
         for pos in range(start, n_pos):
             row = pos - start
-            resid = corrupted.resid_pre[layer, start:].clone()
-            resid[row] = clean.resid_pre[layer, pos]
-            jobs["resid_pre"].append(((layer, pos), Job(layer, Job.PRE, resid, row)))
-            resid = corrupted.resid_mid[layer, start:].clone()
-            resid[row] += clean.attn_out[layer, pos] - corrupted.attn_out[layer, pos]
-            jobs["attn_out"].append(((layer, pos), Job(layer, Job.MID, resid, row)))
-            resid = corrupted.resid_pre[layer + 1, start:].clone()
-            resid[row] += clean.mlp_out[layer, pos] - corrupted.mlp_out[layer, pos]
-            jobs["mlp_out"].append(((layer, pos), Job(layer + 1, Job.PRE, resid, row)))
+            clean_resid = clean.resid_pre[layer, pos]
+            add("resid_pre", (layer, pos), layer, Job.PRE, corrupted.resid_pre[layer], row, (clean_resid - corrupted.resid_pre[layer, pos])[None], clean_resid)
+            add("attn_out", (layer, pos), layer, Job.MID, corrupted.resid_mid[layer], row, (clean.attn_out[layer, pos] - corrupted.attn_out[layer, pos])[None])
+            add("mlp_out", (layer, pos), layer + 1, Job.PRE, corrupted.resid_pre[layer + 1], row, (clean.mlp_out[layer, pos] - corrupted.mlp_out[layer, pos])[None])
         z_change = clean.z[layer, start:] - corrupted.z[layer, start:]  # [pos, head, d_head]
         head_writes = torch.einsum("phd,hdm->hpm", z_change, engine.W_O[layer])
         for head in range(engine.n_heads):
-            resid = corrupted.resid_mid[layer, start:] + head_writes[head]
-            jobs["head_out"].append(((layer, head), Job(layer, Job.MID, resid, 0)))
+            add("head_out", (layer, head), layer, Job.MID, corrupted.resid_mid[layer], 0, head_writes[head])
     return jobs
 
 
-def exact_patching(
+def exact_sweeps(
     engine: Engine,
-    clean_tokens: Int[Tensor, "pos"],
-    corrupted_tokens: Int[Tensor, "pos"],
-    answer_id: int,
-    wrong_id: int,
+    clean: Trace,
+    corrupted: Trace,
+    clean_tokens: Int[Tensor, " pos"],
+    corrupted_tokens: Int[Tensor, " pos"],
+    direction,
     max_rows: int,
-) -> tuple[Trace, Trace, dict[str, Float[Tensor, "layer index"]]]:
-    """Raw metrics (not normalised) of every single-component patch of the four sweeps, with the
-    clean and corrupted traces. `max_rows` bounds the patched positions evaluated together."""
-    direction = engine.metric_direction(answer_id, wrong_id)
+    progress=None,
+) -> dict[str, Float[Tensor, "layer index"]]:
+    """Raw metrics (not normalised) of every single-component patch of the four sweeps.
+    `max_rows` bounds the patched positions evaluated together (memory)."""
     with torch.no_grad():
-        clean, corrupted = engine.trace(clean_tokens, direction), engine.trace(corrupted_tokens, direction)
         differs = (clean_tokens != corrupted_tokens).nonzero()
         n_pos = corrupted_tokens.shape[-1]
         start = int(differs[0]) if len(differs) else n_pos
         sizes = {"resid_pre": n_pos, "attn_out": n_pos, "mlp_out": n_pos, "head_out": engine.n_heads}
         raw = {name: torch.full((engine.n_layers, size), corrupted.metric, dtype=torch.float64) for name, size in sizes.items()}
         if start == n_pos:
-            return clean, corrupted, raw
+            return raw
         jobs = [(name, index, job) for name, items in sweep_jobs(engine, clean, corrupted, start).items() for index, job in items]
         chunk = max(1, max_rows // (n_pos - start))
         for first in range(0, len(jobs), chunk):
+            if progress is not None:
+                progress(first / len(jobs), "exact activation patching")
             part = jobs[first : first + chunk]
             metrics = engine.patched_metrics(corrupted, start, [job for _, _, job in part], direction)
             for (name, index, _), value in zip(part, metrics.tolist()):
                 raw[name][index] = value
-    return clean, corrupted, raw
+    return raw

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from core.attribution import direct_logit_attribution
 from core.config import DEFAULTS
-from core.fast_patching import Engine, exact_patching
+from core.fast_patching import Engine, exact_sweeps
 from core.model import Model, run_cached, single_token_id, str_tokens, to_tokens
 from core.results import PatchingResult
 
@@ -91,6 +91,13 @@ def patch_sweep(
 _ENGINES: "weakref.WeakKeyDictionary[Model, Engine | None]" = weakref.WeakKeyDictionary()
 
 
+def _engine_agrees(model: Model, tokens, values, answer_id: int, wrong_id: int) -> bool:
+    """Whether the engine's unpatched runs give the model's own metric."""
+    with torch.no_grad():
+        theirs = [float(_logit_diff(model(t), answer_id, wrong_id)[0]) for t in tokens]
+    return all(abs(ours - value) <= DEFAULTS.fast_path_tolerance * (1 + abs(value)) for ours, value in zip(values, theirs))
+
+
 def _engine(model: Model) -> Engine | None:
     """The model's fast-path engine, built once; None if its architecture is not supported."""
     if model not in _ENGINES:
@@ -137,33 +144,36 @@ def activation_patching(
     wrong_id = single_token_id(model, wrong_answer, "wrong answer")
     if answer_id == wrong_id:
         raise ValueError(f"The answer and the wrong answer are the same token ({answer!r}): pick two different tokens.")
-    with torch.no_grad():
-        model_values = [float(_logit_diff(model(t), answer_id, wrong_id)[0]) for t in (clean_tokens, corrupted_tokens)]
-    clean_value, corrupted_value = model_values
+    engine = _engine(model)
+    if engine is not None:
+        direction = engine.metric_direction(answer_id, wrong_id)
+        with torch.no_grad():
+            clean, corrupted = engine.trace(clean_tokens[0], direction), engine.trace(corrupted_tokens[0], direction)
+        if not engine.verified:  # the first time on this model: do its unpatched runs match the model's own?
+            if _engine_agrees(model, (clean_tokens, corrupted_tokens), (clean.metric, corrupted.metric), answer_id, wrong_id):
+                engine.verified = True
+            else:  # an architecture detail the engine does not model: never use its numbers
+                _ENGINES[model] = engine = None
+    if engine is not None:
+        clean_value, corrupted_value = clean.metric, corrupted.metric
+    else:
+        with torch.no_grad():
+            clean_value, corrupted_value = (float(_logit_diff(model(t), answer_id, wrong_id)[0]) for t in (clean_tokens, corrupted_tokens))
     if abs(clean_value - corrupted_value) < DEFAULTS.same_metric_tolerance:
         raise ValueError(
             f"The clean and corrupted prompts give the same logit difference ({clean_value:.4f}), "
             "so there is nothing for patching to restore: make the prompts differ in a way that "
             "changes the answer."
         )
-    raw = None
-    engine = _engine(model)
     if engine is not None:
-        if progress is not None:
-            progress(0.0, "patching (exact, fast path)")
-        clean, corrupted, raw = exact_patching(
-            engine, clean_tokens[0], corrupted_tokens[0], answer_id, wrong_id, DEFAULTS.patch_rows_per_pass
+        raw = exact_sweeps(
+            engine, clean, corrupted, clean_tokens[0], corrupted_tokens[0], direction, DEFAULTS.patch_rows_per_pass, progress
         )
-        agree = all(abs(ours - theirs) <= DEFAULTS.fast_path_tolerance * (1 + abs(theirs)) for ours, theirs in zip((clean.metric, corrupted.metric), model_values))
-        if agree:  # the engine reproduces the model's own runs: use its values, so an empty patch is exactly 0
-            clean_value, corrupted_value = clean.metric, corrupted.metric
-        else:  # an architecture detail the engine does not model: never return its numbers
-            _ENGINES[model] = None
-            raw = None
-    if raw is None:
+        head_dla = engine.head_dla(clean, direction).double().cpu().numpy()
+    else:
         raw = _hook_sweeps(model, clean_tokens, corrupted_tokens, answer_id, wrong_id, progress)
+        head_dla = direct_logit_attribution(model, clean_prompt, answer, wrong_answer).heads
     scores = {name: ((raw[name] - corrupted_value) / (clean_value - corrupted_value)).numpy() for name in SWEEPS}
-    dla = direct_logit_attribution(model, clean_prompt, answer, wrong_answer)
     return PatchingResult(
         clean_tokens=str_tokens(model, clean_tokens),
         corrupted_tokens=str_tokens(model, corrupted_tokens),
@@ -171,6 +181,6 @@ def activation_patching(
         wrong_answer=wrong_answer,
         clean_value=clean_value,
         corrupted_value=corrupted_value,
-        head_dla=dla.heads,
+        head_dla=head_dla,
         **scores,
     )

@@ -13,7 +13,14 @@ import numpy as np
 import plotly.express as px
 import plotly.graph_objects as go
 
-from core.results import AttentionResult, DLAResult, InductionResult, LogitLensResult, PatchingResult
+from core.results import (
+    ApproximatePatchingResult,
+    AttentionResult,
+    DLAResult,
+    InductionResult,
+    LogitLensResult,
+    PatchingResult,
+)
 
 TEMPLATE = go.layout.Template(
     layout=go.Layout(
@@ -265,26 +272,79 @@ _PATCH_TITLES = {
 }
 
 
-def patching_heatmap(result: PatchingResult, sweep: str) -> go.Figure:
-    """resid_pre / attn_out / mlp_out by layer x position, or head_out by layer x head."""
+def patching_heatmap(result: PatchingResult | ApproximatePatchingResult, sweep: str) -> go.Figure:
+    """resid_pre / attn_out / mlp_out by layer x position, or head_out by layer x head.
+    Attribution patching results are titled as the approximation they are."""
     scores = getattr(result, sweep)
     n_layers = scores.shape[0]
+    approximate = isinstance(result, ApproximatePatchingResult)
     if sweep == "head_out":
         x, x_title, hover = head_labels(scores.shape[1]), "head", "%{y}%{x}"
         title = "Head output (all positions)"
     else:
         x, x_title, hover = token_labels(result.clean_tokens), "position: clean token", "layer %{y}<br>position %{x}"
         title = _PATCH_TITLES[sweep]
+    if approximate:
+        heading = f"APPROXIMATE (attribution patching), {title}: linear estimate of the fraction restored"
+        hover += "<br>approx. restored = %{z:+.4f}"
+    else:
+        heading = f"Activation patching (exact), {title}: fraction of clean logit difference restored"
+        hover += "<br>restored = %{z:+.4f}"
     return _heatmap(
         scores,
         x=x,
         y=layer_labels(n_layers),
-        title=f"Activation patching, {title}: fraction of clean logit difference restored",
-        hover=hover + "<br>restored = %{z:+.4f}",
+        title=heading,
+        hover=hover,
         signed=True,
         x_title=x_title,
         y_title="layer",
     )
+
+
+def approximation_vs_exact(exact: PatchingResult, approximate: ApproximatePatchingResult, agreement: dict[str, dict]) -> go.Figure:
+    """One panel per sweep: every component's exact score against its attribution-patching estimate."""
+    from plotly.subplots import make_subplots
+
+    names = list(agreement)
+
+    def subtitle(name: str) -> str:
+        stats = agreement[name]
+        r = "n/a" if stats["pearson_r"] is None else f"{stats['pearson_r']:.3f}"
+        return f"{name}: r = {r}, top-{stats['top_k']} overlap {stats['top_k_overlap']}/{stats['top_k']}"
+
+    fig = make_subplots(rows=1, cols=len(names), subplot_titles=[subtitle(name) for name in names])
+    for col, name in enumerate(names, start=1):
+        x, y = getattr(exact, name), getattr(approximate, name)
+        if name == "head_out":
+            labels = [f"L{layer}H{head}" for layer in range(x.shape[0]) for head in range(x.shape[1])]
+        else:
+            tokens = token_labels(exact.clean_tokens)
+            labels = [f"L{layer} {tokens[pos]}" for layer in range(x.shape[0]) for pos in range(x.shape[1])]
+        low, high = float(min(x.min(), y.min(), 0.0)), float(max(x.max(), y.max(), 1.0))
+        fig.add_trace(
+            go.Scatter(x=[low, high], y=[low, high], mode="lines", line=dict(color="#bbbbbb", dash="dot"), hoverinfo="skip", showlegend=False),
+            row=1,
+            col=col,
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=x.ravel(),
+                y=y.ravel(),
+                mode="markers",
+                marker=dict(size=6),
+                text=labels,
+                hovertemplate="%{text}<br>exact = %{x:+.4f}<br>approximate = %{y:+.4f}<extra></extra>",
+                showlegend=False,
+            ),
+            row=1,
+            col=col,
+        )
+        fig.update_xaxes(title_text="exact", row=1, col=col)
+    fig.update_yaxes(title_text="approximate", row=1, col=1)
+    fig.update_layout(template=TEMPLATE, title="Attribution patching (approximate) against exact activation patching")
+    fig.update_annotations(font_size=11)
+    return fig
 
 
 def dla_vs_patching(result: PatchingResult) -> go.Figure:

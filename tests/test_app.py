@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import pickle
 import socket
@@ -20,6 +21,7 @@ import app
 from core import (
     activation_patching,
     attention_patterns,
+    attribution_patching,
     direct_logit_attribution,
     induction_scores,
     logit_lens,
@@ -39,6 +41,10 @@ JSON_ENDPOINTS = {
     "/patching": [
         "clean_tokens", "corrupted_tokens", "clean_value", "corrupted_value",
         "resid_pre", "attn_out", "mlp_out", "head_out", "head_dla", "pearson_r",
+    ],
+    "/attribution_patching": [
+        "approximate", "method", "clean_tokens", "corrupted_tokens", "clean_value", "corrupted_value",
+        "resid_pre", "attn_out", "mlp_out", "head_out",
     ],
 }
 
@@ -82,6 +88,11 @@ CALLS = [
         (IOI_CLEAN, IOI_CORRUPTED, " Mary", " John"),
         lambda m: activation_patching(m, IOI_CLEAN, IOI_CORRUPTED, " Mary", " John"),
     ),
+    (
+        "/attribution_patching",
+        (IOI_CLEAN, IOI_CORRUPTED, " Mary", " John"),
+        lambda m: attribution_patching(m, IOI_CLEAN, IOI_CORRUPTED, " Mary", " John"),
+    ),
 ]
 
 
@@ -109,6 +120,8 @@ def test_defaults_of_optional_inputs(client, demo_model):
         ("/induction", (1, 2, 0), "seq_len must be between 2 and 31"),
         ("/patching", (IOI_CLEAN, "When John and Mary went", " Mary", " John"), r"clean has 17 .* corrupted has 6"),
         ("/patching", (IOI_CLEAN, IOI_CLEAN, " Mary", " John"), "same logit difference"),
+        ("/attribution_patching", (IOI_CLEAN, "When John and Mary went", " Mary", " John"), r"clean has 17 .* corrupted has 6"),
+        ("/contrast", (IOI_CLEAN, IOI_CORRUPTED, " Mary", " Mary"), "same token"),
     ],
 )
 def test_bad_input_reaches_the_client_as_a_clear_message(client, endpoint, args, message):
@@ -124,10 +137,13 @@ def test_concurrent_requests_equal_serial_ones(server):
         ("/logit_lens", (SHORT_CORRUPTED, " John")),
         ("/attention", (SHORT_CLEAN, 0)),
         ("/patching", (SHORT_CLEAN, SHORT_CORRUPTED, " Mary", " John")),
+        ("/attribution_patching", (SHORT_CLEAN, SHORT_CORRUPTED, " Mary", " John")),
         ("/induction", (12, 4, 9)),
         ("/predict", (SHORT_CORRUPTED, 4)),
-    ] * 3
-    serial = [Client(server, verbose=False).predict(*args, api_name=name) for name, args in calls[:6]]
+    ]
+    distinct = len(calls)
+    calls = calls * 3
+    serial = [Client(server, verbose=False).predict(*args, api_name=name) for name, args in calls[:distinct]]
 
     def call(item):
         name, args = item
@@ -136,7 +152,7 @@ def test_concurrent_requests_equal_serial_ones(server):
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(calls)) as pool:
         results = list(pool.map(call, calls))
     for i, result in enumerate(results):
-        assert result == serial[i % 6], calls[i][0]
+        assert result == serial[i % distinct], calls[i][0]
 
 
 def test_ui_events_return_figures_and_a_download(client):
@@ -146,9 +162,21 @@ def test_ui_events_return_figures_and_a_download(client):
     assert label["label"]  # the top prediction, used as the default target
     assert Path(download).read_text(encoding="utf-8").startswith('{"predictions"')
     summary, *figures, download = client.predict(SHORT_CLEAN, SHORT_CORRUPTED, " Mary", " John", api_name="/contrast")
-    assert "clean" in summary and "swing" in summary and len(figures) == 6
+    assert "clean" in summary and "swing" in summary and "top-10 overlap" in summary
+    assert len(figures) == 11 and all(figures)  # lens, 4 exact, 4 approximate, their agreement, DLA vs patching
+    saved = json.loads(Path(download).read_text(encoding="utf-8"))
+    assert saved["approximate"]["approximate"] is True and set(saved["agreement"]) == {"resid_pre", "attn_out", "mlp_out", "head_out"}
     *figures, heads, download = client.predict(8, 2, 0, api_name="/circuit_map")
     assert len(figures) == 5 and Path(download).exists()
+
+
+def test_contrast_shows_the_approximate_preview_first_then_exact_beside_it(demo_model, tmp_path):
+    handlers = app.Handlers(Runner(demo_model, cache_dir=None), str(tmp_path))
+    preview, final = list(handlers.contrast_steps(IOI_CLEAN, IOI_CORRUPTED, " Mary", " John"))
+    assert "approximate preview" in preview[0] and preview[2:6] == (None,) * 4  # exact not there yet
+    assert all(fig.layout.title.text.startswith("APPROXIMATE (attribution patching)") for fig in preview[6:10])
+    assert all(fig.layout.title.text.startswith("Activation patching (exact)") for fig in final[2:6])
+    assert final[6:10] == preview[6:10] and "| head_out |" in final[0]
 
 
 def test_handlers_in_process_default_the_target_to_the_top_prediction(tiny_model, tmp_path):

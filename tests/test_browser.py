@@ -62,15 +62,17 @@ def test_page_loads_with_results_then_every_tab_runs_an_example(browser, page_ur
     assert visible_plots(page) == 5  # logit lens x2, DLA x2, attention
     assert page.get_by_text("Test notice: running the").is_visible()
 
-    # Contrast Pairs: click the second example and wait for the patching heatmaps
+    # Contrast Pairs: click the second example and wait for exact and approximate patching side by side
     page.get_by_role("tab", name="Contrast Pairs").click()
     page.get_by_text("IOI seed names (ABBA)").click()
+    page.wait_for_selector("text=top-10 overlap", timeout=120_000)
     page.wait_for_function(
-        "[...document.querySelectorAll('.js-plotly-plot')].filter(e => e.offsetParent !== null).length >= 6",
-        timeout=120_000,
+        "[...document.querySelectorAll('.js-plotly-plot')].filter(e => e.offsetParent !== null).length >= 11",
+        timeout=60_000,
     )
-    page.wait_for_selector("text=swing", timeout=60_000)
-    assert "Activation patching, Head output" in page.content()
+    content = page.content()
+    assert "Activation patching (exact), Head output" in content
+    assert "APPROXIMATE (attribution patching), Head output" in content
 
     # Circuit Map: click the example and wait for the five figures
     page.get_by_role("tab", name="Circuit Map").click()

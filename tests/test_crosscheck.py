@@ -65,6 +65,8 @@ def test_patching_equals_transformer_lens(request, fixture, clean, corrupted):
     for name, expected in reference.items():
         difference = np.abs(getattr(ours, name) - expected).max()
         assert difference <= 1e-4, f"{name}: max abs difference {difference:.2e}"
+    dla = direct_logit_attribution(model, clean, answer, wrong)
+    np.testing.assert_allclose(ours.head_dla, dla.heads, atol=1e-5 * (1 + np.abs(dla.heads).max()))
     # causal attention: positions before the first differing token are the same in both runs
     first_difference = next(i for i, (a, b) in enumerate(zip(ours.clean_tokens, ours.corrupted_tokens)) if a != b)
     assert first_difference > 0
@@ -93,6 +95,7 @@ def test_a_fast_engine_that_disagrees_with_the_model_is_never_used(demo_model, m
     monkeypatch.setitem(patching._ENGINES, demo_model, broken)
     result = activation_patching(demo_model, clean, corrupted, " Mary", " John")
     assert patching._ENGINES[demo_model] is None  # dropped for this model from now on
+    assert not broken.verified
     for name in SWEEPS:
         np.testing.assert_allclose(getattr(result, name), getattr(truth, name), atol=1e-4)
 

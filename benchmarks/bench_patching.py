@@ -1,0 +1,180 @@
+"""Exact activation patching: ours against `transformer_lens.patching`, side by side, one run.
+
+    python benchmarks/bench_patching.py [--threads 2] [--repeats 3]
+
+GPT-2 Small-shaped model (random weights, GPT-2's real tokenizer), the seed's IOI pair, the
+four sweeps (resid_pre, attn_out, mlp_out by layer x position; head_out by layer x head).
+Prints the times, the ratio, the largest difference of the normalised scores, peak memory,
+and how close we are to the floor: the floating-point operations that exact answers need
+(counted below) divided by this machine's measured matrix-multiply throughput.
+
+Answer tokens: on random weights " Mary" - " John" barely moves between the two prompts, so
+normalising by it would divide float32 rounding by a tiny number. Like the tests, the bench
+uses the token pair whose logit difference the prompts move most (printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from transformer_lens import patching as tl_patching  # noqa: E402
+
+from core import SWEEPS, activation_patching, load_model, save_random_gpt2  # noqa: E402
+from core.model import to_tokens  # noqa: E402
+
+IOI_CLEAN = "When John and Mary went to the store, John gave a bottle of milk to"
+IOI_CORRUPTED = "When John and Mary went to the store, Mary gave a bottle of milk to"
+TL_SWEEPS = {
+    "resid_pre": tl_patching.get_act_patch_resid_pre,
+    "attn_out": tl_patching.get_act_patch_attn_out,
+    "mlp_out": tl_patching.get_act_patch_mlp_out,
+    "head_out": tl_patching.get_act_patch_attn_head_out_all_pos,
+}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_extra_memory(fn):
+    """(result, seconds, peak resident memory above the level before the call, sampled every 2 ms)."""
+    base, peak, done = rss_bytes(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    return result, seconds, max(0, max(peak[0], rss_bytes()) - base)
+
+
+def matmul_gflops(d_model: int, d_mlp: int, rows: int = 2048, repeats: int = 7) -> float:
+    """Measured float32 matrix-multiply throughput at the engine's typical shape."""
+    a, b = torch.randn(rows, d_model), torch.randn(d_model, d_mlp)
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    return 2 * rows * d_model * d_mlp / statistics.median(times) / 1e9
+
+
+def minimum_flops(n_layers: int, d: int, d_mlp: int, n_heads: int, n_pos: int, start: int) -> float:
+    """Multiply-adds x 2 of every matrix product exact answers need: two unpatched runs, then for
+    each patch only what it can change (from its layer on, positions >= its position, the last
+    layer only at the final position, two logits). Elementwise work (LayerNorm, GELU) is not counted."""
+
+    def layer(rows: int, first_row: int, queries_at_end_only: bool, attention: bool = True, mlp_rows: int | None = None) -> float:
+        q_rows = 1 if queries_at_end_only else rows
+        q_positions = [n_pos - 1] if queries_at_end_only else range(first_row, n_pos)
+        flops = 0.0
+        if attention:
+            flops += 2 * rows * d * 2 * d  # keys and values
+            flops += 2 * q_rows * d * d * 2  # queries and the output projection
+            flops += sum(2 * 2 * (p + 1) * d for p in q_positions)  # scores and the weighted sum of values
+        mlp = q_rows if mlp_rows is None else mlp_rows
+        return flops + 2 * mlp * d * d_mlp * 2
+
+    def run_from(first_layer: int, first_row: int, mid: bool, mlp_rows_at_first: int | None = None) -> float:
+        rows = n_pos - first_row
+        total = 0.0
+        for j in range(first_layer, n_layers):
+            last = j == n_layers - 1
+            at_first = j == first_layer and mid
+            mlp_rows = mlp_rows_at_first if at_first else None
+            total += layer(rows, first_row, last, attention=not at_first, mlp_rows=None if last else mlp_rows)
+        return total + 2 * d * 2
+
+    total = 2 * (sum(layer(n_pos, 0, False) for _ in range(n_layers)) + 2 * d * 2)
+    for l in range(n_layers):
+        for p in range(start, n_pos):
+            total += run_from(l, p, mid=False)  # resid_pre
+            total += run_from(l, p, mid=True, mlp_rows_at_first=1)  # attn_out: the MLP at l only where it changed
+            total += run_from(l + 1, p, mid=False)  # mlp_out
+        total += n_heads * (run_from(l, start, mid=True, mlp_rows_at_first=n_pos - start) + 2 * (n_pos - start) * (d // n_heads) * d)  # head_out
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as directory:
+        model = load_model(save_random_gpt2(directory))
+        clean_tokens, corrupted_tokens = to_tokens(model, IOI_CLEAN), to_tokens(model, IOI_CORRUPTED)
+        with torch.no_grad():
+            shift = model(clean_tokens)[0, -1] - model(corrupted_tokens)[0, -1]
+        answer, wrong = model.tokenizer.decode([int(shift.argmax())]), model.tokenizer.decode([int(shift.argmin())])
+        mary, john = model.to_single_token(" Mary"), model.to_single_token(" John")
+        run = lambda: activation_patching(model, IOI_CLEAN, IOI_CORRUPTED, answer, wrong)  # noqa: E731
+        run()  # warm-up (builds the engine once per model)
+        times, peaks = [], []
+        for _ in range(args.repeats):
+            ours, seconds, peak = peak_extra_memory(run)
+            times.append(seconds)
+            peaks.append(peak)
+        ours_s = statistics.median(times)
+        answer_id, wrong_id = model.to_single_token(answer), model.to_single_token(wrong)
+
+        def normalised(logits):
+            value = logits[0, -1, answer_id] - logits[0, -1, wrong_id]
+            return (value - ours.corrupted_value) / (ours.clean_value - ours.corrupted_value)
+
+        tl_times, differences = {}, {}
+        with torch.no_grad():
+            _, clean_cache = model.run_with_cache(clean_tokens)
+
+            def tl_all():
+                for name, sweep in TL_SWEEPS.items():
+                    start = time.perf_counter()
+                    reference = sweep(model, corrupted_tokens, clean_cache, normalised).double().numpy()
+                    tl_times[name] = time.perf_counter() - start
+                    differences[name] = float(np.abs(getattr(ours, name) - reference).max())
+
+            _, tl_s, tl_peak = peak_extra_memory(tl_all)
+        cfg = model.cfg
+        n_pos = clean_tokens.shape[-1]
+        start = int((clean_tokens[0] != corrupted_tokens[0]).nonzero()[0])
+        flops = minimum_flops(cfg.n_layers, cfg.d_model, cfg.d_mlp, cfg.n_heads, n_pos, start)
+        gflops = matmul_gflops(cfg.d_model, cfg.d_mlp)
+        floor_s = flops / (gflops * 1e9)
+        print(f"GPT-2 Small-shaped model (random weights), {args.threads} threads, torch {torch.__version__}, {platform.processor() or platform.machine()}")
+        print(f"pair: the seed's IOI prompts, {n_pos} tokens, first difference at position {start}; answers {answer!r} vs {wrong!r}")
+        print(f"(clean - corrupted logit difference {ours.clean_value - ours.corrupted_value:+.4f}; for ' Mary' - ' John' it is {float(shift[mary] - shift[john]):+.4f})\n")
+        print("| what | TransformerLens `patching` | CircuitBreaker (exact) |")
+        print("|---|---:|---:|")
+        for name in SWEEPS:
+            print(f"| {name} | {tl_times[name]:.1f} s | |")
+        print(f"| **all four sweeps** | **{tl_s:.1f} s** | **{ours_s:.3f} s** (median of {args.repeats}) |")
+        print(f"| speed-up | | **{tl_s / ours_s:.0f}x** |")
+        print(f"| max abs difference of normalised scores | | {max(differences.values()):.1e} ({', '.join(f'{k} {v:.1e}' for k, v in differences.items())}) |")
+        print(f"| peak memory above the loaded model | {tl_peak / 2**20:.0f} MiB | {max(peaks) / 2**20:.0f} MiB |")
+        print(f"| floor: {flops / 1e9:.1f} GFLOP at {gflops:.0f} GFLOP/s measured matmul | | {floor_s:.3f} s (ours = {ours_s / floor_s:.1f}x the floor) |")
+
+
+if __name__ == "__main__":
+    main()
