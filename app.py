@@ -44,7 +44,13 @@ from core.runner import Runner  # noqa: E402
 
 EXAMPLES = json.loads((Path(__file__).resolve().parent / "examples" / "prompts.json").read_text(encoding="utf-8"))
 THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-MODEL_EVENTS = "model"  # concurrency id shared by every event that runs the model: one at a time
+# Two queues, one running request each: quick techniques never wait behind a line of heavy ones
+# (they wait at most for the one heavy request running, which the limits in core/config.py keep
+# short). Both still take turns on the model itself (Runner's lock: hooks live on the model).
+LIGHT = dict(concurrency_id="light", concurrency_limit=1)  # predictions, logit lens, DLA, attention
+HEAVY = dict(concurrency_id="heavy", concurrency_limit=1)  # patching (both kinds), induction
+RAW = dict(preprocess=False)  # widgets hand over what was sent; core validates it with a clear message
+MAX_DOWNLOADS = 256  # JSON downloads kept on disk (oldest removed first)
 
 
 def user_errors(fn):
@@ -83,6 +89,9 @@ class Handlers:
         path = self.download_dir / f"{stem}-{hashlib.blake2b(text.encode(), digest_size=8).hexdigest()}.json"
         if not path.exists():
             path.write_text(text, encoding="utf-8")
+            files = sorted(self.download_dir.glob("*.json"), key=lambda f: f.stat().st_mtime)
+            for old in files[: max(0, len(files) - MAX_DOWNLOADS)]:
+                old.unlink(missing_ok=True)
         return str(path)
 
     # --- JSON API (gradio_client) ---------------------------------------------------
@@ -269,7 +278,7 @@ def build_prompt_explorer(h: Handlers, model: Model):
     download = gr.File(value=initial[6], label="Download all results (JSON)")
     inputs = [prompt, target, competing, layer]
     outputs = [predictions, lens_heatmap, lens_final, dla_heads, dla_components, attention, download]
-    events = dict(concurrency_id=MODEL_EVENTS, concurrency_limit=1)
+    events = LIGHT | RAW
     run.click(user_errors(h.explore), inputs, outputs, api_name="explore", **events)
     prompt.submit(user_errors(h.explore), inputs, outputs, api_name="explore_submit", api_visibility="private", **events)
     layer.release(
@@ -304,7 +313,7 @@ def build_contrast_pairs(h: Handlers, model: Model):
     def contrast(clean, corrupted, answer, wrong, progress=gr.Progress()):
         yield from h.contrast_steps(clean, corrupted, answer, wrong, progress=progress)
 
-    run.click(user_errors(contrast), inputs, outputs, api_name="contrast", concurrency_id=MODEL_EVENTS, concurrency_limit=1)
+    run.click(user_errors(contrast), inputs, outputs, api_name="contrast", **HEAVY, **RAW)
     _examples(rows, labels, inputs, outputs, contrast, "contrast_example")
 
 
@@ -329,15 +338,17 @@ def build_circuit_map(h: Handlers, model: Model):
     download = gr.File(label="Download results (JSON)")
     inputs = [seq_len, batch, seed]
     outputs = [induction, previous, duplicate, layer_max, loss, heads, download]
-    run.click(user_errors(h.circuit_map), inputs, outputs, api_name="circuit_map", concurrency_id=MODEL_EVENTS, concurrency_limit=1)
+    run.click(user_errors(h.circuit_map), inputs, outputs, api_name="circuit_map", **HEAVY, **RAW)
     if rows:
         _examples(rows, labels, inputs, outputs, h.circuit_map, "circuit_map_example")
 
 
 def build_api(h: Handlers):
     """JSON endpoints for gradio_client, one per technique (README lists them)."""
-    for name in ("predict", "logit_lens", "dla", "attention", "induction", "patching", "attribution_patching"):
-        gr.api(user_errors(getattr(h, name)), api_name=name, concurrency_id=MODEL_EVENTS, concurrency_limit=1)
+    for name in ("predict", "logit_lens", "dla", "attention"):
+        gr.api(user_errors(getattr(h, name)), api_name=name, **LIGHT)
+    for name in ("induction", "patching", "attribution_patching"):
+        gr.api(user_errors(getattr(h, name)), api_name=name, **HEAVY)
 
 
 def build_demo(
@@ -352,7 +363,7 @@ def build_demo(
     handlers = Handlers(runner, tempfile.mkdtemp(prefix="circuitbreaker-downloads-"))
     if warm:
         warm_examples(handlers)
-    with gr.Blocks(title="CircuitBreaker") as demo:
+    with gr.Blocks(title="CircuitBreaker", delete_cache=(600, 3600)) as demo:  # served files: hourly clean-up
         gr.Markdown(
             f"# CircuitBreaker\nWatch **{model_label(model)}** ({model.cfg.n_layers} layers x {model.cfg.n_heads} heads) "
             "think: logit lens, direct logit attribution, attention, induction heads and activation patching."
@@ -367,7 +378,7 @@ def build_demo(
             with gr.Tab("Circuit Map", id="circuit_map"):
                 build_circuit_map(handlers, model)
         build_api(handlers)
-    demo.queue(default_concurrency_limit=1)
+    demo.queue(default_concurrency_limit=1, max_size=DEFAULTS.max_queue_size)
     return demo
 
 

@@ -21,6 +21,14 @@ class Defaults:
     fast_path_tolerance: float = 1e-3  # the fast engine's unpatched runs must match the model's own this closely
     same_metric_tolerance: float = 1e-6  # |clean - corrupted| below this cannot be normalised
     hub_timeout_s: float = 2.0  # how long to wait for the Hugging Face Hub before giving up
+    # --- limits that keep a public CPU Space responsive (README: "Limits") ---
+    max_prompt_chars: int = 2000  # longer text is rejected before tokenizing (a megabyte answers at once)
+    max_prompt_tokens: int = 128  # Prompt Explorer (BOS included); also never more than the model's n_ctx
+    max_patching_tokens: int = 32  # Contrast Pairs: exact patching grows with the square of the positions after the first difference
+    max_token_chars: int = 100  # a target / answer token longer than this cannot be one token
+    max_induction_tokens: int = 8192  # Circuit Map: batch x (2 x seq_len + 1) tokens per request
+    max_queue_size: int = 64  # requests waiting in the Gradio queue; more are turned away with a message
+    max_wait_s: float = 120.0  # a request that cannot start within this long gets "busy, try again"
 
 
 DEFAULTS = Defaults()

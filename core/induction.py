@@ -51,7 +51,12 @@ def induction_scores(
 ) -> InductionResult:
     seq_len = check_int(seq_len, "seq_len", 2, (model.cfg.n_ctx - 1) // 2)
     batch = check_int(batch, "batch", 1, DEFAULTS.max_induction_batch)
-    seed = check_int(seed, "seed", 0, 2**63 - 1)
+    seed = check_int(seed, "seed", 0, 2**32 - 1)
+    if batch * (2 * seq_len + 1) > DEFAULTS.max_induction_tokens:
+        raise ValueError(
+            f"batch x (2 x seq_len + 1) = {batch * (2 * seq_len + 1):,} tokens is more than the limit of "
+            f"{DEFAULTS.max_induction_tokens:,} per request: lower seq_len or batch."
+        )
     tokens = repeated_random_tokens(model, seq_len, batch, seed)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     sums = torch.zeros(n_layers, 3, n_heads, dtype=torch.float64)

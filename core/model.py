@@ -179,21 +179,33 @@ def _load_local_snapshot(name: str, snapshot: str, device: str) -> Model:
 # --- text <-> tokens -----------------------------------------------------------------
 
 
-def to_tokens(model: Model, prompt: str) -> Int[Tensor, "1 pos"]:
-    """Tokenize a prompt with the model's BOS token in front, or raise ValueError."""
+def to_tokens(model: Model, prompt: str, max_tokens: int | None = None, what: str = "The prompt") -> Int[Tensor, "1 pos"]:
+    """Tokenize a prompt with the model's BOS token in front, or raise ValueError.
+
+    At most `max_tokens` tokens (default DEFAULTS.max_prompt_tokens), never more than the model's
+    context; text longer than DEFAULTS.max_prompt_chars is refused before tokenizing."""
     if not isinstance(prompt, str):
-        raise ValueError(f"The prompt must be text, got {type(prompt).__name__}.")
+        raise ValueError(f"{what} must be text, got {type(prompt).__name__}.")
     if not prompt.strip():
-        raise ValueError("The prompt is empty: type some text to run the model on.")
+        raise ValueError(f"{what} is empty: type some text to run the model on.")
+    limit = min(max_tokens or DEFAULTS.max_prompt_tokens, model.cfg.n_ctx)
+    if len(prompt) > DEFAULTS.max_prompt_chars:
+        raise ValueError(
+            f"{what} is {len(prompt):,} characters long; the limit is {DEFAULTS.max_prompt_chars:,} characters "
+            f"(and {limit} tokens): shorten it."
+        )
     tokens = model.to_tokens(prompt, prepend_bos=True, truncate=False)
     _check_known_words(model, prompt, tokens)
-    n_ctx = model.cfg.n_ctx
-    if tokens.shape[-1] > n_ctx:
+    if tokens.shape[-1] > limit:
         raise ValueError(
-            f"The prompt is {tokens.shape[-1]} tokens long (with BOS) but the model reads at most "
-            f"{n_ctx}: shorten it."
+            f"{what} is {tokens.shape[-1]} tokens long (with BOS); the limit here is {limit} tokens: shorten it."
         )
     return tokens
+
+
+def short(text: str, limit: int = 40) -> str:
+    """repr() of text, cut to `limit` characters, for error messages."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text):,} characters)"
 
 
 def _unknown_id(model: Model) -> int | None:
@@ -209,9 +221,10 @@ def _check_known_words(model: Model, text: str, ids) -> None:
     pre = model.tokenizer.backend_tokenizer.pre_tokenizer
     vocab = model.tokenizer.get_vocab()
     words = [piece for piece, _ in pre.pre_tokenize_str(text)] if pre is not None else text.split()
-    unknown = [model.tokenizer.convert_tokens_to_string([w]) for w in words if w not in vocab]
+    unknown = list(dict.fromkeys(model.tokenizer.convert_tokens_to_string([w]) for w in words if w not in vocab))
+    listed = ", ".join(short(w) for w in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
     raise ValueError(
-        f"This model's vocabulary has no {', '.join(repr(w) for w in dict.fromkeys(unknown))}: "
+        f"This model's vocabulary has no {listed}: "
         "use words it knows (the demo model knows the words of its examples; see the README)."
     )
 
@@ -222,17 +235,22 @@ def str_tokens(model: Model, tokens: Int[Tensor, "1 pos"]) -> list[str]:
 
 def single_token_id(model: Model, text: str, role: str = "target") -> int:
     """The id of `text` if it is exactly one known token, else a ValueError saying how it splits."""
-    if not isinstance(text, str) or text == "":
+    if not isinstance(text, str):
+        raise ValueError(f"The {role} token must be text, got {type(text).__name__}.")
+    if text == "":
         raise ValueError(f"The {role} token is empty: give a single token such as ' Paris'.")
+    if len(text) > DEFAULTS.max_token_chars:
+        raise ValueError(f"The {role} must be a single token, got {short(text)}: pick one word.")
     ids = model.tokenizer.encode(text, add_special_tokens=False)
     unk = _unknown_id(model)
     if len(ids) == 1 and ids[0] != unk:
         return int(ids[0])
     if unk in ids:
-        message = f"The {role} {text!r} is not in this model's vocabulary"
+        message = f"The {role} {short(text)} is not in this model's vocabulary"
     else:
         pieces = [model.tokenizer.decode([i]) for i in ids]
-        message = f"The {role} must be a single token, got {text!r} -> {pieces}"
+        shown = repr(pieces[:8])[:-1] + (", ...]" if len(pieces) > 8 else "]")
+        message = f"The {role} must be a single token, got {short(text)} -> {shown}"
     spaced = model.tokenizer.encode(" " + text, add_special_tokens=False)
     if not text.startswith(" ") and len(spaced) == 1 and spaced[0] != unk:
         message += f"; did you mean {' ' + text!r}?"

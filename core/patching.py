@@ -119,8 +119,8 @@ def _hook_sweeps(model: Model, clean_tokens, corrupted_tokens, answer_id: int, w
 
 
 def _check_pair(model: Model, clean_prompt: str, corrupted_prompt: str):
-    clean_tokens = to_tokens(model, clean_prompt)
-    corrupted_tokens = to_tokens(model, corrupted_prompt)
+    clean_tokens = to_tokens(model, clean_prompt, DEFAULTS.max_patching_tokens, "The clean prompt")
+    corrupted_tokens = to_tokens(model, corrupted_prompt, DEFAULTS.max_patching_tokens, "The corrupted prompt")
     if clean_tokens.shape != corrupted_tokens.shape:
         raise ValueError(
             "The clean and corrupted prompts must have the same number of tokens so positions line up: "

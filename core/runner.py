@@ -1,7 +1,9 @@
 """Run techniques on one shared model safely and cheaply.
 
 - One at a time: TransformerLens hooks live on the model object, so two calls running hooks
-  at once could corrupt each other's results. Every call holds the runner's lock.
+  at once could corrupt each other's results. Every call holds the runner's lock; a call that
+  cannot get it within DEFAULTS.max_wait_s is turned away with "busy, try again" (ServerBusy,
+  a ValueError, so the app shows it as a message).
 - Memoised: results are immutable, so a repeated call (an example clicked again, a layer
   slider moved back) is answered from a bounded in-memory LRU.
 - Persisted where asked (the app's examples): on disk, keyed by a fingerprint of the model's
@@ -22,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 
+from core.config import DEFAULTS
 from core.model import Model
 
 CORE_DIR = Path(__file__).resolve().parent
@@ -53,6 +56,10 @@ def code_fingerprint() -> str:
     return digest.hexdigest()
 
 
+class ServerBusy(ValueError):
+    """The model stayed busy with other requests for too long."""
+
+
 class Runner:
     """A model plus a lock, an LRU of results and an on-disk store for persistent ones."""
 
@@ -71,7 +78,12 @@ class Runner:
     def run(self, fn: Callable, *args, persist: bool = False, **kwargs):
         """fn(model, *args, **kwargs), from the cache when this exact call was made before."""
         key = self._key(fn, args, kwargs)
-        with self.lock:
+        if not self.lock.acquire(timeout=DEFAULTS.max_wait_s):
+            raise ServerBusy(
+                f"The server is busy: other requests kept the model occupied for {DEFAULTS.max_wait_s:.0f} s. "
+                "Try again in a minute."
+            )
+        try:
             if key in self._memory:
                 self._memory.move_to_end(key)
                 return self._memory[key]
@@ -84,6 +96,8 @@ class Runner:
             while len(self._memory) > self.max_entries:
                 self._memory.popitem(last=False)
             return result
+        finally:
+            self.lock.release()
 
     def _path(self, key: str) -> Path | None:
         return None if self.cache_dir is None else self.cache_dir / f"{key}.pkl"

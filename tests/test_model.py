@@ -61,7 +61,7 @@ def test_empty_prompt_is_rejected(tiny_model, prompt):
 
 
 def test_prompt_longer_than_context_is_rejected(tiny_model):
-    with pytest.raises(ValueError, match=r"tokens long .* at most 64"):
+    with pytest.raises(ValueError, match=r"tokens long .* limit here is 64 tokens"):
         to_tokens(tiny_model, " word" * 64)
 
 
