@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -48,3 +49,29 @@ def gpt2():
 def demo_model():
     """The small model trained by demo_model/train.py and committed in the repository."""
     return load_model("demo")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(demo_model, tmp_path_factory):
+    """The app on the bundled demo model (a real Gradio server), so API tests exercise real circuits."""
+    import app
+    from core.runner import Runner
+
+    demo = app.build_demo(runner=Runner(demo_model, cache_dir=tmp_path_factory.mktemp("cache")))
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, theme=app.THEME, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    from gradio_client import Client
+
+    return Client(server, verbose=False)

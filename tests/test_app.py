@@ -6,7 +6,6 @@ import concurrent.futures
 import json
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from core import (
     predict,
 )
 from core.runner import Runner
-from tests.conftest import IOI_CLEAN, IOI_CORRUPTED
+from tests.conftest import IOI_CLEAN, IOI_CORRUPTED, free_port  # noqa: F401  (free_port: used by other test modules too)
 
 ROOT = Path(__file__).resolve().parent.parent
 SHORT_CLEAN, SHORT_CORRUPTED = "When John and Mary went to the store", "When John and Paul went to the store"
@@ -47,27 +46,6 @@ JSON_ENDPOINTS = {
         "resid_pre", "attn_out", "mlp_out", "head_out",
     ],
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(demo_model, tmp_path_factory):
-    """The app on the bundled demo model, so the API tests exercise real circuits."""
-    demo = app.build_demo(runner=Runner(demo_model, cache_dir=tmp_path_factory.mktemp("cache")))
-    port = free_port()
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, theme=app.THEME, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return Client(server, verbose=False)
 
 
 def test_every_endpoint_is_documented(client):
