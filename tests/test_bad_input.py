@@ -140,7 +140,8 @@ def test_hostile_text_is_data_not_markup(tiny_model):
     lens = logit_lens(tiny_model, hostile, " the")
     assert "<script>alert(1)</script> <img src=x onerror=alert(2)>" in "".join(lens.tokens)
     figure = plots.logit_lens_heatmap(lens).to_json()
-    assert not re.search(r"<\s*(script|img)", figure) and " &lt;" in figure  # shown as the text "<", not a tag
+    assert ")</" in lens.tokens and ")</" not in figure and ")&lt;/" in figure  # shown as the text "</", not markup
+    assert not re.search(r'"\d+: \s*<', figure)  # no axis label starts a tag
 
 
 # --- fuzz ------------------------------------------------------------------------------
