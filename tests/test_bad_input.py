@@ -139,9 +139,10 @@ def test_hostile_text_is_data_not_markup(tiny_model):
     hostile = "Hi 😀 \u202eevil\u202c \x00 \x07 <script>alert(1)</script> <img src=x onerror=alert(2)>"
     lens = logit_lens(tiny_model, hostile, " the")
     assert "<script>alert(1)</script> <img src=x onerror=alert(2)>" in "".join(lens.tokens)
-    figure = plots.logit_lens_heatmap(lens).to_json()
-    assert ")</" in lens.tokens and ")</" not in figure and ")&lt;/" in figure  # shown as the text "</", not markup
-    assert not re.search(r'"\d+: \s*<', figure)  # no axis label starts a tag
+    labels = list(plots.logit_lens_heatmap(lens).data[0].x)
+    position = lens.tokens.index(")</")
+    assert labels[position] == f"{position}: )&lt;/"  # shown as the text ")</", never parsed as markup
+    assert not any("<" in label for label in labels)
 
 
 # --- fuzz ------------------------------------------------------------------------------
