@@ -109,7 +109,8 @@ def test_bad_input_reaches_the_client_as_a_clear_message(client, endpoint, args,
 
 
 def test_concurrent_requests_equal_serial_ones(server):
-    """Hooks live on the one shared model: requests at the same time must not corrupt each other."""
+    """Hooks live on the one shared model: requests at the same time, to every endpoint (JSON API
+    and UI events), must return exactly what they return one at a time."""
     calls = [
         ("/dla", (SHORT_CLEAN, " Mary", " John")),
         ("/logit_lens", (SHORT_CORRUPTED, " John")),
@@ -118,6 +119,9 @@ def test_concurrent_requests_equal_serial_ones(server):
         ("/attribution_patching", (SHORT_CLEAN, SHORT_CORRUPTED, " Mary", " John")),
         ("/induction", (12, 4, 9)),
         ("/predict", (SHORT_CORRUPTED, 4)),
+        ("/explore", (SHORT_CLEAN, " Mary", "", 2)),
+        ("/contrast", (SHORT_CLEAN, SHORT_CORRUPTED, " Mary", " John")),
+        ("/circuit_map", (9, 2, 5)),
     ]
     distinct = len(calls)
     calls = calls * 3
@@ -237,3 +241,42 @@ def test_python_app_py_without_a_model_says_what_to_do():
     assert process.returncode != 0
     assert "cannot be reached" in output and "local model directory" in output
     assert "Traceback" not in output
+
+
+def test_quick_and_heavy_requests_queue_separately(demo_model):
+    """A line of patching runs never stands in front of a logit-lens request."""
+    demo = app.build_demo(runner=Runner(demo_model, cache_dir=None), warm=False)
+    lanes = {fn.api_name: fn.concurrency_id for fn in demo.fns.values() if fn.concurrency_limit == 1}
+    assert {lanes[name] for name in ("predict", "logit_lens", "dla", "attention", "explore")} == {"light"}
+    assert {lanes[name] for name in ("patching", "attribution_patching", "induction", "contrast", "circuit_map")} == {"heavy"}
+
+
+def test_a_request_that_waits_too_long_gets_a_busy_message_and_the_next_one_works(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr("core.runner.DEFAULTS", app.DEFAULTS.__class__(max_wait_s=0.5))
+    runner = Runner(tiny_model, cache_dir=None)
+    demo = app.build_demo(runner=runner, warm=False)
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        with runner.lock:  # the model is busy with something else for longer than max_wait_s
+            with pytest.raises(AppError, match="The server is busy.*Try again in a minute"):
+                client.predict(IOI_CLEAN, 3, api_name="/predict")
+        assert len(client.predict(IOI_CLEAN, 3, api_name="/predict")["top_tokens"]) == 3
+    finally:
+        demo.close()
+
+
+def test_runner_results_cache_is_bounded(tiny_model):
+    runner = Runner(tiny_model, cache_dir=None, max_entries=3)
+    for k in range(1, 8):
+        runner.run(predict, IOI_CLEAN, k)
+    assert len(runner._memory) == 3
+
+
+def test_downloads_on_disk_are_bounded(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(app, "MAX_DOWNLOADS", 5)
+    handlers = app.Handlers(Runner(tiny_model, cache_dir=None), str(tmp_path))
+    for i in range(12):
+        handlers._download("test", {"i": i})
+    assert len(list(tmp_path.glob("*.json"))) == 5

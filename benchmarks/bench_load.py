@@ -1,0 +1,212 @@
+"""Many users at once: the real app in its own process, N gradio_client users, every endpoint.
+
+    python benchmarks/bench_load.py load [--model demo|gpt2-shaped] [--users 1 4 16] [--requests 60]
+    python benchmarks/bench_load.py soak [--model demo] [--requests 500] [--users 4]
+
+load: a fixed, seeded list of distinct requests spread over all ten endpoints (JSON API and UI
+events) is answered once by one user (the serial answers), then, on a freshly started server
+each time (so nothing is answered from the results cache), by N concurrent users. Prints
+throughput, p50/p95 latency, errors (must be 0) and whether every answer equals the serial one.
+
+soak: one server answers `--requests` mixed requests (mostly distinct, so the caches fill and
+evict) from `--users` concurrent users; prints the server's resident memory at launch, after the
+first 50 requests (warm) and at the end, and the growth from warm to end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import hashlib
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from gradio_client import Client  # noqa: E402
+
+from demo_model import corpus  # noqa: E402
+
+ENDPOINTS = ["/predict", "/logit_lens", "/dla", "/attention", "/explore", "/induction", "/circuit_map", "/patching", "/attribution_patching", "/contrast"]
+
+
+def make_requests(n: int, seed: int, n_layers: int) -> list[tuple[str, tuple]]:
+    """n requests, round-robin over the endpoints, with seeded IOI prompts, facts and induction sizes."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        endpoint = ENDPOINTS[i % len(ENDPOINTS)]
+        subject, io, other = rng.sample(corpus.NAMES, 3)
+        template, place, obj = rng.choice(corpus.IOI_TEMPLATES), rng.choice(corpus.PLACES), rng.choice(corpus.OBJECTS)
+        order = rng.choice(["ABBA", "BABA"])
+        clean = corpus.ioi_prompt(template, io, subject, place, obj, order)
+        corrupted = corpus.ioi_prompt(template, other, subject, place, obj, order)  # another indirect object
+        fact = corpus.sample_fact(rng).rsplit(" ", 1)[0]  # without the city
+        layer = rng.randrange(n_layers)
+        args = {
+            "/predict": (rng.choice([clean, fact]), rng.randint(1, 20)),
+            "/logit_lens": (rng.choice([clean, fact]), f" {io}"),
+            "/dla": (clean, f" {io}", f" {subject}"),
+            "/attention": (rng.choice([clean, fact]), layer),
+            "/explore": (rng.choice([clean, fact]), "", rng.choice(["", f" {subject}"]), layer),
+            "/induction": (rng.randint(5, 20), rng.randint(1, 4), rng.randrange(1000)),
+            "/circuit_map": (rng.randint(5, 20), rng.randint(1, 4), rng.randrange(1000)),
+            "/patching": (clean, corrupted, f" {io}", f" {other}"),
+            "/attribution_patching": (clean, corrupted, f" {io}", f" {other}"),
+            "/contrast": (clean, corrupted, f" {io}", f" {other}"),
+        }[endpoint]
+        out.append((endpoint, args))
+    return out
+
+
+def comparable(value):
+    """An answer with downloaded files replaced by a hash of their content (paths differ per run)."""
+    if isinstance(value, (list, tuple)):
+        return [comparable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: comparable(v) for k, v in value.items()}
+    if isinstance(value, str) and value.endswith(".json") and os.path.isfile(value):
+        return hashlib.blake2b(Path(value).read_bytes(), digest_size=16).hexdigest()
+    return value
+
+
+class Server:
+    """`python app.py` in its own process on a free port, with an empty cache directory."""
+
+    def __init__(self, model: str, cache_dir: str):
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        env = os.environ | {"CIRCUITBREAKER_CACHE_DIR": cache_dir, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "app.py"), "--model", model, "--port", str(self.port)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        self.url = f"http://127.0.0.1:{self.port}/"
+        deadline = time.time() + 900
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError("the app exited during start-up")
+            try:
+                urllib.request.urlopen(self.url, timeout=2)
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("the app did not start in 15 minutes")
+
+    def rss_mib(self) -> float:
+        with open(f"/proc/{self.process.pid}/status") as f:
+            line = next(line for line in f if line.startswith("VmRSS:"))
+        return int(line.split()[1]) / 1024
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+
+
+def run_users(url: str, requests: list[tuple[str, tuple]], users: int) -> tuple[list, list[float], int, float]:
+    """Answers (in request order), latencies, error count, wall seconds; user u takes requests u, u+N, ..."""
+    answers, latencies, errors = [None] * len(requests), [0.0] * len(requests), [0]
+
+    def user(u: int):
+        client = Client(url, verbose=False)
+        for i in range(u, len(requests), users):
+            endpoint, args = requests[i]
+            start = time.perf_counter()
+            try:
+                answers[i] = comparable(client.predict(*args, api_name=endpoint))
+            except Exception as err:  # noqa: BLE001  (counted and reported: must be 0)
+                errors[0] += 1
+                answers[i] = f"ERROR {type(err).__name__}: {err}"
+            latencies[i] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=users) as pool:
+        list(pool.map(user, range(users)))
+    return answers, latencies, errors[0], time.perf_counter() - start
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def model_argument(name: str, workdir: str) -> tuple[str, int]:
+    if name == "demo":
+        return "demo", json.loads((ROOT / "demo_model" / "weights" / "config.json").read_text())["n_layer"]
+    from core import save_random_gpt2
+
+    return save_random_gpt2(Path(workdir) / "gpt2-shaped"), 12
+
+
+def load(args) -> None:
+    with tempfile.TemporaryDirectory() as workdir:
+        model, n_layers = model_argument(args.model, workdir)
+        requests = make_requests(args.requests, seed=0, n_layers=n_layers)
+        server = Server(model, tempfile.mkdtemp(dir=workdir))
+        try:
+            serial, _, serial_errors, _ = run_users(server.url, requests, 1)
+        finally:
+            server.stop()
+        assert serial_errors == 0, [a for a in serial if isinstance(a, str) and a.startswith("ERROR")][:3]
+        print(f"model: {args.model}; {len(requests)} distinct requests over {len(ENDPOINTS)} endpoints; fresh server per row\n")
+        print("| users | requests/s | p50 latency (s) | p95 latency (s) | errors | every answer = serial answer |")
+        print("|---:|---:|---:|---:|---:|:---:|")
+        for users in args.users:
+            server = Server(model, tempfile.mkdtemp(dir=workdir))
+            try:
+                answers, latencies, errors, wall = run_users(server.url, requests, users)
+            finally:
+                server.stop()
+            same = all(a == s for a, s in zip(answers, serial))
+            print(f"| {users} | {len(requests) / wall:.2f} | {percentile(latencies, 50):.2f} | {percentile(latencies, 95):.2f} | {errors} | {'yes' if same else 'NO'} |", flush=True)
+
+
+def soak(args) -> None:
+    with tempfile.TemporaryDirectory() as workdir:
+        model, n_layers = model_argument(args.model, workdir)
+        requests = make_requests(args.requests, seed=1, n_layers=n_layers)
+        server = Server(model, tempfile.mkdtemp(dir=workdir))
+        try:
+            launch = server.rss_mib()
+            warm_part, rest = requests[:50], requests[50:]
+            _, _, errors_warm, _ = run_users(server.url, warm_part, args.users)
+            warm = server.rss_mib()
+            _, latencies, errors, wall = run_users(server.url, rest, args.users)
+            end = server.rss_mib()
+        finally:
+            server.stop()
+        print(f"model: {args.model}; {len(requests)} mixed requests from {args.users} concurrent users in {wall:.0f} s (after the first 50)")
+        print(f"errors: {errors_warm + errors}; p50 {percentile(latencies, 50):.2f} s, p95 {percentile(latencies, 95):.2f} s")
+        print(f"server resident memory: launch {launch:.0f} MiB, warm (after 50 requests) {warm:.0f} MiB, end {end:.0f} MiB")
+        print(f"growth from warm to end: {100 * (end - warm) / warm:+.1f}%  (from launch: {100 * (end - launch) / launch:+.1f}%)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="mode", required=True)
+    p_load = sub.add_parser("load")
+    p_load.add_argument("--model", choices=["demo", "gpt2-shaped"], default="demo")
+    p_load.add_argument("--users", type=int, nargs="+", default=[1, 4, 16])
+    p_load.add_argument("--requests", type=int, default=60)
+    p_soak = sub.add_parser("soak")
+    p_soak.add_argument("--model", choices=["demo", "gpt2-shaped"], default="demo")
+    p_soak.add_argument("--requests", type=int, default=500)
+    p_soak.add_argument("--users", type=int, default=4)
+    args = parser.parse_args()
+    (load if args.mode == "load" else soak)(args)
+
+
+if __name__ == "__main__":
+    main()
