@@ -18,8 +18,6 @@ from torch import Tensor
 from core.model import Model, run_cached, single_token_id, str_tokens, to_tokens
 from core.results import DLAResult
 
-_DLA_HOOKS = ("hook_z", "hook_mlp_out", "hook_embed", "hook_pos_embed", "hook_resid_post", "hook_scale")
-
 
 def logit_direction(model: Model, target_id: int, competing_id: int | None) -> Float[Tensor, "d_model"]:
     direction = model.W_U[:, target_id]
@@ -49,8 +47,10 @@ def direct_logit_attribution(
     competing_id = single_token_id(model, competing, "competing token") if competing is not None else None
     if competing_id == target_id:
         raise ValueError(f"The target and the competing token are the same ({target!r}): pick two different tokens.")
-    logits, cache = run_cached(model, tokens, lambda name: name.endswith(_DLA_HOOKS))
     n_layers = model.cfg.n_layers
+    needed = {"hook_embed", "hook_pos_embed", f"blocks.{n_layers - 1}.hook_resid_post", "ln_final.hook_scale"}
+    needed |= {f"blocks.{layer}.{hook}" for layer in range(n_layers) for hook in ("attn.hook_z", "hook_mlp_out")}
+    logits, cache = run_cached(model, tokens, needed.__contains__)
     with torch.no_grad():
         direction = logit_direction(model, target_id, competing_id)
         final_logits = logits[0, -1]

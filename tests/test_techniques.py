@@ -182,3 +182,36 @@ def test_patching_rejects_identical_metric(tiny_model):
 def test_patching_rejects_same_answers(tiny_model):
     with pytest.raises(ValueError, match="same token"):
         activation_patching(tiny_model, PROMPT, PROMPT, " Mary", " Mary")
+
+
+def test_activation_caches_keep_only_the_hooks_a_technique_needs(tiny_model, monkeypatch):
+    """What each technique caches: nothing more than it reads (memory stays small). The bridge
+    also files some tensors under alias names (attn.o.hook_in for attn.hook_z); those are the
+    same tensors, so memory is counted by distinct storage."""
+    cached: list[dict] = []
+    original = tiny_model.run_with_cache
+
+    def spy(*args, **kwargs):
+        logits, cache = original(*args, **kwargs)
+        cached.append(dict(cache.items()))
+        return logits, cache
+
+    monkeypatch.setattr(tiny_model, "run_with_cache", spy)
+    n_layers = tiny_model.cfg.n_layers
+
+    def tensors_of(call) -> dict[str, torch.Tensor]:
+        cached.clear()
+        call()
+        distinct = {}
+        for cache in cached:
+            for name, tensor in cache.items():
+                distinct.setdefault(tensor.data_ptr(), name)
+        return distinct
+
+    assert list(tensors_of(lambda: attention_patterns(tiny_model, PROMPT, 1)).values()) == ["blocks.1.attn.hook_pattern"]
+    lens = tensors_of(lambda: logit_lens(tiny_model, PROMPT, " Mary"))
+    assert len(lens) <= 2 * n_layers
+    dla = tensors_of(lambda: direct_logit_attribution(tiny_model, PROMPT, " Mary", " John"))
+    assert len(dla) == 2 * n_layers + 4, sorted(dla.values())  # z and mlp_out per layer, embed, pos_embed, final resid, final scale
+    clean, corrupted = "When John and Mary went to the store", "When John and Paul went to the store"
+    assert tensors_of(lambda: activation_patching(tiny_model, clean, corrupted, " Mary", " John")) == {}  # fast path: no cache
