@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformer_lens import patching as tl_patching  # noqa: E402
 
-from core import SWEEPS, activation_patching, load_model, save_random_gpt2  # noqa: E402
+from core import DEFAULTS, SWEEPS, activation_patching, load_model, save_random_gpt2  # noqa: E402
 from core.model import to_tokens  # noqa: E402
 
 IOI_CLEAN = "When John and Mary went to the store, John gave a bottle of milk to"
@@ -174,6 +174,17 @@ def main() -> None:
         print(f"| max abs difference of normalised scores | | {max(differences.values()):.1e} ({', '.join(f'{k} {v:.1e}' for k, v in differences.items())}) |")
         print(f"| peak memory above the loaded model | {tl_peak / 2**20:.0f} MiB | {max(peaks) / 2**20:.0f} MiB |")
         print(f"| floor: {flops / 1e9:.1f} GFLOP at {gflops:.0f} GFLOP/s measured matmul | | {floor_s:.3f} s (ours = {ours_s / floor_s:.1f}x the floor) |")
+        print("\nWorst case by length (prompts that differ at their first word, so every position is patched):\n")
+        print("| tokens (with BOS) | exact patching, 4 sweeps | floor | peak memory above the model |")
+        print("|---:|---:|---:|---:|")
+        words = " the cat sat on the mat and then it went to the store with a dog" * 4
+        for n in (16, 24, DEFAULTS.max_patching_tokens):
+            ids = model.tokenizer.encode("Once" + words, add_special_tokens=False)[: n - 1]
+            clean = model.tokenizer.decode(ids)
+            corrupted = "When" + clean[len("Once"):]
+            _, seconds, peak = peak_extra_memory(lambda: activation_patching(model, clean, corrupted, " the", " a"))
+            floor = minimum_flops(cfg.n_layers, cfg.d_model, cfg.d_mlp, cfg.n_heads, n, 1) / (gflops * 1e9)
+            print(f"| {n} | {seconds:.2f} s | {floor:.2f} s | {peak / 2**20:.0f} MiB |", flush=True)
 
 
 if __name__ == "__main__":

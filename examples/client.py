@@ -31,6 +31,14 @@ def main() -> None:
     print(f"clean {patching['clean_value']:+.3f}, corrupted {patching['corrupted_value']:+.3f}, "
           f"Pearson r(head patching, head DLA) = {patching['pearson_r']}")
 
+    approx = client.predict(  # the linear approximation: same keys, "approximate": true
+        prompt, prompt.replace(", John gave", ", Mary gave"), " Mary", " John", api_name="/attribution_patching"
+    )
+    exact_heads = [v for row in patching["head_out"] for v in row]
+    approx_heads = [v for row in approx["head_out"] for v in row]
+    worst = max(abs(a - e) for a, e in zip(approx_heads, exact_heads))
+    print(f"attribution patching (approximate={approx['approximate']}): largest head error vs exact {worst:.3f}")
+
 
 if __name__ == "__main__":
     main()
