@@ -19,7 +19,9 @@ before trusting an engine checks its unpatched runs against the model's own forw
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -249,34 +251,40 @@ class Job:
     live: int
 
 
-def sweep_jobs(engine: Engine, clean: Trace, corrupted: Trace, start: int) -> dict[str, list[tuple[tuple[int, int], Job]]]:
-    """For each sweep, ((layer, index), job) for every patch that can change anything: positions
-    from `start` (the first that differs) for the by-position sweeps, every head for head_out."""
+def sweep_jobs(engine: Engine, clean: Trace, corrupted: Trace, start: int) -> Iterator[tuple[str, tuple[int, int], Job]]:
+    """(sweep, (layer, index), job) for every patch that can change anything: positions from
+    `start` (the first that differs) for the by-position sweeps, every head for head_out.
+    A generator, so only the jobs of the chunk being computed are ever in memory."""
     n_pos = corrupted.resid_pre.shape[1]
-    jobs: dict[str, list] = {"resid_pre": [], "attn_out": [], "mlp_out": [], "head_out": []}
 
-    def add(name: str, index: tuple[int, int], layer: int, stage: int, base: Tensor, row: int, change: Tensor, value=None) -> None:
-        """Patch: the residual stream `base` (all positions) plus `change` from `row` on (or `value` at `row`)."""
-        if torch.any(change != 0):  # a patch that changes nothing leaves the corrupted metric, exactly
-            resid = base[start:].clone()
-            if value is None:
-                resid[row : row + len(change)] += change
-            else:
-                resid[row] = value
-            jobs[name].append((index, Job(layer, stage, resid, row)))
+    def job(layer: int, stage: int, base: Tensor, row: int, change: Tensor, value=None) -> Job | None:
+        """The residual stream `base` (all positions) plus `change` from `row` on (or `value` at `row`);
+        None when the patch changes nothing (its score is then exactly the corrupted metric)."""
+        if not torch.any(change != 0):
+            return None
+        resid = base[start:].clone()
+        if value is None:
+            resid[row : row + len(change)] += change
+        else:
+            resid[row] = value
+        return Job(layer, stage, resid, row)
 
     for layer in range(engine.n_layers):
         for pos in range(start, n_pos):
             row = pos - start
             clean_resid = clean.resid_pre[layer, pos]
-            add("resid_pre", (layer, pos), layer, Job.PRE, corrupted.resid_pre[layer], row, (clean_resid - corrupted.resid_pre[layer, pos])[None], clean_resid)
-            add("attn_out", (layer, pos), layer, Job.MID, corrupted.resid_mid[layer], row, (clean.attn_out[layer, pos] - corrupted.attn_out[layer, pos])[None])
-            add("mlp_out", (layer, pos), layer + 1, Job.PRE, corrupted.resid_pre[layer + 1], row, (clean.mlp_out[layer, pos] - corrupted.mlp_out[layer, pos])[None])
+            patches = {
+                "resid_pre": job(layer, Job.PRE, corrupted.resid_pre[layer], row, (clean_resid - corrupted.resid_pre[layer, pos])[None], clean_resid),
+                "attn_out": job(layer, Job.MID, corrupted.resid_mid[layer], row, (clean.attn_out[layer, pos] - corrupted.attn_out[layer, pos])[None]),
+                "mlp_out": job(layer + 1, Job.PRE, corrupted.resid_pre[layer + 1], row, (clean.mlp_out[layer, pos] - corrupted.mlp_out[layer, pos])[None]),
+            }
+            yield from ((name, (layer, pos), patch) for name, patch in patches.items() if patch is not None)
         z_change = clean.z[layer, start:] - corrupted.z[layer, start:]  # [pos, head, d_head]
         head_writes = torch.einsum("phd,hdm->hpm", z_change, engine.W_O[layer])
         for head in range(engine.n_heads):
-            add("head_out", (layer, head), layer, Job.MID, corrupted.resid_mid[layer], 0, head_writes[head])
-    return jobs
+            patch = job(layer, Job.MID, corrupted.resid_mid[layer], 0, head_writes[head])
+            if patch is not None:
+                yield "head_out", (layer, head), patch
 
 
 def exact_sweeps(
@@ -299,13 +307,15 @@ def exact_sweeps(
         raw = {name: torch.full((engine.n_layers, size), corrupted.metric, dtype=torch.float64) for name, size in sizes.items()}
         if start == n_pos:
             return raw
-        jobs = [(name, index, job) for name, items in sweep_jobs(engine, clean, corrupted, start).items() for index, job in items]
+        jobs = sweep_jobs(engine, clean, corrupted, start)
         chunk = max(1, max_rows // (n_pos - start))
-        for first in range(0, len(jobs), chunk):
+        total = engine.n_layers * (3 * (n_pos - start) + engine.n_heads)  # at most
+        done = 0
+        while part := list(itertools.islice(jobs, chunk)):
             if progress is not None:
-                progress(first / len(jobs), "exact activation patching")
-            part = jobs[first : first + chunk]
+                progress(done / total, "exact activation patching")
             metrics = engine.patched_metrics(corrupted, start, [job for _, _, job in part], direction)
             for (name, index, _), value in zip(part, metrics.tolist()):
                 raw[name][index] = value
+            done += len(part)
     return raw
