@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from core import (  # noqa: E402
     activation_patching,
     attention_patterns,
+    attribution_patching,
     direct_logit_attribution,
     induction_scores,
     load_model,
@@ -64,7 +65,10 @@ def main() -> None:
             "DLA (IOI clean, 17 tokens)": lambda: direct_logit_attribution(model, IOI_CLEAN, " Mary", " John"),
             "attention (IOI clean, one layer)": lambda: attention_patterns(model, IOI_CLEAN, 5),
             "induction (seq_len 50, batch 10)": lambda: induction_scores(model),
-            "activation patching, 4 sweeps (IOI pair, 17 tokens)": lambda: activation_patching(
+            "activation patching, exact, 4 sweeps (IOI pair, 17 tokens)": lambda: activation_patching(
+                model, IOI_CLEAN, IOI_CORRUPTED, " Mary", " John"
+            ),
+            "attribution patching, approximate, 4 sweeps (IOI pair)": lambda: attribution_patching(
                 model, IOI_CLEAN, IOI_CORRUPTED, " Mary", " John"
             ),
         }

@@ -178,19 +178,22 @@ def soak(args) -> None:
         model, n_layers = model_argument(args.model, workdir)
         requests = make_requests(args.requests, seed=1, n_layers=n_layers)
         server = Server(model, tempfile.mkdtemp(dir=workdir))
+        trajectory, errors, latencies = [], 0, []
+        start = time.perf_counter()
         try:
             launch = server.rss_mib()
-            warm_part, rest = requests[:50], requests[50:]
-            _, _, errors_warm, _ = run_users(server.url, warm_part, args.users)
-            warm = server.rss_mib()
-            _, latencies, errors, wall = run_users(server.url, rest, args.users)
-            end = server.rss_mib()
+            for first in range(0, len(requests), 50):
+                _, part_latencies, part_errors, _ = run_users(server.url, requests[first : first + 50], args.users)
+                errors += part_errors
+                latencies += part_latencies
+                trajectory.append(server.rss_mib())
         finally:
             server.stop()
-        print(f"model: {args.model}; {len(requests)} mixed requests from {args.users} concurrent users in {wall:.0f} s (after the first 50)")
-        print(f"errors: {errors_warm + errors}; p50 {percentile(latencies, 50):.2f} s, p95 {percentile(latencies, 95):.2f} s")
-        print(f"server resident memory: launch {launch:.0f} MiB, warm (after 50 requests) {warm:.0f} MiB, end {end:.0f} MiB")
-        print(f"growth from warm to end: {100 * (end - warm) / warm:+.1f}%  (from launch: {100 * (end - launch) / launch:+.1f}%)")
+        warm, end = trajectory[0], trajectory[-1]
+        print(f"model: {args.model}; {len(requests)} mixed requests (mostly distinct) from {args.users} concurrent users in {time.perf_counter() - start:.0f} s")
+        print(f"errors: {errors}; p50 {percentile(latencies, 50):.2f} s, p95 {percentile(latencies, 95):.2f} s")
+        print(f"server resident memory (MiB): launch {launch:.0f}; after every 50 requests: {', '.join(f'{v:.0f}' for v in trajectory)}")
+        print(f"growth from the first 50 requests (warm) to the end: {100 * (end - warm) / warm:+.1f}%  (from launch: {100 * (end - launch) / launch:+.1f}%)")
 
 
 def main() -> None:

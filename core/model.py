@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from pathlib import Path
 
@@ -309,10 +310,10 @@ def save_random_gpt2(
 
 def check_int(value, name: str, low: int, high: int) -> int:
     """`value` as an int in [low, high], or a ValueError naming the allowed range."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value != int(value):
         raise ValueError(f"{name} must be a whole number between {low} and {high}, got {value!r}.")
     if not low <= int(value) <= high:
-        raise ValueError(f"{name} must be between {low} and {high}, got {int(value)}.")
+        raise ValueError(f"{name} must be between {low} and {high}, got {value!r}.")
     return int(value)
 
 

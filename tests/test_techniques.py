@@ -147,6 +147,9 @@ def test_induction_scores_match_a_direct_computation(tiny_model):
         (dict(batch=65), "batch must be between 1 and 64"),
         (dict(batch=2.5), "batch must be a whole number"),
         (dict(seed=-1), "seed must be between"),
+        (dict(batch=float("inf")), "batch must be a whole number"),
+        (dict(seq_len=float("nan")), "seq_len must be a whole number"),
+        (dict(seed=1e300), r"seed must be between 0 and 4294967295, got 1e\+300\."),
     ],
 )
 def test_induction_rejects_out_of_range(tiny_model, kwargs, message):
