@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from core.config import DEFAULTS
 from core.model import Model, run_cached, single_token_id, str_tokens
 from core.patching import SWEEPS, _check_pair, _logit_diff
 from core.results import ApproximatePatchingResult, PatchingResult
@@ -50,6 +51,12 @@ def attribution_patching(
         grads = dict(zip(keys, torch.autograd.grad(metric, [corrupted_acts[k] for k in keys])))
     corrupted_value = float(metric.detach())
     swing = clean_value - corrupted_value
+    if abs(swing) < DEFAULTS.same_metric_tolerance:
+        raise ValueError(
+            f"The clean and corrupted prompts give the same logit difference ({clean_value:.4f}), "
+            "so there is nothing for patching to restore: make the prompts differ in a way that "
+            "changes the answer."
+        )
     scores = {}
     with torch.no_grad():
         for name, sweep in SWEEPS.items():

@@ -81,8 +81,7 @@ def cases():
         out += [
             (endpoint, (SHORT, SHORT + " and", " Mary", " John"), r"same number of tokens.*clean has 9 .* corrupted has 10"),
         ]
-        if endpoint != "/attribution_patching":
-            out.append((endpoint, (IOI_CLEAN, IOI_CLEAN, " Mary", " John"), "same logit difference"))
+        out.append((endpoint, (IOI_CLEAN, IOI_CLEAN, " Mary", " John"), "same logit difference"))
     for endpoint, positions in TOKEN_FIELDS.items():
         for position in positions:
             out += [
