@@ -14,9 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from core.config import DEFAULTS
-from core.model import Model, run_cached, single_token_id, str_tokens
-from core.patching import SWEEPS, _check_pair, _logit_diff
+from core.model import Model, run_cached, str_tokens
+from core.patching import SWEEP_HOOKS, SWEEPS, _answer_ids, _check_pair, _check_swing, _logit_diff
 from core.results import ApproximatePatchingResult, PatchingResult
 
 
@@ -24,14 +23,9 @@ def attribution_patching(
     model: Model, clean_prompt: str, corrupted_prompt: str, answer: str, wrong_answer: str
 ) -> ApproximatePatchingResult:
     clean_tokens, corrupted_tokens = _check_pair(model, clean_prompt, corrupted_prompt)
-    answer_id = single_token_id(model, answer, "answer")
-    wrong_id = single_token_id(model, wrong_answer, "wrong answer")
-    if answer_id == wrong_id:
-        raise ValueError(f"The answer and the wrong answer are the same token ({answer!r}): pick two different tokens.")
-    hooks = {sweep.hook: name for name, sweep in SWEEPS.items()}
-    wanted = lambda hook_name: hook_name.endswith(tuple(hooks))  # noqa: E731
+    answer_id, wrong_id = _answer_ids(model, answer, wrong_answer)
     with torch.no_grad():
-        clean_logits, clean_cache = run_cached(model, clean_tokens, wanted)
+        clean_logits, clean_cache = run_cached(model, clean_tokens, lambda name: name.endswith(SWEEP_HOOKS))
     clean_value = float(_logit_diff(clean_logits, answer_id, wrong_id)[0])
     corrupted_acts: dict[tuple[str, int], torch.Tensor] = {}
 
@@ -50,13 +44,8 @@ def attribution_patching(
         keys = list(corrupted_acts)
         grads = dict(zip(keys, torch.autograd.grad(metric, [corrupted_acts[k] for k in keys])))
     corrupted_value = float(metric.detach())
+    _check_swing(clean_value, corrupted_value)
     swing = clean_value - corrupted_value
-    if abs(swing) < DEFAULTS.same_metric_tolerance:
-        raise ValueError(
-            f"The clean and corrupted prompts give the same logit difference ({clean_value:.4f}), "
-            "so there is nothing for patching to restore: make the prompts differ in a way that "
-            "changes the answer."
-        )
     scores = {}
     with torch.no_grad():
         for name, sweep in SWEEPS.items():

@@ -65,17 +65,14 @@ class Engine:
         self.verified = False  # set once its unpatched runs are seen to match the model's own (core.patching)
         with torch.no_grad():
             self.W_E, self.W_pos = model.W_E.detach(), model.W_pos.detach()
-            self.W_Q, self.b_Q = model.W_Q.detach(), model.b_Q.detach()
-            self.W_K, self.b_K = model.W_K.detach(), model.b_K.detach()
-            self.W_V, self.b_V = model.W_V.detach(), model.b_V.detach()
             self.W_O, self.b_O = model.W_O.detach(), model.b_O.detach()
             self.W_in, self.b_in = model.W_in.detach(), model.b_in.detach()
             self.W_out, self.b_out = model.W_out.detach(), model.b_out.detach()
             self.W_U, self.b_U = model.W_U.detach(), model.b_U.detach()
             d = cfg.d_model
             # [layer, head, d_model, d_head] -> [layer, d_model, head * d_head]: one matmul per projection
-            self.W_QKV = torch.cat([w.permute(0, 2, 1, 3).reshape(self.n_layers, d, -1) for w in (self.W_Q, self.W_K, self.W_V)], -1)
-            self.b_QKV = torch.cat([b.reshape(self.n_layers, -1) for b in (self.b_Q, self.b_K, self.b_V)], -1)
+            self.W_QKV = torch.cat([w.detach().permute(0, 2, 1, 3).reshape(self.n_layers, d, -1) for w in (model.W_Q, model.W_K, model.W_V)], -1)
+            self.b_QKV = torch.cat([b.detach().reshape(self.n_layers, -1) for b in (model.b_Q, model.b_K, model.b_V)], -1)
             self.W_O_flat = self.W_O.reshape(self.n_layers, -1, d)
             self.ln1 = [self._ln_params(block.ln1) for block in model.blocks]
             self.ln2 = [self._ln_params(block.ln2) for block in model.blocks]

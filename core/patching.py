@@ -46,6 +46,9 @@ SWEEPS: dict[str, Sweep] = {
 }
 
 
+SWEEP_HOOKS = tuple(sweep.hook for sweep in SWEEPS.values())  # every hook a sweep patches
+
+
 def _logit_diff(logits: Float[Tensor, "batch pos vocab"], answer_id: int, wrong_id: int) -> Float[Tensor, "batch"]:
     return (logits[:, -1, answer_id] - logits[:, -1, wrong_id]).double()
 
@@ -107,10 +110,9 @@ def _engine(model: Model) -> Engine | None:
 
 def _hook_sweeps(model: Model, clean_tokens, corrupted_tokens, answer_id: int, wrong_id: int, progress) -> dict[str, Tensor]:
     """Every sweep through hooks: one batched forward pass per chunk of patches."""
-    hooks = tuple(sweep.hook for sweep in SWEEPS.values())
     raw = {}
     with torch.no_grad():
-        _, clean_cache = run_cached(model, clean_tokens, lambda name: name.endswith(hooks))
+        _, clean_cache = run_cached(model, clean_tokens, lambda name: name.endswith(SWEEP_HOOKS))
         for step, (name, sweep) in enumerate(SWEEPS.items()):
             if progress is not None:
                 progress(step / len(SWEEPS), f"patching {name}")
@@ -130,6 +132,24 @@ def _check_pair(model: Model, clean_prompt: str, corrupted_prompt: str):
     return clean_tokens, corrupted_tokens
 
 
+def _answer_ids(model: Model, answer: str, wrong_answer: str) -> tuple[int, int]:
+    answer_id = single_token_id(model, answer, "answer")
+    wrong_id = single_token_id(model, wrong_answer, "wrong answer")
+    if answer_id == wrong_id:
+        raise ValueError(f"The answer and the wrong answer are the same token ({answer!r}): pick two different tokens.")
+    return answer_id, wrong_id
+
+
+def _check_swing(clean_value: float, corrupted_value: float) -> None:
+    """Scores are normalised by clean - corrupted: refuse a pair where that is (near) zero."""
+    if abs(clean_value - corrupted_value) < DEFAULTS.same_metric_tolerance:
+        raise ValueError(
+            f"The clean and corrupted prompts give the same logit difference ({clean_value:.4f}), "
+            "so there is nothing for patching to restore: make the prompts differ in a way that "
+            "changes the answer."
+        )
+
+
 def activation_patching(
     model: Model,
     clean_prompt: str,
@@ -140,10 +160,7 @@ def activation_patching(
 ) -> PatchingResult:
     """All four sweeps, normalised, plus head DLA of the same logit difference on the clean prompt."""
     clean_tokens, corrupted_tokens = _check_pair(model, clean_prompt, corrupted_prompt)
-    answer_id = single_token_id(model, answer, "answer")
-    wrong_id = single_token_id(model, wrong_answer, "wrong answer")
-    if answer_id == wrong_id:
-        raise ValueError(f"The answer and the wrong answer are the same token ({answer!r}): pick two different tokens.")
+    answer_id, wrong_id = _answer_ids(model, answer, wrong_answer)
     engine = _engine(model)
     if engine is not None:
         direction = engine.metric_direction(answer_id, wrong_id)
@@ -159,12 +176,7 @@ def activation_patching(
     else:
         with torch.no_grad():
             clean_value, corrupted_value = (float(_logit_diff(model(t), answer_id, wrong_id)[0]) for t in (clean_tokens, corrupted_tokens))
-    if abs(clean_value - corrupted_value) < DEFAULTS.same_metric_tolerance:
-        raise ValueError(
-            f"The clean and corrupted prompts give the same logit difference ({clean_value:.4f}), "
-            "so there is nothing for patching to restore: make the prompts differ in a way that "
-            "changes the answer."
-        )
+    _check_swing(clean_value, corrupted_value)
     if engine is not None:
         raw = exact_sweeps(
             engine, clean, corrupted, clean_tokens[0], corrupted_tokens[0], direction, DEFAULTS.patch_rows_per_pass, progress

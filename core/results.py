@@ -134,8 +134,9 @@ class InductionResult:
 
 
 @dataclass(frozen=True)
-class PatchingResult:
-    """Activation patching, clean -> corrupted, normalised: 0 = corrupted, 1 = clean."""
+class _PatchingScores:
+    """What exact and approximate patching share: the pair, its metric, and one score per component,
+    normalised so that 0 = corrupted and 1 = clean."""
 
     clean_tokens: list[str]  # [pos]
     corrupted_tokens: list[str]  # [pos]
@@ -147,6 +148,24 @@ class PatchingResult:
     attn_out: np.ndarray  # [layer, pos]
     mlp_out: np.ndarray  # [layer, pos]
     head_out: np.ndarray  # [layer, head], each head's output at all positions
+
+    def _scores_dict(self) -> dict:
+        return {
+            "clean_tokens": self.clean_tokens,
+            "corrupted_tokens": self.corrupted_tokens,
+            "clean_value": float(self.clean_value),
+            "corrupted_value": float(self.corrupted_value),
+            "resid_pre": _floats(self.resid_pre),
+            "attn_out": _floats(self.attn_out),
+            "mlp_out": _floats(self.mlp_out),
+            "head_out": _floats(self.head_out),
+        }
+
+
+@dataclass(frozen=True)
+class PatchingResult(_PatchingScores):
+    """Activation patching, clean -> corrupted, exact."""
+
     head_dla: np.ndarray  # [layer, head] DLA of the same logit difference on the clean prompt
 
     @property
@@ -158,47 +177,15 @@ class PatchingResult:
         return float(np.corrcoef(x, y)[0, 1])
 
     def to_dict(self) -> dict:
-        return {
-            "clean_tokens": self.clean_tokens,
-            "corrupted_tokens": self.corrupted_tokens,
-            "clean_value": float(self.clean_value),
-            "corrupted_value": float(self.corrupted_value),
-            "resid_pre": _floats(self.resid_pre),
-            "attn_out": _floats(self.attn_out),
-            "mlp_out": _floats(self.mlp_out),
-            "head_out": _floats(self.head_out),
-            "head_dla": _floats(self.head_dla),
-            "pearson_r": self.pearson_r,
-        }
+        return {**self._scores_dict(), "head_dla": _floats(self.head_dla), "pearson_r": self.pearson_r}
 
 
 @dataclass(frozen=True)
-class ApproximatePatchingResult:
+class ApproximatePatchingResult(_PatchingScores):
     """Attribution patching: the linear APPROXIMATION of activation patching, same axes and
-    normalisation (0 = corrupted, 1 = clean). Exact patching (PatchingResult) is the truth."""
+    normalisation. Exact patching (PatchingResult) is the truth."""
 
-    clean_tokens: list[str]  # [pos]
-    corrupted_tokens: list[str]  # [pos]
-    answer: str
-    wrong_answer: str
-    clean_value: float
-    corrupted_value: float
-    resid_pre: np.ndarray  # [layer, pos]
-    attn_out: np.ndarray  # [layer, pos]
-    mlp_out: np.ndarray  # [layer, pos]
-    head_out: np.ndarray  # [layer, head]
     method: str = "attribution patching (linear approximation: gradient x activation difference)"
 
     def to_dict(self) -> dict:
-        return {
-            "approximate": True,
-            "method": self.method,
-            "clean_tokens": self.clean_tokens,
-            "corrupted_tokens": self.corrupted_tokens,
-            "clean_value": float(self.clean_value),
-            "corrupted_value": float(self.corrupted_value),
-            "resid_pre": _floats(self.resid_pre),
-            "attn_out": _floats(self.attn_out),
-            "mlp_out": _floats(self.mlp_out),
-            "head_out": _floats(self.head_out),
-        }
+        return {"approximate": True, "method": self.method, **self._scores_dict()}
