@@ -51,7 +51,9 @@ class TrainConfig:
     # position, and patching resid_pre at S2 in layer 1 restores only 0.50 of the IOI behaviour.
     repeat_prefix: int = 0  # up to this many random words before the first copy
     repeat_gap: int = 0  # up to this many random words between the copies
-    previous_token_init: float = 0.0  # > 0: layer 0 head 0 starts as a previous-token head this sharp
+    previous_token_init: float = 0.0  # > 0: head 0 of `previous_token_layer` starts as a previous-token head this sharp
+    previous_token_layer: int = 0
+    layer0_previous_penalty: float = 0.0  # > 0: penalise layer-0 attention to the previous position
 
 
 def build_tokenizer():
@@ -109,8 +111,8 @@ def sinusoidal_positions(n_ctx: int, d_model: int, scale: float) -> torch.Tensor
     return scale * table
 
 
-def previous_token_head(model, scale: float, position_scale: float, head: int = 0) -> None:
-    """Set one layer-0 head's query and key weights so that it attends to the previous position.
+def previous_token_head(model, scale: float, position_scale: float, layer: int = 0, head: int = 0) -> None:
+    """Set one head's query and key weights so that it attends to the previous position.
 
     With sinusoidal positions, (sin(i w), cos(i w)) rotated by w is (sin((i+1) w), cos((i+1) w)), so a
     query reading position i's pairs and a key reading position j's pairs rotated by w score
@@ -118,7 +120,7 @@ def previous_token_head(model, scale: float, position_scale: float, head: int = 
     """
     d_model, d_head = model.config.n_embd, model.config.n_embd // model.config.n_head
     frequency = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-torch.log(torch.tensor(1e4)) / d_model))
-    weight = model.transformer.h[0].attn.c_attn.weight  # [d_model, 3 d_model]: x @ weight = q, k, v
+    weight = model.transformer.h[layer].attn.c_attn.weight  # [d_model, 3 d_model]: x @ weight = q, k, v
     amplitude = scale / (position_scale / 0.0725)  # LayerNorm rescales the position vectors (rms ~ position_scale / sqrt 2)
     with torch.no_grad():
         q_cols = slice(head * d_head, (head + 1) * d_head)
@@ -147,6 +149,36 @@ def induction_stripe(model, word_ids: list[int], seq_len: int = 20, batch: int =
     return float(torch.stack(stripes).max())
 
 
+def s2_probe(model, tokenizer, layer: int = 1) -> float:
+    """Progress signal: patching the clean resid_pre at S2 into the corrupted seed IOI run, at `layer`,
+    restores this fraction of the logit difference (1 = S2 still holds all of it)."""
+    clean = "When John and Mary went to the store, John gave a bottle of milk to"
+    corrupted = clean.replace(", John gave", ", Mary gave")
+    ids = [torch.tensor([[tokenizer.bos_token_id, *tokenizer.encode(t, add_special_tokens=False)]]) for t in (clean, corrupted)]
+    s2 = int((ids[0] != ids[1]).nonzero()[0, 1])
+    mary, john = tokenizer.convert_tokens_to_ids(["\u0120Mary", "\u0120John"])
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = [model(t, output_hidden_states=True) for t in ids]
+        diff = [float(o.logits[0, -1, mary] - o.logits[0, -1, john]) for o in out]
+        saved = out[0].hidden_states[layer][0, s2].clone()
+
+        def patch(module, args):
+            hidden = args[0].clone()
+            hidden[0, s2] = saved
+            return (hidden, *args[1:])
+
+        handle = model.transformer.h[layer].register_forward_pre_hook(patch)
+        try:
+            logits = model(ids[1]).logits
+        finally:
+            handle.remove()
+    model.train(was_training)
+    patched = float(logits[0, -1, mary] - logits[0, -1, john])
+    return (patched - diff[1]) / (diff[0] - diff[1]) if diff[0] != diff[1] else float("nan")
+
+
 def train(config: TrainConfig, out: Path, log=print) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -164,7 +196,7 @@ def train(config: TrainConfig, out: Path, log=print) -> Path:
     with torch.no_grad():
         model.transformer.wpe.weight.copy_(sinusoidal_positions(config.n_ctx, config.d_model, config.position_scale))
     if config.previous_token_init > 0:
-        previous_token_head(model, config.previous_token_init, config.position_scale)
+        previous_token_head(model, config.previous_token_init, config.position_scale, config.previous_token_layer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -173,16 +205,19 @@ def train(config: TrainConfig, out: Path, log=print) -> Path:
     start = time.perf_counter()
     for step in range(config.steps):
         tokens, mask = make_batch(rng, tokenizer, config, word_ids)
-        logits = model(tokens).logits[:, :-1]
+        output = model(tokens, output_attentions=config.layer0_previous_penalty > 0)
+        logits = output.logits[:, :-1]
         losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none")
         loss = (losses * mask.reshape(-1)).sum() / mask.sum()
+        if config.layer0_previous_penalty > 0:  # mean attention of layer 0's heads on the previous position (from position 2 on)
+            loss = loss + config.layer0_previous_penalty * output.attentions[0].diagonal(offset=-1, dim1=-2, dim2=-1)[..., 1:].mean()
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         if step % 250 == 0 or step == config.steps - 1:
-            log(f"step {step:5d}  loss {loss.item():.3f}  best induction stripe {induction_stripe(model, word_ids):.3f}  {time.perf_counter() - start:.0f}s")
+            log(f"step {step:5d}  loss {loss.item():.3f}  best induction stripe {induction_stripe(model, word_ids):.3f}  S2 patch at layer 1 {s2_probe(model, tokenizer):.3f}  {time.perf_counter() - start:.0f}s")
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
