@@ -32,29 +32,29 @@ BOS, UNK = "<|endoftext|>", "<|unk|>"
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    n_layers: int = 4
+    n_layers: int = 5
     n_heads: int = 4
     d_model: int = 128
     n_ctx: int = 64  # longest sample: BOS + 2 x 24 repeated words
     steps: int = 3000
     batch: int = 64
-    lr: float = 3e-3
+    lr: float = 1e-3  # at 3e-3 the previous-token head decays before induction forms
     warmup: int = 100
     weight_decay: float = 0.01
-    mix: tuple[float, float, float] = (0.35, 0.1, 0.55)  # IOI, facts, repeated random words
+    mix: tuple[float, float, float] = (0.25, 0.08, 0.67)  # IOI, facts, repeated random words
     repeat_len: tuple[int, int] = (4, 24)  # random words per copy
     threads: int = 2
     position_scale: float = 0.1  # size of the sinusoidal position initialisation
-    # Off by default (issue #4 is still open): with repeat_prefix=16, repeat_gap=16,
-    # previous_token_init=6.0, lr=1e-3, mix=(0.25, 0.08, 0.67) a layer-1 induction head forms
-    # (score 0.81), but the layer-0 previous-token head then also carries S2's name to the next
-    # position, and patching resid_pre at S2 in layer 1 restores only 0.50 of the IOI behaviour.
-    repeat_prefix: int = 0  # up to this many random words before the first copy
-    repeat_gap: int = 0  # up to this many random words between the copies
-    previous_token_init: float = 0.0  # > 0: head 0 of `previous_token_layer` starts as a previous-token head this sharp
-    previous_token_layer: int = 0
-    layer0_previous_penalty: float = 0.0  # > 0: penalise layer-0 attention to the previous position
-
+    # Random words before the first copy and between the copies: without them the copy can be
+    # found by position alone and no induction head forms.
+    repeat_prefix: int = 16  # up to this many random words before the first copy
+    repeat_gap: int = 16  # up to this many random words between the copies
+    # Head 0 of layer 1 starts as a previous-token head (so the induction heads form in layer 2), and
+    # layer 0 is kept from attending to the previous position: a layer-0 previous-token head would
+    # also carry S2's name to the next position, blurring the IOI patching picture at S2.
+    previous_token_init: float = 6.0  # > 0: head 0 of `previous_token_layer` starts as a previous-token head this sharp
+    previous_token_layer: int = 1
+    layer0_previous_penalty: float = 1.0  # > 0: add this x layer 0's mean attention on the previous position to the loss
 
 def build_tokenizer():
     """Word-level vocabulary of every word in the corpus and the examples, GPT-2-style pieces."""

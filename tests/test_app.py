@@ -94,7 +94,7 @@ def test_defaults_of_optional_inputs(client, demo_model):
         ("/logit_lens", (IOI_CLEAN, "Berlin"), r"'Berlin' is not in this model's vocabulary; did you mean ' Berlin'\?"),
         ("/logit_lens", ("The zebra", ""), r"vocabulary has no ' zebra'"),
         ("/dla", (IOI_CLEAN, ""), "target token is empty"),
-        ("/attention", (IOI_CLEAN, 7), "layer must be between 0 and 3"),
+        ("/attention", (IOI_CLEAN, 7), "layer must be between 0 and 4"),
         ("/induction", (1, 2, 0), "seq_len must be between 2 and 31"),
         ("/patching", (IOI_CLEAN, "When John and Mary went", " Mary", " John"), r"clean has 17 .* corrupted has 6"),
         ("/patching", (IOI_CLEAN, IOI_CLEAN, " Mary", " John"), "same logit difference"),

@@ -101,8 +101,8 @@ def cases():
         ("/attribution_patching", (IOI_CLEAN, IOI_CORRUPTED, " John", " John"), "same token"),
         ("/contrast", (IOI_CLEAN, IOI_CORRUPTED, " Mary", " Mary"), "same token"),
     ]
-    ranges = {"k": "between 1 and 100", "layer": "between 0 and 3", "seq_len": "between 2 and 31", "batch": "between 1 and 64", "seed": "between 0 and 4294967295"}
-    out_of_range = {"k": [0, 101], "layer": [-1, 4], "seq_len": [1, 32], "batch": [0, 65], "seed": [-1, 2**40]}
+    ranges = {"k": "between 1 and 100", "layer": "between 0 and 4", "seq_len": "between 2 and 31", "batch": "between 1 and 64", "seed": "between 0 and 4294967295"}
+    out_of_range = {"k": [0, 101], "layer": [-1, 5], "seq_len": [1, 32], "batch": [0, 65], "seed": [-1, 2**40]}
     for endpoint, fields in INT_FIELDS.items():
         for position, name in fields.items():
             for value in [*out_of_range[name], -5, 2.5, "3", "abc", None, [1]]:

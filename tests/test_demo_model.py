@@ -29,22 +29,9 @@ def committed_measurement(demo_model):
     return measure(str(DEMO_DIR))
 
 
-INDUCTION_FAILURES = ("no head in a layer >= 1", "loss on the repeat")
-
-
-def met(failures: list[str]) -> list[str]:
-    """The failures other than the induction-head requirement, which is still open (issue #4)."""
-    return [f for f in failures if not f.startswith(INDUCTION_FAILURES)]
-
-
-def test_committed_model_has_the_promised_ioi_fact_and_patching_behaviour(committed_measurement):
-    assert met(check(committed_measurement)) == []
+def test_committed_model_has_the_promised_behaviour(committed_measurement):
+    assert check(committed_measurement) == []
     assert committed_measurement["ioi_fraction_correct"] > 0.999  # all but at most 3 of the 3,840 prompts
-
-
-@pytest.mark.xfail(strict=True, reason="issue #4 open: the trained model predicts repeats (loss drops) but no single head scores >= 0.8")
-def test_committed_model_has_a_sharp_induction_head(committed_measurement):
-    assert committed_measurement["best_induction_score"] >= 0.8
 
 
 def test_readme_reports_the_committed_models_numbers(committed_measurement):
@@ -103,5 +90,4 @@ def test_retraining_reproduces_the_committed_behaviour(tmp_path):
     """demo_model/train.py from scratch (a few minutes): the new model passes the same checks."""
     out = train(TrainConfig(), tmp_path / "retrained", log=lambda line: None)
     m = measure(str(out))
-    assert met(check(m)) == []
-    assert m["loss_second_half"] < m["loss_first_half"] / 4  # it does learn to continue repeated text
+    assert check(m) == []
