@@ -56,6 +56,7 @@ class TrainConfig:
     previous_token_layer: int = 1
     layer0_previous_penalty: float = 1.0  # > 0: add this x layer 0's mean attention on the previous position to the loss
 
+
 def build_tokenizer():
     """Word-level vocabulary of every word in the corpus and the examples, GPT-2-style pieces."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
