@@ -48,6 +48,12 @@ FACT_TEMPLATES = [
     "Tourists visit the {L} in {C}.",
 ]
 
+# The seed IOI contrast pair: S2 swapped for the indirect object; answer " Mary", wrong " John".
+# measure.py patches it for the README's numbers and train.py's log probes the same pair.
+SEED_CLEAN = "When John and Mary went to the store, John gave a bottle of milk to"
+SEED_CORRUPTED = "When John and Mary went to the store, Mary gave a bottle of milk to"
+SEED_ANSWER, SEED_WRONG = " Mary", " John"
+
 # extra words so that the repeated-text example and free-form prompts have a vocabulary
 FILLER = "The quick brown fox jumps over the lazy dog. A cat sat on a mat and a bird sang in a tree."
 

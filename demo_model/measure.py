@@ -22,8 +22,6 @@ from core.model import single_token_id, to_tokens  # noqa: E402
 from demo_model import corpus  # noqa: E402
 
 EIFFEL = "The Eiffel Tower is located in the city of"
-SEED_CLEAN = "When John and Mary went to the store, John gave a bottle of milk to"
-SEED_CORRUPTED = "When John and Mary went to the store, Mary gave a bottle of milk to"
 INDUCTION = dict(seq_len=20, batch=20, seed=0)
 
 
@@ -55,8 +53,8 @@ def measure(model_dir: str) -> dict:
     induction = induction_scores(model, **INDUCTION)
     layer, head = np.unravel_index(int(induction.scores[1:].argmax()), induction.scores[1:].shape)
     seq_len = INDUCTION["seq_len"]
-    patching = activation_patching(model, SEED_CLEAN, SEED_CORRUPTED, " Mary", " John")
-    s2 = patching.clean_tokens.index(" John", 3)  # the second " John": the only position that differs
+    patching = activation_patching(model, corpus.SEED_CLEAN, corpus.SEED_CORRUPTED, corpus.SEED_ANSWER, corpus.SEED_WRONG)
+    s2 = patching.clean_tokens.index(corpus.SEED_WRONG, 3)  # the second " John": the only position that differs
     return {
         "n_params": int(sum(p.numel() for p in model.original_model.parameters())),
         "n_layers": model.cfg.n_layers,

@@ -153,11 +153,9 @@ def induction_stripe(model, word_ids: list[int], seq_len: int = 20, batch: int =
 def s2_probe(model, tokenizer, layer: int = 1) -> float:
     """Progress signal: patching the clean resid_pre at S2 into the corrupted seed IOI run, at `layer`,
     restores this fraction of the logit difference (1 = S2 still holds all of it)."""
-    clean = "When John and Mary went to the store, John gave a bottle of milk to"
-    corrupted = clean.replace(", John gave", ", Mary gave")
-    ids = [torch.tensor([[tokenizer.bos_token_id, *tokenizer.encode(t, add_special_tokens=False)]]) for t in (clean, corrupted)]
+    ids = [torch.tensor([[tokenizer.bos_token_id, *tokenizer.encode(t, add_special_tokens=False)]]) for t in (corpus.SEED_CLEAN, corpus.SEED_CORRUPTED)]
     s2 = int((ids[0] != ids[1]).nonzero()[0, 1])
-    mary, john = tokenizer.convert_tokens_to_ids(["\u0120Mary", "\u0120John"])
+    mary, john = (tokenizer.encode(t, add_special_tokens=False)[0] for t in (corpus.SEED_ANSWER, corpus.SEED_WRONG))
     was_training = model.training
     model.eval()
     with torch.no_grad():
