@@ -87,7 +87,7 @@ def test_python_app_py_offline_starts_on_the_demo_model_and_says_so(tmp_path):
 
 @pytest.mark.slow
 def test_retraining_reproduces_the_committed_behaviour(tmp_path):
-    """demo_model/train.py from scratch (a few minutes): the new model passes the same checks."""
+    """demo_model/train.py from scratch (about 11 minutes on 2 cores): the new model passes the same checks."""
     out = train(TrainConfig(), tmp_path / "retrained", log=lambda line: None)
     m = measure(str(out))
     assert check(m) == []
