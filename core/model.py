@@ -174,7 +174,9 @@ def _load_local_snapshot(name: str, snapshot: str, device: str) -> Model:
 
     hf_model = AutoModelForCausalLM.from_pretrained(snapshot, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(snapshot, local_files_only=True)
-    return _boot(snapshot, hf_model, tokenizer, device)
+    bridge = _boot(snapshot, hf_model, tokenizer, device)
+    bridge.cfg.model_name = name  # the name the user asked for, not the cache's snapshot directory
+    return bridge
 
 
 # --- text <-> tokens -----------------------------------------------------------------

@@ -34,9 +34,11 @@ UNCACHED_KWARGS = ("progress",)  # arguments that do not change the result
 
 
 def model_fingerprint(model: Model) -> str:
-    """Hash of the model's configuration and every weight (about a second for GPT-2 Small)."""
+    """Hash of the model's configuration and every weight (about a second for GPT-2 Small). Where the
+    weights were loaded from (the name, a path, the device) is left out: the same weights and code hit
+    the same cached results whether GPT-2 came from the Hub, its cache or a local directory."""
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(repr(sorted((k, repr(v)) for k, v in vars(model.cfg).items() if k != "device")).encode())
+    digest.update(repr(sorted((k, repr(v)) for k, v in vars(model.cfg).items() if k not in ("device", "model_name"))).encode())
     with torch.no_grad():
         for name, param in sorted(model.state_dict().items()):
             digest.update(name.encode())

@@ -6,7 +6,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 
-from core import ModelLoadError, load_model, single_token_id, to_tokens
+from core import ModelLoadError, load_model, save_random_gpt2, single_token_id, to_tokens
 from core.model import str_tokens
 
 
@@ -35,6 +35,27 @@ def test_matches_hugging_face_model_up_to_logit_centring(gpt2_shaped):
         ours = torch.log_softmax(gpt2_shaped(tokens), -1)
         theirs = torch.log_softmax(hf(tokens).logits, -1)
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_a_model_from_the_hub_cache_keeps_its_hub_name_and_its_cached_results(monkeypatch, tmp_path):
+    """A restart loads GPT-2 from the Hub's cache (a snapshot directory named by a commit hash): the
+    model is still called by the name the user asked for, and the results cache still hits, because
+    its key depends on the weights and code, not on where the weights were read from."""
+    import shutil
+
+    from core.runner import model_fingerprint
+
+    source = save_random_gpt2(tmp_path / "source", n_layers=1, n_heads=2, d_model=16, n_ctx=16, seed=3)
+    snapshot = tmp_path / "hub" / "models--circuitbreaker-test--cached" / "snapshots" / ("a" * 40)
+    shutil.copytree(source, snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # never asked
+
+    from_cache = load_model("circuitbreaker-test/cached")
+    assert from_cache.cfg.model_name == "circuitbreaker-test/cached"
+    assert model_fingerprint(from_cache) == model_fingerprint(load_model(source))
 
 
 def test_directory_without_config_is_a_clear_error(tmp_path):
