@@ -39,6 +39,7 @@ from core import (  # noqa: E402
     plots,
     predict,
 )
+from core.induction import max_seq_len  # noqa: E402
 from core.model import Model, load_with_fallback, model_label  # noqa: E402
 from core.runner import Runner  # noqa: E402
 
@@ -225,9 +226,12 @@ def _whole(value):
 
 def example_rows(model: Model) -> dict[str, tuple[list[str], list[list]]]:
     """Each tab's examples as (labels, input rows), fitted to the model (layer, context length)."""
-    max_seq_len = (model.cfg.n_ctx - 1) // 2
+    longest = max_seq_len(model)
     explorer = [ex | {"layer": min(ex["layer"], model.cfg.n_layers - 1)} for ex in EXAMPLES["explorer"]]
-    circuit = [ex for ex in EXAMPLES["circuit_map"] if ex["seq_len"] <= max_seq_len]
+    circuit = [  # an example longer than the model's context is shown shortened, and says so
+        ex if ex["seq_len"] <= longest else ex | {"seq_len": longest, "name": f"{ex['name']} (seq_len {longest}: this model's context)"}
+        for ex in EXAMPLES["circuit_map"]
+    ]
     return {
         "explorer": ([ex["name"] for ex in explorer], [[ex["prompt"], ex["target"], ex["competing"], ex["layer"]] for ex in explorer]),
         "contrast": ([ex["name"] for ex in EXAMPLES["contrast"]], [[ex["clean"], ex["corrupted"], ex["answer"], ex["wrong"]] for ex in EXAMPLES["contrast"]]),

@@ -14,7 +14,7 @@ from core.attribution_patching import agreement, attribution_patching
 from core.config import DEFAULTS, Defaults
 from core.induction import induction_scores, repeated_random_tokens
 from core.logit_lens import logit_lens
-from core.model import ModelLoadError, load_model, save_random_gpt2, single_token_id, to_tokens
+from core.model import ModelLoadError, load_model, load_with_fallback, save_random_gpt2, single_token_id, to_tokens
 from core.patching import SWEEPS, activation_patching
 from core.predictions import predict
 from core.results import (
@@ -46,6 +46,7 @@ __all__ = [
     "direct_logit_attribution",
     "induction_scores",
     "load_model",
+    "load_with_fallback",
     "logit_lens",
     "plots",
     "predict",

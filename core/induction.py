@@ -42,6 +42,11 @@ def _stripe_sums(pattern: Float[Tensor, "batch head dest src"], seq_len: int) ->
     )
 
 
+def max_seq_len(model: Model) -> int:
+    """The longest `seq_len` the model's context holds: BOS + two copies."""
+    return (model.cfg.n_ctx - 1) // 2
+
+
 def induction_scores(
     model: Model,
     seq_len: int = DEFAULTS.induction_seq_len,
@@ -49,7 +54,7 @@ def induction_scores(
     seed: int = DEFAULTS.induction_seed,
     threshold: float = DEFAULTS.induction_threshold,
 ) -> InductionResult:
-    seq_len = check_int(seq_len, "seq_len", 2, (model.cfg.n_ctx - 1) // 2)
+    seq_len = check_int(seq_len, "seq_len", 2, max_seq_len(model))
     batch = check_int(batch, "batch", 1, DEFAULTS.max_induction_batch)
     seed = check_int(seed, "seed", 0, 2**32 - 1)
     if batch * (2 * seq_len + 1) > DEFAULTS.max_induction_tokens:

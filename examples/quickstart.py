@@ -1,6 +1,7 @@
 """Every technique from `core`, as a notebook user would call it.
 
     python examples/quickstart.py                 # GPT-2 Small (needs internet once)
+    python examples/quickstart.py --model demo    # the small demo model bundled with CircuitBreaker (offline)
     python examples/quickstart.py --model DIR     # a local Hugging Face model directory
 
 Prints the numbers and writes one HTML file per figure to --out (default: figures/).
@@ -17,6 +18,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere: `core` is beside examples/
 
 from core import (  # noqa: E402
+    DEFAULTS,
     ModelLoadError,
     activation_patching,
     attention_patterns,
@@ -27,6 +29,7 @@ from core import (  # noqa: E402
     plots,
     predict,
 )
+from core.induction import max_seq_len  # noqa: E402
 
 EIFFEL = "The Eiffel Tower is located in the city of"
 IOI_CLEAN = "When John and Mary went to the store, John gave a bottle of milk to"
@@ -35,7 +38,7 @@ IOI_CORRUPTED = "When John and Mary went to the store, Mary gave a bottle of mil
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="gpt2", help="model name or local Hugging Face model directory")
+    parser.add_argument("--model", default="gpt2", help="'gpt2' (default), 'demo' (the bundled demo model, offline) or a local Hugging Face model directory")
     parser.add_argument("--out", default="figures", help="folder for the HTML figures")
     args = parser.parse_args()
     try:
@@ -62,7 +65,7 @@ def main() -> None:
     for index in order:
         print(f"  L{index // n_heads}H{index % n_heads} {dla.heads.ravel()[index]:+.3f}")
 
-    induction = induction_scores(model)
+    induction = induction_scores(model, seq_len=min(DEFAULTS.induction_seq_len, max_seq_len(model)))  # fits the model's context
     print("\nInduction heads (score > threshold):", [f"L{h['layer']}H{h['head']} {h['score']:.3f}" for h in induction.induction_heads])
 
     patching = activation_patching(model, IOI_CLEAN, IOI_CORRUPTED, " Mary", " John")
@@ -84,7 +87,7 @@ def main() -> None:
         **{f"patching_{name}": plots.patching_heatmap(patching, name) for name in ("resid_pre", "attn_out", "mlp_out", "head_out")},
     }
     for name, figure in figures.items():
-        figure.write_html(out / f"{name}.html", include_plotlyjs="cdn")
+        figure.write_html(out / f"{name}.html", include_plotlyjs="directory")  # plotly.min.js beside them: works offline
     print(f"\nWrote {len(figures)} figures to {out}/")
 
 
