@@ -372,8 +372,10 @@ def build_demo(
             f"# CircuitBreaker\nWatch **{model_label(model)}** ({model.cfg.n_layers} layers x {model.cfg.n_heads} heads) "
             "think: logit lens, direct logit attribution, attention, induction heads and activation patching."
         )
-        if notice:
-            gr.Markdown(f"> ⚠️ {notice}", elem_id="model-notice")
+        if notice:  # one short line; the reason and what to do sit folded below it
+            gr.Markdown(f"⚠️ This is the small **demo model** bundled with CircuitBreaker, not {DEFAULTS.model_name}.", elem_id="model-notice")
+            with gr.Accordion("Why, and how to get GPT-2", open=False):
+                gr.Textbox(notice, show_label=False, interactive=False, container=False, lines=2)
         with gr.Tabs():
             with gr.Tab("Prompt Explorer", id="explorer"):
                 build_prompt_explorer(handlers, model)

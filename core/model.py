@@ -62,20 +62,16 @@ def load_model(name_or_path: str = DEFAULTS.model_name, device: str | None = Non
 def load_with_fallback(name_or_path: str = DEFAULTS.model_name) -> tuple[Model, str | None]:
     """The default model, or the bundled demo model when the default cannot be loaded.
 
-    Returns (model, notice): notice is None when `name_or_path` loaded, else a sentence for the
-    page saying what happened and how to get the real model. Only the default name falls back:
-    a model the user named explicitly that fails to load is an error.
+    Returns (model, notice): notice is None when `name_or_path` loaded, else plain text (no markup)
+    saying what happened and how to get the real model. Only the default name falls back: a model
+    the user named explicitly that fails to load is an error.
     """
     try:
         return load_model(name_or_path), None
     except ModelLoadError as err:
         if name_or_path != DEFAULTS.model_name:
             raise
-        notice = (
-            f"GPT-2 could not be loaded ({err}) This page is running the small **demo model** bundled with "
-            "CircuitBreaker (trained on IOI sentences, landmark facts and repeated text; see the README). "
-            "To get GPT-2 Small: restart with internet access, or run `python app.py --model DIR` with a local copy."
-        )
+        notice = f"Running CircuitBreaker's small bundled demo model, because {name_or_path} could not be loaded: {err}"
         return load_model(DEMO), notice
 
 

@@ -28,7 +28,7 @@ if not os.path.exists(CHROMIUM) and not os.environ.get("CI"):
 
 @pytest.fixture(scope="module")
 def page_url(demo_model, tmp_path_factory):
-    demo = app.build_demo(notice="Test notice: running the **demo model**.", runner=Runner(demo_model, cache_dir=tmp_path_factory.mktemp("browser-cache")))
+    demo = app.build_demo(notice="Test notice: gpt2 could not be loaded.", runner=Runner(demo_model, cache_dir=tmp_path_factory.mktemp("browser-cache")))
     port = free_port()
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, theme=app.THEME, quiet=True)
     yield f"http://127.0.0.1:{port}/"
@@ -60,7 +60,8 @@ def test_page_loads_with_results_then_every_tab_runs_an_example(browser, page_ur
     page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 5", timeout=60_000)
     assert "Logit lens: top-1 prediction" in page.content()
     assert visible_plots(page) == 5  # logit lens x2, DLA x2, attention
-    assert page.get_by_text("Test notice: running the").is_visible()
+    assert page.get_by_text("This is the small demo model bundled with CircuitBreaker").is_visible()  # one short line
+    assert not page.get_by_text("Test notice: gpt2 could not be loaded.").is_visible()  # the reason is folded away
 
     # Contrast Pairs: click the second example and wait for exact and approximate patching side by side
     page.get_by_role("tab", name="Contrast Pairs").click()
