@@ -178,18 +178,20 @@ class Handlers:
         report = None if progress is None else (lambda fraction, desc: progress(fraction, desc=desc))
         exact = self.runner.run(activation_patching, clean, corrupted, answer, wrong, progress=report, persist=persist)
         stats = agreement(exact, approximate)
-        rows = "\n".join(f"| {name} | {_r(s['pearson_r'])} | {s['top_k_overlap']}/{s['top_k']} |" for name, s in stats.items())
+        rows = "\n".join(f"| {name} | {_r(s['pearson_r'])} | {_r(s['slope'])} | {s['top_k_overlap']}/{s['top_k']} |" for name, s in stats.items())
         summary = (
             f"{values} Pearson r (head patching vs head DLA) = **{_r(exact.pearson_r)}**.\n\n"
             "Exact activation patching (left) is the result; attribution patching (right) is its linear "
-            "approximation. How well they agree:\n\n| sweep | Pearson r | top-10 overlap |\n|---|---:|---:|\n" + rows
+            "approximation. How well they agree (slope: approximate ≈ slope × exact, 1 = the right size):\n\n"
+            "| sweep | Pearson r | slope | top-10 overlap |\n|---|---:|---:|---:|\n" + rows
         )
         data = {"exact": exact.to_dict(), "approximate": approximate.to_dict(), "agreement": stats}
-        yield (
+        limits = {name: plots.shared_limit(getattr(exact, name), getattr(approximate, name)) for name in SWEEPS}
+        yield (  # exact and approximate side by side on one colour scale per sweep, so sizes compare
             summary,
             lens,
-            *[plots.patching_heatmap(exact, name) for name in SWEEPS],
-            *approximate_maps,
+            *[plots.patching_heatmap(exact, name, limits[name]) for name in SWEEPS],
+            *[plots.patching_heatmap(approximate, name, limits[name]) for name in SWEEPS],
             plots.approximation_vs_exact(exact, approximate, stats),
             plots.dla_vs_patching(exact),
             self._download("contrast-pair", data),

@@ -63,14 +63,17 @@ def _heatmap(
     x_title: str,
     y_title: str,
     text: list[list[str]] | None = None,
+    limit: float | None = None,
 ) -> go.Figure:
-    """The one heatmap builder: `hover` names what x, y and the value mean."""
+    """The one heatmap builder: `hover` names what x, y and the value mean. Colours run over
+    [-limit, limit] (signed) or [0, limit] (unsigned) when `limit` is given, else over the data."""
     z = np.asarray(z, dtype=float)
-    colour = (
-        dict(color_continuous_scale=SIGNED_SCALE, color_continuous_midpoint=0.0)
-        if signed
-        else dict(color_continuous_scale=UNSIGNED_SCALE, zmin=0.0)
-    )
+    if signed:
+        colour = dict(color_continuous_scale=SIGNED_SCALE, color_continuous_midpoint=0.0)
+        if limit is not None:
+            colour["range_color"] = (-limit, limit)
+    else:
+        colour = dict(color_continuous_scale=UNSIGNED_SCALE, range_color=(0.0, limit)) if limit is not None else dict(color_continuous_scale=UNSIGNED_SCALE, zmin=0.0)
     fig = px.imshow(z, x=x, y=y, aspect="auto", template=TEMPLATE, title=title, **colour)
     fig.update_traces(hovertemplate=hover + "<extra></extra>")
     if text is not None:
@@ -223,6 +226,7 @@ def induction_heatmap(result: InductionResult, kind: str = "induction") -> go.Fi
         signed=False,
         x_title="head",
         y_title="layer",
+        limit=1.0,  # mean attention: always on 0-1, so a random model's 0.01 looks pale, not like an induction head
     )
 
 
@@ -272,9 +276,15 @@ _PATCH_TITLES = {
 }
 
 
-def patching_heatmap(result: PatchingResult | ApproximatePatchingResult, sweep: str) -> go.Figure:
+def shared_limit(*scores: np.ndarray) -> float:
+    """One symmetric colour limit for several heatmaps shown side by side: their largest |score|."""
+    return max(float(np.abs(s).max()) for s in scores) or 1.0
+
+
+def patching_heatmap(result: PatchingResult | ApproximatePatchingResult, sweep: str, limit: float | None = None) -> go.Figure:
     """resid_pre / attn_out / mlp_out by layer x position, or head_out by layer x head.
-    Attribution patching results are titled as the approximation they are."""
+    Attribution patching results are titled as the approximation they are. `limit`: colours over
+    [-limit, limit] (default: this sweep's own largest |score|)."""
     scores = getattr(result, sweep)
     n_layers = scores.shape[0]
     approximate = isinstance(result, ApproximatePatchingResult)
@@ -299,6 +309,7 @@ def patching_heatmap(result: PatchingResult | ApproximatePatchingResult, sweep: 
         signed=True,
         x_title=x_title,
         y_title="layer",
+        limit=limit if limit is not None else shared_limit(scores),
     )
 
 

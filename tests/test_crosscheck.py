@@ -4,6 +4,8 @@ patching, on the trained demo model too."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -139,6 +141,22 @@ def test_attribution_patching_tracks_exact_patching_on_the_demo_model(demo_model
     for name in SWEEPS:  # a linear estimate: it ranks the components right, the values are rougher
         assert stats[name]["top_k_overlap"] >= 8, stats
         assert stats[name]["pearson_r"] > 0.7, stats
+        x, y = getattr(exact, name).ravel(), getattr(approx, name).ravel()
+        assert stats[name]["slope"] == pytest.approx(np.linalg.lstsq(x[:, None], y, rcond=None)[0][0])  # through 0
+
+
+def test_agreement_reports_an_approximation_of_the_wrong_size(demo_model):
+    """Perfectly correlated but 3x too small: r and the top-10 overlap cannot see it, the slope does."""
+    clean, corrupted = PAIRS[3][1:]
+    exact = activation_patching(demo_model, clean, corrupted, " Mary", " John")
+    third = dataclasses.replace(
+        attribution_patching(demo_model, clean, corrupted, " Mary", " John"),
+        **{name: getattr(exact, name) / 3 for name in SWEEPS},
+    )
+    stats = agreement(exact, third)
+    for name in SWEEPS:
+        assert stats[name]["pearson_r"] == pytest.approx(1.0) and stats[name]["top_k_overlap"] == stats[name]["top_k"]
+        assert stats[name]["slope"] == pytest.approx(1 / 3)
 
 
 def test_dla_parts_sum_to_the_logit_difference(gpt2_shaped):

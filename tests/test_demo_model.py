@@ -13,7 +13,7 @@ from core import DEFAULTS, ModelLoadError, single_token_id, to_tokens
 from core.model import DEMO_DIR, load_with_fallback
 from core.runner import Runner
 from demo_model.measure import check, measure
-from demo_model.train import TrainConfig, train
+from demo_model.train import TrainConfig, build_tokenizer, make_batch, train, training_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,7 +64,9 @@ def test_default_model_falls_back_to_the_demo_model_offline(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setattr("core.model.DEFAULTS", DEFAULTS.__class__(model_name="circuitbreaker-test/not-cached"))
     model, notice = load_with_fallback("circuitbreaker-test/not-cached")
-    assert model.cfg.model_name == str(DEMO_DIR) and "demo model" in notice and "--model DIR" in notice
+    assert model.cfg.model_name == str(DEMO_DIR)
+    assert notice.startswith("Running CircuitBreaker's small bundled demo model, because circuitbreaker-test/not-cached could not be loaded")
+    assert "--model" in notice and "*" not in notice and "`" not in notice and "))" not in notice  # plain text
     with pytest.raises(ModelLoadError):  # a model the user named is never silently replaced
         load_with_fallback("circuitbreaker-test/also-not-cached")
 
@@ -79,10 +81,50 @@ def test_python_app_py_offline_starts_on_the_demo_model_and_says_so(tmp_path):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=10) as response:
             config = json.loads(response.read())
         texts = [c.get("props", {}).get("value") for c in config["components"]]
-        assert any(isinstance(t, str) and "demo model" in t and "--model DIR" in t for t in texts)
+        assert any(isinstance(t, str) and "**demo model**" in t and len(t) < 100 for t in texts)  # one short line
+        assert any(isinstance(t, str) and t.startswith("Running CircuitBreaker's small bundled demo model") and "--model" in t for t in texts)
+        process.terminate()
+        console = process.communicate(timeout=30)[0]
+        assert "CircuitBreaker: Running CircuitBreaker's small bundled demo model, because gpt2 could not be loaded" in console
+        assert "**" not in console and "`" not in console
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_grouped_training_loss_is_the_whole_batch_loss():
+    """train.py runs a batch in length-sorted groups cut to their longest row (speed only): the loss
+    and every gradient must equal those of the whole padded batch at once."""
+    import random
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = build_tokenizer()
+    config = TrainConfig(n_layers=2, d_model=32, batch=24, rows_per_group=5)
+    word_ids = sorted(i for i in tokenizer.get_vocab().values() if i not in tokenizer.all_special_ids)
+    tokens, mask = make_batch(random.Random(1), tokenizer, config, word_ids)
+    lengths = ((tokens != tokenizer.bos_token_id) * torch.arange(config.n_ctx)).max(1).values + 1
+    assert lengths.min() < config.n_ctx // 2 < lengths.max()  # the groups really are cut to different lengths
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(
+        vocab_size=len(tokenizer), n_positions=config.n_ctx, n_embd=config.d_model, n_layer=config.n_layers,
+        n_head=config.n_heads, attn_implementation="eager", bos_token_id=0, eos_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )).train()
+
+    output = model(tokens, output_attentions=True)  # the reference: the whole padded batch in one pass
+    losses = torch.nn.functional.cross_entropy(output.logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
+    previous = output.attentions[0].diagonal(offset=-1, dim1=-2, dim2=-1)[..., 1:]  # dest positions 2..
+    real = (torch.arange(config.n_ctx - 2)[None, :] < (lengths - 2)[:, None])[:, None, :].expand_as(previous)
+    reference = (losses * mask).sum() / mask.sum() + config.layer0_previous_penalty * previous[real].mean()
+    reference.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+
+    model.zero_grad()
+    torch.testing.assert_close(training_loss(model, tokens, mask, config), reference.detach(), atol=1e-5, rtol=0)
+    for got, want in zip((p.grad for p in model.parameters()), expected):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.slow

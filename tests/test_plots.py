@@ -91,3 +91,21 @@ def test_attention_facets_are_named_by_layer_and_head(results):
 def test_dla_vs_patching_reports_pearson_r(results):
     r = results["patching"].pearson_r
     assert f"{r:.3f}" in plots.dla_vs_patching(results["patching"]).layout.title.text
+
+
+def test_scores_in_0_1_are_drawn_on_a_fixed_0_1_scale(results):
+    """A random model's induction scores (~0.01) must look pale, not saturated like a real induction head."""
+    assert results["induction"].scores.max() < 0.5
+    for kind in ("induction", "previous-token", "duplicate-token"):
+        axis = plots.induction_heatmap(results["induction"], kind).layout.coloraxis
+        assert (axis.cmin, axis.cmax) == (0.0, 1.0)
+
+
+def test_exact_and_approximate_patching_share_one_symmetric_scale(results):
+    exact = results["patching"]
+    smaller = exact.__class__(**{**vars(exact), **{name: getattr(exact, name) * 0.3 for name in SWEEPS}})
+    for name in SWEEPS:
+        limit = plots.shared_limit(getattr(exact, name), getattr(smaller, name))
+        assert limit == pytest.approx(abs(getattr(exact, name)).max())
+        axes = [plots.patching_heatmap(r, name, limit).layout.coloraxis for r in (exact, smaller)]
+        assert [(a.cmin, a.cmax) for a in axes] == [(-limit, limit)] * 2  # 1.0 and 0.3 get different colours
