@@ -1,6 +1,6 @@
 """Train CircuitBreaker's demo model: a small GPT-2 on a synthetic corpus, deterministic by seed.
 
-    python demo_model/train.py [--out demo_model/weights] [--steps N] [--seed 0]
+    python demo_model/train.py [--out demo_model/weights] [--steps N] [--seed 0] [--threads 1]
 
 The corpus mixes IOI sentences (Wang et al. templates, both name orders), landmark facts
 ("The Eiffel Tower is located in the city of Paris.") and random words repeated twice (so
@@ -43,7 +43,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     mix: tuple[float, float, float] = (0.25, 0.08, 0.67)  # IOI, facts, repeated random words
     repeat_len: tuple[int, int] = (4, 24)  # random words per copy
-    threads: int = 2
+    threads: int = 1  # the committed weights were trained on 1 thread; another count rounds differently (see README)
     position_scale: float = 0.1  # size of the sinusoidal position initialisation
     # Random words before the first copy and between the copies: without them the copy can be
     # found by position alone and no induction head forms.
@@ -54,7 +54,7 @@ class TrainConfig:
     # also carry S2's name to the next position, blurring the IOI patching picture at S2.
     previous_token_init: float = 6.0  # > 0: head 0 of `previous_token_layer` starts as a previous-token head this sharp
     previous_token_layer: int = 1
-    layer0_previous_penalty: float = 1.0  # > 0: add this x layer 0's mean attention on the previous position to the loss
+    layer0_previous_penalty: float = 1.0  # > 0: add this x layer 0's mean attention on the previous position (real tokens only) to the loss
     # Speed only (the loss is the same): rows sorted by length and run in groups of this many, each
     # group cut to its longest row, so no compute goes to padding.
     rows_per_group: int = 16
@@ -257,8 +257,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR)
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    parser.add_argument("--threads", type=int, default=TrainConfig.threads, help="CPU threads; another count gives another (equally valid) model")
     args = parser.parse_args()
-    out = train(TrainConfig(steps=args.steps, seed=args.seed), args.out)
+    out = train(TrainConfig(steps=args.steps, seed=args.seed, threads=args.threads), args.out)
     from demo_model.measure import measure, report
 
     print(report(measure(str(out))))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import urllib.request
 from pathlib import Path
@@ -12,7 +13,7 @@ import app
 from core import DEFAULTS, ModelLoadError, single_token_id, to_tokens
 from core.model import DEMO_DIR, load_with_fallback
 from core.runner import Runner
-from demo_model.measure import check, measure
+from demo_model.measure import REPRODUCED, check, measure
 from demo_model.train import TrainConfig, build_tokenizer, make_batch, train, training_loss
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,8 +86,9 @@ def test_python_app_py_offline_starts_on_the_demo_model_and_says_so(tmp_path):
         assert any(isinstance(t, str) and t.startswith("Running CircuitBreaker's small bundled demo model") and "--model" in t for t in texts)
         process.terminate()
         console = process.communicate(timeout=30)[0]
-        assert "CircuitBreaker: Running CircuitBreaker's small bundled demo model, because gpt2 could not be loaded" in console
-        assert "**" not in console and "`" not in console
+        ours = [line for line in console.splitlines() if line.startswith("CircuitBreaker:")]
+        assert len(ours) == 1 and ours[0].startswith("CircuitBreaker: Running CircuitBreaker's small bundled demo model, because gpt2 could not be loaded")
+        assert "*" not in ours[0] and "`" not in ours[0] and "))" not in ours[0]  # plain text
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -129,7 +131,9 @@ def test_grouped_training_loss_is_the_whole_batch_loss():
 
 @pytest.mark.slow
 def test_retraining_reproduces_the_committed_behaviour(tmp_path):
-    """demo_model/train.py from scratch (about 11 minutes on 2 cores): the new model passes the same checks."""
-    out = train(TrainConfig(), tmp_path / "retrained", log=lambda line: None)
-    m = measure(str(out))
-    assert check(m) == []
+    """demo_model/train.py from scratch on 2 threads (about 12-18 minutes on 2 cores). The committed
+    weights were trained on 1 thread: another thread count rounds differently, as another processor
+    does, so this is the reproduction any CI machine can make. It must meet the REPRODUCED bars, set
+    below the spread of every retrain measured (README, "How reproducible a retrain is")."""
+    out = train(dataclasses.replace(TrainConfig(), threads=2), tmp_path / "retrained", log=lambda line: None)
+    assert check(measure(str(out)), REPRODUCED) == []
