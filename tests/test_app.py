@@ -158,7 +158,12 @@ def test_contrast_shows_the_approximate_preview_first_then_exact_beside_it(demo_
     assert "approximate preview" in preview[0] and preview[2:6] == (None,) * 4  # exact not there yet
     assert all(fig.layout.title.text.startswith("APPROXIMATE (attribution patching)") for fig in preview[6:10])
     assert all(fig.layout.title.text.startswith("Activation patching (exact)") for fig in final[2:6])
-    assert final[6:10] == preview[6:10] and "| head_out |" in final[0]
+    assert all(fig.layout.title.text.startswith("APPROXIMATE (attribution patching)") for fig in final[6:10])
+    for exact, approximate, first in zip(final[2:6], final[6:10], preview[6:10]):
+        assert approximate.data[0].z.tolist() == first.data[0].z.tolist()  # the preview's numbers, now beside exact
+        scale = lambda fig: (fig.layout.coloraxis.cmin, fig.layout.coloraxis.cmax)  # noqa: E731
+        assert scale(approximate) == scale(exact) and scale(exact)[0] == -scale(exact)[1]  # one symmetric scale
+    assert "| head_out |" in final[0] and "slope" in final[0]
 
 
 def test_handlers_in_process_default_the_target_to_the_top_prediction(tiny_model, tmp_path):
