@@ -17,11 +17,11 @@ import json
 import os
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("TQDM_DISABLE", "1")
 
 import gradio as gr  # noqa: E402
 
@@ -39,12 +39,21 @@ from core import (  # noqa: E402
     plots,
     predict,
 )
+from core.attribution import input_errors as explorer_errors  # noqa: E402
+from core.induction import input_errors as induction_errors  # noqa: E402
 from core.induction import max_seq_len  # noqa: E402
-from core.model import Model, load_with_fallback, model_label  # noqa: E402
+from core.patching import input_errors as pair_errors  # noqa: E402
+from core.model import Model, describe_source, load_with_fallback, model_label  # noqa: E402
 from core.runner import Runner  # noqa: E402
 
 EXAMPLES = json.loads((Path(__file__).resolve().parent / "examples" / "prompts.json").read_text(encoding="utf-8"))
 THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+CSS = """
+@media (max-width: 520px) {  /* a phone: the three tab names stay visible instead of folding into "..." */
+  .tab-wrapper button { padding: 4px 7px !important; font-size: 13px !important; }
+}
+"""
+LOOK = dict(theme=THEME, css=CSS)  # passed to launch() (Gradio 6), by main() and by the tests' servers
 # Two queues, one running request each: quick techniques never wait behind a line of heavy ones
 # (they wait at most for the one heavy request running, which the limits in core/config.py keep
 # short). Both still take turns on the model itself (Runner's lock: hooks live on the model).
@@ -129,8 +138,8 @@ class Handlers:
 
     # --- UI events -------------------------------------------------------------------
 
-    def explore(self, prompt: str, target: str, competing: str, layer: int, persist: bool = False):
-        """Prompt Explorer: predictions, logit lens, DLA and one layer's attention."""
+    def explore(self, prompt: str, target: str, competing: str, layer: int, head: int = 0, persist: bool = False):
+        """Prompt Explorer: predictions, logit lens, DLA and one layer's attention (one head large, all heads small)."""
         top = self.runner.run(predict, prompt, DEFAULTS.top_k, persist=persist)
         target = target or top.top_tokens[0]  # default: the model's own top prediction
         lens = self.runner.run(logit_lens, prompt, target, persist=persist)
@@ -138,21 +147,26 @@ class Handlers:
         attention = self.runner.run(attention_patterns, prompt, layer, persist=persist)
         data = {"predictions": top.to_dict(), "logit_lens": lens.to_dict(), "dla": dla.to_dict(), "attention": attention.to_dict()}
         return (
-            {repr(token): float(p) for token, p in zip(top.top_tokens, top.top_probs)},
+            plots.top_predictions(top),
             plots.logit_lens_heatmap(lens),
             plots.logit_lens_final(lens),
             plots.dla_heads(dla),
             plots.dla_components(dla),
-            plots.attention_heads(attention),
+            *self._attention_figures(attention, head),
             self._download("prompt-explorer", data),
         )
 
-    def attention_figure(self, prompt: str, layer: int):
-        return plots.attention_heads(self.runner.run(attention_patterns, prompt, layer))
+    @staticmethod
+    def _attention_figures(attention, head):
+        return plots.attention_head(attention, _whole(head)), plots.attention_heads(attention)
+
+    def attention_figures(self, prompt: str, layer: int, head: int):
+        return self._attention_figures(self.runner.run(attention_patterns, prompt, layer), head)
 
     def contrast_steps(self, clean: str, corrupted: str, answer: str, wrong: str, persist: bool = False, progress=None):
         """Contrast Pairs, in two steps: first the approximate preview (attribution patching) with
-        both prompts' logit lens, then exact activation patching beside it, their agreement, and DLA."""
+        both prompts' logit lens, then exact activation patching beside it, their agreement, and DLA.
+        Each step is (status line, summary, figures..., download)."""
         approximate = self.runner.run(attribution_patching, clean, corrupted, answer, wrong, persist=persist)
         lenses = {
             f"clean: ...{plots.escape_token(clean[-40:])}": (
@@ -168,19 +182,21 @@ class Handlers:
         approximate_maps = [plots.patching_heatmap(approximate, name) for name in SWEEPS]
         values = (
             f"**logit({answer!r}) − logit({wrong!r})**: clean **{approximate.clean_value:+.3f}**, "
-            f"corrupted **{approximate.corrupted_value:+.3f}**, swing **{approximate.clean_value - approximate.corrupted_value:+.3f}**. "
+            f"corrupted **{approximate.corrupted_value:+.3f}**, swing **{approximate.swing:+.3f}**. "
             "Patching scores: 1 = clean behaviour restored, 0 = no effect."
         )
+        if approximate.swing_warning:
+            values += f"\n\n⚠️ **Small swing.** {approximate.swing_warning}"
         yield (
-            values + "\n\nShowing the **approximate preview** (attribution patching); exact activation patching is running…",
-            lens, *[None] * len(SWEEPS), *approximate_maps, None, None, None,
+            "**Running:** showing the **approximate preview** (attribution patching, right); exact activation patching is running…",
+            values, lens, *[None] * len(SWEEPS), *approximate_maps, None, None, None,
         )
         report = None if progress is None else (lambda fraction, desc: progress(fraction, desc=desc))
         exact = self.runner.run(activation_patching, clean, corrupted, answer, wrong, progress=report, persist=persist)
         stats = agreement(exact, approximate)
         rows = "\n".join(f"| {name} | {_r(s['pearson_r'])} | {_r(s['slope'])} | {s['top_k_overlap']}/{s['top_k']} |" for name, s in stats.items())
         summary = (
-            f"{values} Pearson r (head patching vs head DLA) = **{_r(exact.pearson_r)}**.\n\n"
+            f"{values}\n\nPearson r (head patching vs head DLA) = **{_r(exact.pearson_r)}**. "
             "Exact activation patching (left) is the result; attribution patching (right) is its linear "
             "approximation. How well they agree (slope: approximate ≈ slope × exact, 1 = the right size):\n\n"
             "| sweep | Pearson r | slope | top-10 overlap |\n|---|---:|---:|---:|\n" + rows
@@ -188,6 +204,7 @@ class Handlers:
         data = {"exact": exact.to_dict(), "approximate": approximate.to_dict(), "agreement": stats}
         limits = {name: plots.shared_limit(getattr(exact, name), getattr(approximate, name)) for name in SWEEPS}
         yield (  # exact and approximate side by side on one colour scale per sweep, so sizes compare
+            "**Done:** exact activation patching (left) beside its approximation (right), on one colour scale per sweep.",
             summary,
             lens,
             *[plots.patching_heatmap(exact, name, limits[name]) for name in SWEEPS],
@@ -229,24 +246,36 @@ def _whole(value):
 def example_rows(model: Model) -> dict[str, tuple[list[str], list[list]]]:
     """Each tab's examples as (labels, input rows), fitted to the model (layer, context length)."""
     longest = max_seq_len(model)
-    explorer = [ex | {"layer": min(ex["layer"], model.cfg.n_layers - 1)} for ex in EXAMPLES["explorer"]]
+    explorer = [
+        ex | {"layer": min(ex["layer"], model.cfg.n_layers - 1), "head": min(ex.get("head", 0), model.cfg.n_heads - 1)}
+        for ex in EXAMPLES["explorer"]
+    ]
     circuit = [  # an example longer than the model's context is shown shortened, and says so
         ex if ex["seq_len"] <= longest else ex | {"seq_len": longest, "name": f"{ex['name']} (seq_len {longest}: this model's context)"}
         for ex in EXAMPLES["circuit_map"]
     ]
     return {
-        "explorer": ([ex["name"] for ex in explorer], [[ex["prompt"], ex["target"], ex["competing"], ex["layer"]] for ex in explorer]),
+        "explorer": ([ex["name"] for ex in explorer], [[ex["prompt"], ex["target"], ex["competing"], ex["layer"], ex.get("head", 0)] for ex in explorer]),
         "contrast": ([ex["name"] for ex in EXAMPLES["contrast"]], [[ex["clean"], ex["corrupted"], ex["answer"], ex["wrong"]] for ex in EXAMPLES["contrast"]]),
         "circuit_map": ([ex["name"] for ex in circuit], [[ex["seq_len"], ex["batch"], ex["seed"]] for ex in circuit]),
     }
 
 
-def warm_examples(handlers: Handlers) -> None:
-    """Compute every example once (or load it from disk), so clicking one answers at once."""
+def warm_examples(handlers: Handlers, say=None) -> None:
+    """Compute every example once (or load it from disk), so clicking one answers at once.
+    `say(line)`, if given, hears one line per example: which, and whether it was computed or cached."""
     rows = example_rows(handlers.runner.model)
-    for tab, handler in (("explorer", handlers.explore), ("contrast", handlers.contrast), ("circuit_map", handlers.circuit_map)):
-        for row in rows[tab][1]:
-            handler(*row, persist=True)
+    work = [
+        (name, handler, row)
+        for tab, handler in (("explorer", handlers.explore), ("contrast", handlers.contrast), ("circuit_map", handlers.circuit_map))
+        for name, row in zip(*rows[tab])
+    ]
+    for i, (name, handler, row) in enumerate(work, 1):
+        computed, start = handlers.runner.computed, time.perf_counter()
+        handler(*row, persist=True)
+        if say is not None:
+            how = "from the cache" if handlers.runner.computed == computed else f"computed in {time.perf_counter() - start:.1f} s"
+            say(f"warming examples {i}/{len(work)}: {name} ({how})")
 
 
 # --- layout -------------------------------------------------------------------------
@@ -261,92 +290,200 @@ def _examples(rows, labels, inputs, outputs, fn, api_name: str) -> gr.Examples:
     )
 
 
+def _validator(h: Handlers, errors_of, names: list[str]):
+    """A Gradio validator: core's checks of the inputs (tokenizing only, no forward pass), each message
+    shown on its own field before the run starts, so a bad input never replaces the results shown.
+    When the model stays busy for a moment the run itself checks (and reports) instead."""
+
+    def validate(*values):
+        errors = h.runner.check(errors_of, *values[: len(names)]) or {}
+        return [gr.validate(name not in errors, errors.get(name, "")) for name in names] + [
+            gr.validate(True, "") for _ in values[len(names):]
+        ]
+
+    return validate
+
+
+def _about(text: str) -> None:
+    """Two or three sentences on what a section computes and how to read it, folded away."""
+    with gr.Accordion("What is this? How to read it", open=False, elem_classes="about"):
+        gr.Markdown(text)
+
+
+ABOUT = {
+    "lens": (
+        "The **logit lens** decodes the residual stream after every layer with the model's final LayerNorm and "
+        "unembedding, as if the model stopped there. Each cell shows the top-1 token and (colour) its probability; the "
+        "line below follows the target token at the final position. Look for the layer where the answer takes over: "
+        "GPT-2 Small settles on ' Paris' for the Eiffel Tower in its later layers. "
+        "([nostalgebraist, 2020](https://www.lesswrong.com/posts/AcKRB8wDpdaN6v6ru/interpreting-gpt-the-logit-lens))"
+    ),
+    "dla": (
+        "**Direct logit attribution** splits the final logit of the target (or target minus competing token) into what "
+        "each head, MLP, embedding and bias writes straight into the residual stream, scaled by the final LayerNorm: the "
+        "parts add up to the model's own logit. Blue pushes towards the target, red against. Look for the few heads that "
+        "carry most of it, e.g. the name movers L9H9 and L10H0 on IOI. ([Elhage et al., 2021]"
+        "(https://transformer-circuits.pub/2021/framework/index.html); [Wang et al., 2022](https://arxiv.org/abs/2211.00593))"
+    ),
+    "attention": (
+        "Each row is a **destination** token (the query), each column a **source** token it reads from; a row sums to 1. "
+        "Pick a head for a large labelled view; the small maps show every head of the layer. Look for previous-token heads "
+        "(a stripe just below the diagonal), induction heads (attending to the token after an earlier copy of the current "
+        "one) and heads resting on the first token. ([Olsson et al., 2022]"
+        "(https://transformer-circuits.pub/2022/in-context-learning-and-induction-heads/index.html))"
+    ),
+    "patching": (
+        "**Activation patching** runs the corrupted prompt with one activation at a time replaced by its value from the "
+        "clean prompt, and scores how much of the clean logit difference comes back: 1 = all of it, 0 = none. Left: the "
+        "exact result. Right: **attribution patching**, a fast first-order approximation (gradient x activation "
+        "difference) that can be wrong in size or sign; the table says how well it matched. On IOI, look for the second "
+        "subject name mattering in early layers and the final position in late ones. ([Meng et al., 2022]"
+        "(https://arxiv.org/abs/2202.05262); [Wang et al., 2022](https://arxiv.org/abs/2211.00593); "
+        "[Heimersheim & Nanda, 2024](https://arxiv.org/abs/2404.15255); "
+        "[Nanda, 2023](https://www.neelnanda.io/mechanistic-interpretability/attribution-patching))"
+    ),
+    "induction": (
+        "A sequence of random tokens is repeated twice. An **induction head** at a token of the second copy attends to the "
+        "token that followed the same token in the first copy (its score is that attention, averaged; 0 to 1), and the "
+        "model's loss drops on the second copy. Previous-token heads attend one token back; duplicate-token heads to the "
+        "earlier copy of the same token. In GPT-2 Small look for induction heads in layers 5-7 (L5H1, L5H5, L6H9, L7H2). "
+        "([Olsson et al., 2022](https://transformer-circuits.pub/2022/in-context-learning-and-induction-heads/index.html))"
+    ),
+}
+SPACE_HINT = "GPT-2 tokens usually start with a space: ' Paris', not 'Paris'. Figures show a space as ␣."
+WIDE = dict(min_width=420)  # side-by-side figures stack on screens narrower than two of these (a phone)
+
+
 def build_prompt_explorer(h: Handlers, model: Model):
     labels, rows = example_rows(model)["explorer"]
     first = rows[0]
     initial = h.explore(*first, persist=True)
     with gr.Row():
         prompt = gr.Textbox(value=first[0], label="Prompt", lines=2, scale=3)
-        with gr.Column(scale=1):
-            target = gr.Textbox(value=first[1], label="Target token (empty: the model's top prediction)")
+        with gr.Column(scale=2, min_width=240):
+            target = gr.Textbox(value=first[1], label="Target token (empty: the model's top prediction)", info=SPACE_HINT)
             competing = gr.Textbox(value=first[2], label="Competing token (optional: DLA of the difference)")
     with gr.Row():
-        layer = gr.Slider(0, model.cfg.n_layers - 1, value=first[3], step=1, label="Attention layer")
-        run = gr.Button("Run", variant="primary")
-    with gr.Row():
-        predictions = gr.Label(value=initial[0], num_top_classes=DEFAULTS.top_k, label="Top predictions (final position)")
-        lens_final = gr.Plot(value=initial[2], label="Logit lens, final position")
-    lens_heatmap = gr.Plot(value=initial[1], label="Logit lens, every position")
-    with gr.Row():
-        dla_heads = gr.Plot(value=initial[3], label="DLA per head")
-        dla_components = gr.Plot(value=initial[4], label="DLA: MLPs, embeddings, biases")
-    attention = gr.Plot(value=initial[5], label="Attention patterns")
-    download = gr.File(value=initial[6], label="Download all results (JSON)")
-    inputs = [prompt, target, competing, layer]
-    outputs = [predictions, lens_heatmap, lens_final, dla_heads, dla_components, attention, download]
-    events = LIGHT | RAW
+        layer = gr.Slider(0, model.cfg.n_layers - 1, value=first[3], step=1, label="Attention layer", min_width=200)
+        head = gr.Slider(0, model.cfg.n_heads - 1, value=first[4], step=1, label="Attention head (large view)", min_width=200)
+        run = gr.Button("Run", variant="primary", min_width=120)
+    predictions = gr.Plot(value=initial[0], label="Top predictions (final position)", render=False)
+    lens_final = gr.Plot(value=initial[2], label="Logit lens, final position", render=False)
+    lens_heatmap = gr.Plot(value=initial[1], label="Logit lens, every position", render=False)
+    dla_heads = gr.Plot(value=initial[3], label="DLA per head", render=False)
+    dla_components = gr.Plot(value=initial[4], label="DLA: MLPs, embeddings, biases", render=False)
+    attention_head = gr.Plot(value=initial[5], label="Attention pattern, one head", render=False)
+    attention = gr.Plot(value=initial[6], label="Attention patterns, every head of the layer", render=False)
+    download = gr.File(value=initial[7], label="Download all results (JSON)", render=False)
+    inputs = [prompt, target, competing, layer, head]
+    outputs = [predictions, lens_heatmap, lens_final, dla_heads, dla_components, attention_head, attention, download]
+    events = LIGHT | RAW | dict(validator=_validator(h, explorer_errors, ["prompt", "target", "competing"]))
     run.click(user_errors(h.explore), inputs, outputs, api_name="explore", **events)
     prompt.submit(user_errors(h.explore), inputs, outputs, api_name="explore_submit", api_visibility="private", **events)
-    layer.release(
-        user_errors(h.attention_figure), [prompt, layer], attention, api_name="attention_layer", api_visibility="private", **events
-    )
+    for slider in (layer, head):
+        slider.release(
+            user_errors(h.attention_figures), [prompt, layer, head], [attention_head, attention],
+            api_name=f"attention_{'layer' if slider is layer else 'head'}", api_visibility="private", **LIGHT, **RAW,
+        )
     _examples(rows, labels, inputs, outputs, h.explore, "explore_example")  # after the events: it reuses the fn's name
+    with gr.Row():
+        predictions.render()
+        lens_final.render()
+    lens_heatmap.render()
+    _about(ABOUT["lens"])
+    with gr.Row():
+        dla_heads.render()
+        dla_components.render()
+    _about(ABOUT["dla"])
+    with gr.Row():
+        attention_head.render()
+        attention.render()
+    _about(ABOUT["attention"])
+    download.render()
 
 
 def build_contrast_pairs(h: Handlers, model: Model):
     labels, rows = example_rows(model)["contrast"]
     first = rows[0]
+    initial = h.contrast(*first, persist=True)
     with gr.Row():
-        clean = gr.Textbox(value=first[0], label="Prompt A (clean)", lines=2)
-        corrupted = gr.Textbox(value=first[1], label="Prompt B (corrupted)", lines=2)
+        clean = gr.Textbox(value=first[0], label="Prompt A (clean)", lines=2, min_width=280)
+        corrupted = gr.Textbox(value=first[1], label="Prompt B (corrupted: same number of tokens)", lines=2, min_width=280)
     with gr.Row():
-        answer = gr.Textbox(value=first[2], label="Answer token (right for A)")
-        wrong = gr.Textbox(value=first[3], label="Wrong token (right for B)")
-        run = gr.Button("Run patching", variant="primary")
-    summary = gr.Markdown()
-    lens = gr.Plot(label="Logit lens, both prompts")
+        answer = gr.Textbox(value=first[2], label="Answer token (right for A)", info=SPACE_HINT, min_width=200)
+        wrong = gr.Textbox(value=first[3], label="Wrong token (right for B)", min_width=200)
+        run = gr.Button("Run patching", variant="primary", min_width=120)
+    status = gr.Markdown(initial[0], elem_id="contrast-status", render=False)
+    summary = gr.Markdown(initial[1], elem_id="contrast-summary", render=False)
+    lens = gr.Plot(initial[2], label="Logit lens, both prompts", render=False)
     exact, approximate = {}, {}
-    for name in SWEEPS:
-        with gr.Row():
-            exact[name] = gr.Plot(label=f"Activation patching (exact): {name}")
-            approximate[name] = gr.Plot(label=f"Attribution patching (approximate): {name}")
-    agreement_plot = gr.Plot(label="Approximate vs exact")
-    scatter = gr.Plot(label="DLA vs patching")
-    download = gr.File(label="Download results (JSON: exact, approximate, agreement)")
+    for i, name in enumerate(SWEEPS):
+        exact[name] = gr.Plot(initial[3 + i], label=f"Activation patching (exact): {name}", render=False, **WIDE)
+        approximate[name] = gr.Plot(initial[3 + len(SWEEPS) + i], label=f"Attribution patching (approximate): {name}", render=False, **WIDE)
+    agreement_plot = gr.Plot(initial[-3], label="Approximate vs exact", render=False, **WIDE)
+    scatter = gr.Plot(initial[-2], label="DLA vs patching", render=False, **WIDE)
+    download = gr.File(initial[-1], label="Download results (JSON: exact, approximate, agreement)", render=False)
     inputs = [clean, corrupted, answer, wrong]
-    outputs = [summary, lens, *exact.values(), *approximate.values(), agreement_plot, scatter, download]
+    outputs = [status, summary, lens, *exact.values(), *approximate.values(), agreement_plot, scatter, download]
 
     def contrast(clean, corrupted, answer, wrong, progress=gr.Progress()):
         yield from h.contrast_steps(clean, corrupted, answer, wrong, progress=progress)
 
-    run.click(user_errors(contrast), inputs, outputs, api_name="contrast", **HEAVY, **RAW)
-    _examples(rows, labels, inputs, outputs, contrast, "contrast_example")
+    run.click(
+        user_errors(contrast), inputs, outputs, api_name="contrast", show_progress_on=[status],
+        validator=_validator(h, pair_errors, ["clean_prompt", "corrupted_prompt", "answer", "wrong_answer"]), **HEAVY, **RAW,
+    )
+    _examples(rows, labels, inputs, outputs, contrast, "contrast_example")  # after the event (see above)
+    status.render()
+    summary.render()
+    _about(ABOUT["patching"])
+    lens.render()
+    with gr.Tabs(elem_id="sweeps"):  # one sweep at a time keeps the page short; exact left, approximate right
+        for name in SWEEPS:
+            with gr.Tab(f"Patching: {name}", id=name), gr.Row():
+                exact[name].render()
+                approximate[name].render()
+    with gr.Row():
+        agreement_plot.render()
+        scatter.render()
+    download.render()
 
 
 def build_circuit_map(h: Handlers, model: Model):
     labels, rows = example_rows(model)["circuit_map"]
-    first = rows[0] if rows else [DEFAULTS.induction_seq_len, DEFAULTS.induction_batch, DEFAULTS.induction_seed]
-    max_seq_len = (model.cfg.n_ctx - 1) // 2
+    first = rows[0]
+    initial = h.circuit_map(*first, persist=True)
+    longest = max_seq_len(model)
     with gr.Row():
-        seq_len = gr.Number(value=min(first[0], max_seq_len), precision=0, label=f"seq_len (2-{max_seq_len})")
-        batch = gr.Number(value=first[1], precision=0, label=f"batch (1-{DEFAULTS.max_induction_batch})")
-        seed = gr.Number(value=first[2], precision=0, label="seed")
-        run = gr.Button("Compute head scores", variant="primary")
-    gr.Markdown(f"Heads scoring above **{DEFAULTS.induction_threshold}** are listed as induction heads.")
-    with gr.Row():
-        induction = gr.Plot(label="Induction scores")
-        layer_max = gr.Plot(label="Per-layer maximum")
-    with gr.Row():
-        previous = gr.Plot(label="Previous-token scores")
-        duplicate = gr.Plot(label="Duplicate-token scores")
-    loss = gr.Plot(label="Loss by position")
-    heads = gr.Dataframe(headers=["head", "induction score"], label="Induction heads", interactive=False)
-    download = gr.File(label="Download results (JSON)")
+        seq_len = gr.Number(value=first[0], precision=0, label=f"seq_len (2-{longest})", min_width=120)
+        batch = gr.Number(value=first[1], precision=0, label=f"batch (1-{DEFAULTS.max_induction_batch})", min_width=120)
+        seed = gr.Number(value=first[2], precision=0, label="seed", min_width=120)
+        run = gr.Button("Compute head scores", variant="primary", min_width=160)
+    induction = gr.Plot(initial[0], label="Induction scores", render=False, **WIDE)
+    previous = gr.Plot(initial[1], label="Previous-token scores", render=False, **WIDE)
+    duplicate = gr.Plot(initial[2], label="Duplicate-token scores", render=False, **WIDE)
+    layer_max = gr.Plot(initial[3], label="Per-layer maximum", render=False, **WIDE)
+    loss = gr.Plot(initial[4], label="Loss by position", render=False)
+    heads = gr.Dataframe(initial[5], headers=["head", "induction score"], label="Induction heads", interactive=False, render=False)
+    download = gr.File(initial[6], label="Download results (JSON)", render=False)
     inputs = [seq_len, batch, seed]
     outputs = [induction, previous, duplicate, layer_max, loss, heads, download]
-    run.click(user_errors(h.circuit_map), inputs, outputs, api_name="circuit_map", **HEAVY, **RAW)
-    if rows:
-        _examples(rows, labels, inputs, outputs, h.circuit_map, "circuit_map_example")
+    run.click(
+        user_errors(h.circuit_map), inputs, outputs, api_name="circuit_map",
+        validator=_validator(h, induction_errors, ["seq_len", "batch", "seed"]), **HEAVY, **RAW,
+    )
+    _examples(rows, labels, inputs, outputs, h.circuit_map, "circuit_map_example")  # after the event (see above)
+    gr.Markdown(f"Heads scoring above **{DEFAULTS.induction_threshold}** are listed as induction heads.")
+    _about(ABOUT["induction"])
+    with gr.Row():
+        induction.render()
+        layer_max.render()
+    with gr.Row():
+        previous.render()
+        duplicate.render()
+    loss.render()
+    heads.render()
+    download.render()
 
 
 def build_api(h: Handlers):
@@ -358,17 +495,18 @@ def build_api(h: Handlers):
 
 
 def build_demo(
-    model: Model | None = None, runner: Runner | None = None, warm: bool = True, notice: str | None = None
+    model: Model | None = None, runner: Runner | None = None, warm: bool = True, notice: str | None = None, say=None
 ) -> gr.Blocks:
     """The whole app around `model` (default: the configured model, or the demo model when it cannot
-    be loaded). `warm` precomputes every example; `notice` is shown at the top of the page."""
+    be loaded). `warm` precomputes every example; `notice` is shown at the top of the page;
+    `say(line)` hears start-up progress."""
     if model is None and runner is None:
         model, notice = load_with_fallback(Settings.from_env().model)
     runner = runner or Runner(model)
     model = runner.model
     handlers = Handlers(runner, tempfile.mkdtemp(prefix="circuitbreaker-downloads-"))
     if warm:
-        warm_examples(handlers)
+        warm_examples(handlers, say)
     with gr.Blocks(title="CircuitBreaker", delete_cache=(600, 3600)) as demo:  # served files: hourly clean-up
         gr.Markdown(
             f"# CircuitBreaker\nWatch **{model_label(model)}** ({model.cfg.n_layers} layers x {model.cfg.n_heads} heads) "
@@ -412,16 +550,28 @@ class Settings:
         return cls(model=args.model, host=args.host, port=args.port, share=args.share)
 
 
+def say(line: str) -> None:
+    """One start-up progress line on the console."""
+    print(f"CircuitBreaker: {line}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     settings = Settings.from_env(sys.argv[1:] if argv is None else argv)
+    start = time.perf_counter()
+    say(f"loading {settings.model} from {describe_source(settings.model)} ...")
     try:
         model, notice = load_with_fallback(settings.model)
     except ModelLoadError as err:
         raise SystemExit(f"CircuitBreaker: {err}") from None
     if notice:
-        print(f"CircuitBreaker: {notice}", flush=True)
-    demo = build_demo(model, notice=notice)
-    demo.launch(server_name=settings.host, server_port=settings.port, share=settings.share, theme=THEME, footer_links=["api"])
+        say(notice)
+    say(
+        f"loaded {model_label(model)} ({model.cfg.n_layers} layers x {model.cfg.n_heads} heads) in {time.perf_counter() - start:.1f} s; "
+        "checking every example against the cache (a first start computes them: a few minutes for GPT-2 on a CPU)"
+    )
+    demo = build_demo(model, notice=notice, say=say)
+    say(f"ready in {time.perf_counter() - start:.1f} s")
+    demo.launch(server_name=settings.host, server_port=settings.port, share=settings.share, footer_links=["api"], **LOOK)
 
 
 def __getattr__(name: str):

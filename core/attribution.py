@@ -29,6 +29,34 @@ def unembed_bias(model: Model, target_id: int, competing_id: int | None) -> floa
     return float(bias if competing_id is None else bias - model.b_U[competing_id])
 
 
+def _check_different(target: str, target_id: int, competing_id: int | None) -> None:
+    if competing_id == target_id:
+        raise ValueError(f"The target and the competing token are the same ({target!r}): pick two different tokens.")
+
+
+def input_errors(model: Model, prompt: str, target: str = "", competing: str = "") -> dict[str, str]:
+    """What is wrong with each argument of a prompt + optional target/competing token (the Prompt
+    Explorer's inputs), keyed by argument name, without running the model: {} when all are fine."""
+    errors: dict[str, str] = {}
+    ids: dict[str, int] = {}
+    checks = {
+        "prompt": lambda: to_tokens(model, prompt),
+        "target": lambda: target and single_token_id(model, target, "target"),
+        "competing": lambda: competing and single_token_id(model, competing, "competing token"),
+    }
+    for name, check in checks.items():
+        try:
+            ids[name] = check()
+        except ValueError as err:
+            errors[name] = str(err)
+    if target and competing and not errors.keys() & {"target", "competing"}:
+        try:
+            _check_different(target, ids["target"], ids["competing"])
+        except ValueError as err:
+            errors["competing"] = str(err)
+    return errors
+
+
 def direct_logit_attribution(
     model: Model,
     prompt: str,
@@ -45,8 +73,7 @@ def direct_logit_attribution(
     target_id = single_token_id(model, target, "target")
     competing = competing or None
     competing_id = single_token_id(model, competing, "competing token") if competing is not None else None
-    if competing_id == target_id:
-        raise ValueError(f"The target and the competing token are the same ({target!r}): pick two different tokens.")
+    _check_different(target, target_id, competing_id)
     n_layers = model.cfg.n_layers
     needed = {"hook_embed", "hook_pos_embed", f"blocks.{n_layers - 1}.hook_resid_post", "ln_final.hook_scale"}
     needed |= {f"blocks.{layer}.{hook}" for layer in range(n_layers) for hook in ("attn.hook_z", "hook_mlp_out")}

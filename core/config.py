@@ -20,6 +20,8 @@ class Defaults:
     patch_rows_per_pass: int = 4096  # patched positions evaluated together by the fast engine (bounds memory)
     fast_path_tolerance: float = 1e-3  # the fast engine's unpatched runs must match the model's own this closely
     same_metric_tolerance: float = 1e-6  # |clean - corrupted| below this cannot be normalised
+    min_swing: float = 1.0  # |clean - corrupted| logit difference below this: scores flagged as noise-prone (odds change < e)
+    progress_steps: int = 20  # exact patching reports progress at least this often when asked to
     hub_timeout_s: float = 2.0  # how long to wait for the Hugging Face Hub before giving up
     # --- limits that keep a public CPU Space responsive (README: "Limits") ---
     max_prompt_chars: int = 2000  # longer text is rejected before tokenizing (a megabyte answers at once)
@@ -28,6 +30,7 @@ class Defaults:
     max_token_chars: int = 100  # a target / answer token longer than this cannot be one token
     max_induction_tokens: int = 8192  # Circuit Map: batch x (2 x seq_len + 1) tokens per request
     max_queue_size: int = 64  # requests waiting in the Gradio queue; more are turned away with a message
+    validation_wait_s: float = 2.0  # input checks wait this long for a busy model, then leave checking to the run
     max_wait_s: float = 120.0  # a request that cannot start within this long gets "busy, try again"
 
 

@@ -28,6 +28,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from core.config import DEFAULTS
 from core.model import Model
 
 ACTIVATIONS = {  # gelu_new and gelu_fast are both the tanh approximation of GELU (GPT-2's)
@@ -305,8 +306,10 @@ def exact_sweeps(
         if start == n_pos:
             return raw
         jobs = sweep_jobs(engine, clean, corrupted, start)
-        chunk = max(1, max_rows // (n_pos - start))
         total = engine.n_layers * (3 * (n_pos - start) + engine.n_heads)  # at most
+        chunk = max(1, max_rows // (n_pos - start))
+        if progress is not None:  # smaller passes, so the progress shown advances in real steps
+            chunk = max(1, min(chunk, -(-total // DEFAULTS.progress_steps)))
         done = 0
         while part := list(itertools.islice(jobs, chunk)):
             if progress is not None:

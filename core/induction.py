@@ -47,6 +47,35 @@ def max_seq_len(model: Model) -> int:
     return (model.cfg.n_ctx - 1) // 2
 
 
+def _ranges(model: Model) -> dict[str, tuple[int, int]]:
+    """The allowed range of each whole-number argument."""
+    return {"seq_len": (2, max_seq_len(model)), "batch": (1, DEFAULTS.max_induction_batch), "seed": (0, 2**32 - 1)}
+
+
+def _check_size(seq_len: int, batch: int) -> None:
+    if batch * (2 * seq_len + 1) > DEFAULTS.max_induction_tokens:
+        raise ValueError(
+            f"batch x (2 x seq_len + 1) = {batch * (2 * seq_len + 1):,} tokens is more than the limit of "
+            f"{DEFAULTS.max_induction_tokens:,} per request: lower seq_len or batch."
+        )
+
+
+def input_errors(model: Model, seq_len, batch, seed) -> dict[str, str]:
+    """What is wrong with each argument of induction_scores, keyed by name: {} when all are fine."""
+    errors, values = {}, {}
+    for name, value in (("seq_len", seq_len), ("batch", batch), ("seed", seed)):
+        try:
+            values[name] = check_int(value, name, *_ranges(model)[name])
+        except ValueError as err:
+            errors[name] = str(err)
+    if not errors.keys() & {"seq_len", "batch"}:
+        try:
+            _check_size(values["seq_len"], values["batch"])
+        except ValueError as err:
+            errors["batch"] = str(err)
+    return errors
+
+
 def induction_scores(
     model: Model,
     seq_len: int = DEFAULTS.induction_seq_len,
@@ -54,14 +83,9 @@ def induction_scores(
     seed: int = DEFAULTS.induction_seed,
     threshold: float = DEFAULTS.induction_threshold,
 ) -> InductionResult:
-    seq_len = check_int(seq_len, "seq_len", 2, max_seq_len(model))
-    batch = check_int(batch, "batch", 1, DEFAULTS.max_induction_batch)
-    seed = check_int(seed, "seed", 0, 2**32 - 1)
-    if batch * (2 * seq_len + 1) > DEFAULTS.max_induction_tokens:
-        raise ValueError(
-            f"batch x (2 x seq_len + 1) = {batch * (2 * seq_len + 1):,} tokens is more than the limit of "
-            f"{DEFAULTS.max_induction_tokens:,} per request: lower seq_len or batch."
-        )
+    limits = _ranges(model)
+    seq_len, batch, seed = (check_int(value, name, *limits[name]) for name, value in (("seq_len", seq_len), ("batch", batch), ("seed", seed)))
+    _check_size(seq_len, batch)
     tokens = repeated_random_tokens(model, seq_len, batch, seed)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     sums = torch.zeros(n_layers, 3, n_heads, dtype=torch.float64)

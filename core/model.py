@@ -75,6 +75,23 @@ def load_with_fallback(name_or_path: str = DEFAULTS.model_name) -> tuple[Model, 
         return load_model(DEMO), notice
 
 
+def describe_source(name_or_path: str) -> str:
+    """Where load_model(name_or_path) will take the weights from, in words (for start-up messages)."""
+    key = name_or_path.strip() if isinstance(name_or_path, str) else ""
+    if key == DEMO:
+        return "the bundled demo model"
+    if os.path.isdir(key):
+        return f"the local directory {key}"
+    from huggingface_hub import constants
+    from transformer_lens.tools.model_registry.registry_io import resolve_model_alias
+
+    if _cached_snapshot(resolve_model_alias(key) or key) is not None:
+        return "the local Hugging Face cache"
+    if constants.HF_HUB_OFFLINE:
+        return "the Hugging Face cache (offline: HF_HUB_OFFLINE is set)"
+    return f"the Hugging Face Hub ({constants.ENDPOINT}), downloading on this first start (about 550 MB for GPT-2 Small)"
+
+
 def model_label(model: Model) -> str:
     """A short human name: "gpt2", a local directory's name, or "the demo model"."""
     name = str(model.cfg.model_name)

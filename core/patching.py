@@ -120,24 +120,65 @@ def _hook_sweeps(model: Model, clean_tokens, corrupted_tokens, answer_id: int, w
     return raw
 
 
-def _check_pair(model: Model, clean_prompt: str, corrupted_prompt: str):
-    clean_tokens = to_tokens(model, clean_prompt, DEFAULTS.max_patching_tokens, "The clean prompt")
-    corrupted_tokens = to_tokens(model, corrupted_prompt, DEFAULTS.max_patching_tokens, "The corrupted prompt")
+def _prompt_tokens(model: Model, prompt: str, role: str):
+    return to_tokens(model, prompt, DEFAULTS.max_patching_tokens, f"The {role} prompt")
+
+
+def _check_lengths(model: Model, clean_tokens, corrupted_tokens) -> None:
     if clean_tokens.shape != corrupted_tokens.shape:
         raise ValueError(
             "The clean and corrupted prompts must have the same number of tokens so positions line up: "
             f"clean has {clean_tokens.shape[-1]} {str_tokens(model, clean_tokens)}, "
             f"corrupted has {corrupted_tokens.shape[-1]} {str_tokens(model, corrupted_tokens)}."
         )
+
+
+def _check_different(answer: str, answer_id: int, wrong_id: int) -> None:
+    if answer_id == wrong_id:
+        raise ValueError(f"The answer and the wrong answer are the same token ({answer!r}): pick two different tokens.")
+
+
+def _check_pair(model: Model, clean_prompt: str, corrupted_prompt: str):
+    clean_tokens = _prompt_tokens(model, clean_prompt, "clean")
+    corrupted_tokens = _prompt_tokens(model, corrupted_prompt, "corrupted")
+    _check_lengths(model, clean_tokens, corrupted_tokens)
     return clean_tokens, corrupted_tokens
 
 
 def _answer_ids(model: Model, answer: str, wrong_answer: str) -> tuple[int, int]:
     answer_id = single_token_id(model, answer, "answer")
     wrong_id = single_token_id(model, wrong_answer, "wrong answer")
-    if answer_id == wrong_id:
-        raise ValueError(f"The answer and the wrong answer are the same token ({answer!r}): pick two different tokens.")
+    _check_different(answer, answer_id, wrong_id)
     return answer_id, wrong_id
+
+
+def input_errors(model: Model, clean_prompt: str, corrupted_prompt: str, answer: str, wrong_answer: str) -> dict[str, str]:
+    """What is wrong with each argument of a contrast pair, keyed by argument name, without running
+    the model (the same checks and messages as activation_patching): {} when all are fine."""
+    errors: dict[str, str] = {}
+    values = {}
+    checks = {
+        "clean_prompt": lambda: _prompt_tokens(model, clean_prompt, "clean"),
+        "corrupted_prompt": lambda: _prompt_tokens(model, corrupted_prompt, "corrupted"),
+        "answer": lambda: single_token_id(model, answer, "answer"),
+        "wrong_answer": lambda: single_token_id(model, wrong_answer, "wrong answer"),
+    }
+    for name, check in checks.items():
+        try:
+            values[name] = check()
+        except ValueError as err:
+            errors[name] = str(err)
+    pairs = {
+        "corrupted_prompt": (("clean_prompt", "corrupted_prompt"), lambda: _check_lengths(model, values["clean_prompt"], values["corrupted_prompt"])),
+        "wrong_answer": (("answer", "wrong_answer"), lambda: _check_different(answer, values["answer"], values["wrong_answer"])),
+    }
+    for name, (needs, check) in pairs.items():
+        if all(n in values for n in needs):
+            try:
+                check()
+            except ValueError as err:
+                errors[name] = str(err)
+    return errors
 
 
 def _check_swing(clean_value: float, corrupted_value: float) -> None:

@@ -1,18 +1,27 @@
 """Pure functions result -> plotly Figure. Never touches a model.
 
 One TEMPLATE is passed explicitly to every figure (global plotly defaults are left alone).
-Token labels are `"{i}: {token}"`, HTML-escaped, so repeated tokens stay distinct and a
-token such as `<b>` or `<script>` is shown, never interpreted.
+Token labels are `"{i}: {token}"`, HTML-escaped, with leading and trailing spaces shown as "␣",
+so repeated tokens stay distinct, " Paris" is told from "Paris", and a token such as `<b>` or
+`<script>` is shown, never interpreted.
+
+Figures are drawn to be read at half width (about 650 px) and on a phone (about 390 px): a title's
+main line is short (at most MAX_TITLE_CHARS) and left-aligned, any detail goes on a smaller second
+line, axes make room for their tick labels, and numbers never carry SI prefixes (plotly's default
+writes 2e-6 as "2µ").
 """
 
 from __future__ import annotations
 
 import html
+import re
+import textwrap
 
 import numpy as np
 import plotly.express as px
 import plotly.graph_objects as go
 
+from core.model import check_int
 from core.results import (
     ApproximatePatchingResult,
     AttentionResult,
@@ -20,24 +29,40 @@ from core.results import (
     InductionResult,
     LogitLensResult,
     PatchingResult,
+    Predictions,
 )
 
+MAX_TITLE_CHARS = 52  # a main line this long (mostly capitals) spans ~340 px at 14 px (Chromium, Arial metrics): fits a phone
+NO_SI = dict(exponentformat="e")  # 2e-06, never plotly's default "2µ"
+_AXIS = dict(automargin=True, title_standoff=8, **NO_SI)  # room for tick labels, gap before the axis title
 TEMPLATE = go.layout.Template(
     layout=go.Layout(
         font=dict(family="Inter, Helvetica, Arial, sans-serif", size=12),
-        margin=dict(l=60, r=20, t=60, b=60),
+        title=dict(x=0, xanchor="left", xref="container", pad=dict(l=8), font=dict(size=14), automargin=True),
+        margin=dict(l=60, r=20, t=84, b=60),  # minimums: automargin grows them to fit tick labels
         paper_bgcolor="white",
         plot_bgcolor="white",
         hoverlabel=dict(font_family="monospace"),
+        xaxis=_AXIS,
+        yaxis=_AXIS,
+        coloraxis=dict(colorbar=dict(thickness=14, title=dict(side="right", font=dict(size=12)), **NO_SI)),  # a vertical title keeps the bar narrow
     )
 )
 SIGNED_SCALE = "RdBu"  # diverging, red = negative, blue = positive, centred at 0
 UNSIGNED_SCALE = "Blues"
+SPACE = "\u2423"  # "␣": how a space at a token's edge is shown
+_EDGE_SPACES = re.compile(r"^ +| +$")
 
 
 def escape_token(token: str) -> str:
-    """A token as safe, visible label text: HTML escaped, newlines and tabs shown as \\n and \\t."""
+    """A token as safe, visible label text: HTML escaped, newlines and tabs shown as \\n and \\t, and
+    leading and trailing spaces shown as "␣" (GPT-2's " Paris" and "Paris" are different tokens).
+
+    A GPT-2 token's spaces are all at its edges (one leading space, or a token of whitespace only),
+    so every space of a token is shown; inner spaces of longer text (a prompt excerpt) stay spaces.
+    """
     visible = token.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+    visible = _EDGE_SPACES.sub(lambda spaces: SPACE * len(spaces.group()), visible)
     return html.escape(visible, quote=False)  # plotly decodes &lt; &gt; &amp; but shows &quot; literally
 
 
@@ -53,6 +78,22 @@ def head_labels(n_heads: int) -> list[str]:
     return [f"H{head}" for head in range(n_heads)]
 
 
+DETAIL_CHARS = 60  # a detail line wraps at this width (~330 px in the small font), so it fits a phone
+
+
+def _title(main: str, detail: str | None = None) -> str:
+    """A figure title: a short main line and, below it in a smaller font, the detail (wrapped)."""
+    if detail is None:
+        return main
+    lines = textwrap.wrap(detail, DETAIL_CHARS, break_long_words=False, break_on_hyphens=False)
+    return main + "".join(f"<br><sup>{line}</sup>" for line in lines)
+
+
+def main_title(figure: go.Figure) -> str:
+    """A figure's title without its detail line."""
+    return (figure.layout.title.text or "").split("<br>")[0]
+
+
 def _heatmap(
     z: np.ndarray,
     x: list[str],
@@ -62,11 +103,13 @@ def _heatmap(
     signed: bool,
     x_title: str,
     y_title: str,
+    colour_title: str,
     text: list[list[str]] | None = None,
     limit: float | None = None,
 ) -> go.Figure:
-    """The one heatmap builder: `hover` names what x, y and the value mean. Colours run over
-    [-limit, limit] (signed) or [0, limit] (unsigned) when `limit` is given, else over the data."""
+    """The one heatmap builder: `hover` names what x, y and the value mean, `colour_title` names
+    the value on the colour bar. Colours run over [-limit, limit] (signed) or [0, limit]
+    (unsigned) when `limit` is given, else over the data."""
     z = np.asarray(z, dtype=float)
     if signed:
         colour = dict(color_continuous_scale=SIGNED_SCALE, color_continuous_midpoint=0.0)
@@ -78,9 +121,54 @@ def _heatmap(
     fig.update_traces(hovertemplate=hover + "<extra></extra>")
     if text is not None:
         fig.update_traces(text=text, texttemplate="%{text}", textfont=dict(size=9))
-    fig.update_layout(xaxis_title=x_title, yaxis_title=y_title)
+    fig.update_layout(xaxis_title=x_title, yaxis_title=y_title, coloraxis_colorbar_title_text=colour_title)
     fig.update_xaxes(type="category", tickangle=-45)
     fig.update_yaxes(type="category")
+    return fig
+
+
+def _percent(probability: float) -> str:
+    """3 significant digits in percent, however small: 62.1%, 0.31%, 0.0042% (never a bare 0%)."""
+    return f"{100 * probability:.3g}%"
+
+
+# --- predictions --------------------------------------------------------------------
+
+
+def top_predictions(result: Predictions) -> go.Figure:
+    """The top-k next tokens at the final position, most likely at the top, each bar labelled
+    with its probability in percent (3 significant digits, so 0.0042% is not rounded to 0%)."""
+    probs = np.asarray(result.top_probs, dtype=float)
+    rank = list(range(len(probs)))  # y by rank, so two tokens that display alike keep two bars
+    labels = [escape_token(token) for token in result.top_tokens]
+    written = [_percent(p) for p in probs]
+    fig = go.Figure(
+        go.Bar(
+            x=100 * probs,
+            y=rank,
+            orientation="h",
+            text=written,
+            textposition=["inside" if p >= 0.5 else "outside" for p in probs],  # a long bar holds its text
+            textangle=0,
+            constraintext="none",  # never shrink the number to fit
+            insidetextanchor="end",
+            insidetextfont=dict(color="white"),
+            outsidetextfont=dict(color="#222222"),
+            cliponaxis=False,
+            marker_color="#2166ac",
+            customdata=[[label, text, float(p)] for label, text, p in zip(labels, written, probs)],
+            hovertemplate="%{customdata[0]}<br>P = %{customdata[1]} (%{customdata[2]:.3g})<extra></extra>",
+        )
+    )
+    after = escape_token(result.tokens[-1]) if result.tokens else ""
+    fig.update_layout(
+        template=TEMPLATE,
+        title=_title("Top predictions at the final position", f"next token after {after} (␣ = space)"),
+        xaxis=dict(title_text="probability", range=[0, 100], ticksuffix="%", dtick=25),
+        yaxis=dict(title_text="next token", tickvals=rank, ticktext=labels, autorange="reversed"),
+        height=130 + 26 * len(probs),
+        bargap=0.25,
+    )
     return fig
 
 
@@ -94,13 +182,23 @@ def logit_lens_heatmap(result: LogitLensResult) -> go.Figure:
         result.top_probs,
         x=token_labels(result.tokens),
         y=result.layers,
-        title="Logit lens: top-1 prediction at every layer and position",
+        title=_title("Logit lens: top-1 prediction by layer", "colour: P(top-1); each cell shows the top-1 token (␣ = space)"),
         hover="checkpoint %{y}<br>position %{x}<br>top-1 %{text}<br>P(top-1) = %{z:.4f}",
         signed=False,
         x_title="position: token",
         y_title="residual stream checkpoint",
+        colour_title="P(top-1)",
         text=text,
     )
+
+
+PROBABILITY_TOP = 1.05  # a probability axis ends here at most: ticks stop at 1, room for text above 1
+
+
+def _probability_top(*probabilities: np.ndarray) -> float:
+    """Where a probability axis ends: a quarter above the largest value, never past PROBABILITY_TOP."""
+    largest = max(float(np.max(p)) for p in probabilities)
+    return min(PROBABILITY_TOP, max(1e-6, largest) * 1.25)
 
 
 def logit_lens_final(result: LogitLensResult) -> go.Figure:
@@ -117,16 +215,18 @@ def logit_lens_final(result: LogitLensResult) -> go.Figure:
             mode="lines+markers+text",
             text=tops,
             textposition="top center",
+            cliponaxis=False,  # a token written above P = 1 stays visible
             name=name,
             hovertemplate="checkpoint %{x}<br>" + name + " = %{y:.4f}<br>top-1 %{text}<extra></extra>",
         )
     )
+    last = token_labels(result.tokens)[-1]
     fig.update_layout(
         template=TEMPLATE,
-        title=f"Final position ({escape_token(result.tokens[-1])}): {name} by layer, top-1 token written",
+        title=_title("Logit lens at the final position", f"{name} by layer at position {last}; top-1 token written above"),
         xaxis_title="residual stream checkpoint",
         yaxis_title=name,
-        yaxis_range=[0, max(1e-6, float(np.max(values))) * 1.25],
+        yaxis_range=[0, _probability_top(values)],
     )
     return fig
 
@@ -145,11 +245,12 @@ def dla_heads(result: DLAResult) -> go.Figure:
         result.heads,
         x=head_labels(n_heads),
         y=layer_labels(n_layers),
-        title=f"Direct logit attribution per head to {_dla_quantity(result)}",
+        title=_title("Direct logit attribution per head", f"direct contribution to {_dla_quantity(result)}"),
         hover="%{y}%{x}<br>contribution = %{z:+.4f}",
         signed=True,
         x_title="head",
         y_title="layer",
+        colour_title="DLA",
     )
 
 
@@ -167,9 +268,9 @@ def dla_components(result: DLAResult) -> go.Figure:
     )
     fig.update_layout(
         template=TEMPLATE,
-        title=(
-            f"MLPs, embeddings and biases: direct contribution to {_dla_quantity(result)} "
-            f"(model value {result.value:+.3f}, all heads {result.heads.sum():+.3f})"
+        title=_title(
+            "Direct attribution of MLPs, embeddings, biases",
+            f"to {_dla_quantity(result)}; model value {result.value:+.3f}, all heads {result.heads.sum():+.3f}",
         ),
         xaxis_title="component",
         yaxis_title="contribution",
@@ -179,8 +280,13 @@ def dla_components(result: DLAResult) -> go.Figure:
 
 # --- attention ----------------------------------------------------------------------
 
+_ATTENTION_HOVER = "dest %{y}<br>src %{x}<br>attention = %{z:.3f}<extra></extra>"
+_ATTENTION_AXES = "row: destination (query) token, column: source (key) token it attends to"
+
 
 def attention_heads(result: AttentionResult, wrap: int = 4) -> go.Figure:
+    """Every head of the layer as a small map (an overview: tokens are named on hover), on one
+    fixed 0-1 scale. `attention_head` draws one head readably."""
     labels = token_labels(result.tokens)
     n_heads = result.patterns.shape[0]
     fig = px.imshow(
@@ -193,18 +299,40 @@ def attention_heads(result: AttentionResult, wrap: int = 4) -> go.Figure:
         zmax=1.0,
         color_continuous_scale=UNSIGNED_SCALE,
         template=TEMPLATE,
-        title=f"Attention patterns, layer {result.layer} (row = destination, column = source)",
+        title=_title(f"Attention patterns, layer {result.layer}, every head", _ATTENTION_AXES),
         facet_row_spacing=0.06,
         facet_col_spacing=0.03,
     )
     for annotation in fig.layout.annotations:  # facet titles "facet_col=3" -> "L5H3"
         head = annotation.text.split("=")[-1]
         annotation.text = f"L{result.layer}H{head}"
-    fig.update_traces(hovertemplate="dest %{y}<br>src %{x}<br>attention = %{z:.4f}<extra></extra>")
+    for head, trace in enumerate(fig.data):  # one trace per facet, in head order
+        trace.hovertemplate = f"head L{result.layer}H{head}<br>" + _ATTENTION_HOVER
     fig.update_xaxes(showticklabels=False, type="category")
     fig.update_yaxes(showticklabels=False, type="category")
-    fig.update_layout(height=260 * int(np.ceil(n_heads / min(wrap, n_heads))) + 80)
+    fig.update_layout(
+        height=260 * int(np.ceil(n_heads / min(wrap, n_heads))) + 100, coloraxis_colorbar_title_text="attention"
+    )
     return fig
+
+
+def attention_head(result: AttentionResult, head: int) -> go.Figure:
+    """One head's pattern, tokens named on both axes: destination (query) down, source (key) across."""
+    n_heads = result.patterns.shape[0]
+    head = check_int(head, "head", 0, n_heads - 1)
+    labels = token_labels(result.tokens)
+    return _heatmap(
+        result.patterns[head],
+        x=labels,
+        y=labels,
+        title=_title(f"Attention, layer {result.layer} head {head}", _ATTENTION_AXES),
+        hover=f"head L{result.layer}H{head}<br>" + _ATTENTION_HOVER.removesuffix("<extra></extra>"),
+        signed=False,
+        x_title="source (key) token",
+        y_title="destination (query) token",
+        colour_title="attention",
+        limit=1.0,  # attention weights are probabilities: one fixed scale for every head
+    )
 
 
 # --- induction ----------------------------------------------------------------------
@@ -221,11 +349,15 @@ def induction_heatmap(result: InductionResult, kind: str = "induction") -> go.Fi
         scores,
         x=head_labels(n_heads),
         y=layer_labels(n_layers),
-        title=f"{kind.capitalize()} score per head (seq_len {result.seq_len}, batch {result.batch}, seed {result.seed})",
+        title=_title(
+            f"{kind.capitalize()} score per head",
+            f"{result.seq_len} random tokens repeated twice, batch {result.batch}, seed {result.seed}",
+        ),
         hover="%{y}%{x}<br>" + kind + " score = %{z:.4f}",
         signed=False,
         x_title="head",
         y_title="layer",
+        colour_title="score",
         limit=1.0,  # mean attention: always on 0-1, so a random model's 0.01 looks pale, not like an induction head
     )
 
@@ -242,7 +374,10 @@ def induction_layer_max(result: InductionResult) -> go.Figure:
     )
     fig.add_hline(y=result.threshold, line_dash="dash", annotation_text=f"threshold {result.threshold:g}")
     fig.update_layout(
-        template=TEMPLATE, title="Highest induction score in each layer", xaxis_title="layer", yaxis_title="max score"
+        template=TEMPLATE,
+        title=_title("Highest induction score in each layer", "the layer's best head; heads above the dashed line are listed"),
+        xaxis_title="layer",
+        yaxis_title="max score",
     )
     return fig
 
@@ -260,7 +395,7 @@ def loss_by_position(result: InductionResult) -> go.Figure:
     fig.add_vline(x=result.seq_len + 0.5, line_dash="dash", annotation_text="repeat starts")
     fig.update_layout(
         template=TEMPLATE,
-        title="Loss by position on the repeated random sequence (mean over the batch)",
+        title=_title("Loss by position on the repeated random sequence", "mean over the batch"),
         xaxis_title="position of the predicted token",
         yaxis_title="cross-entropy (nats)",
     )
@@ -269,10 +404,17 @@ def loss_by_position(result: InductionResult) -> go.Figure:
 
 # --- activation patching --------------------------------------------------------------
 
-_PATCH_TITLES = {
-    "resid_pre": "Residual stream (resid_pre)",
-    "attn_out": "Attention layer output (attn_out)",
-    "mlp_out": "MLP output (mlp_out)",
+SWEEP_NAMES = {  # short names for titles; the detail line says which activation
+    "resid_pre": "Residual stream",
+    "attn_out": "Attention output",
+    "mlp_out": "MLP output",
+    "head_out": "Head output",
+}
+_SWEEP_DETAILS = {
+    "resid_pre": "resid_pre by layer and position",
+    "attn_out": "attn_out by layer and position",
+    "mlp_out": "mlp_out by layer and position",
+    "head_out": "each head at all positions",
 }
 
 
@@ -290,27 +432,36 @@ def patching_heatmap(result: PatchingResult | ApproximatePatchingResult, sweep: 
     approximate = isinstance(result, ApproximatePatchingResult)
     if sweep == "head_out":
         x, x_title, hover = head_labels(scores.shape[1]), "head", "%{y}%{x}"
-        title = "Head output (all positions)"
     else:
         x, x_title, hover = token_labels(result.clean_tokens), "position: clean token", "layer %{y}<br>position %{x}"
-        title = _PATCH_TITLES[sweep]
     if approximate:
-        heading = f"APPROXIMATE (attribution patching), {title}: linear estimate of the fraction restored"
+        method, measure, colour_title = "APPROXIMATE (attribution patching)", "linear estimate of the fraction restored", "est. restored"
         hover += "<br>approx. restored = %{z:+.4f}"
     else:
-        heading = f"Activation patching (exact), {title}: fraction of clean logit difference restored"
+        method, measure, colour_title = "Activation patching (exact)", "fraction of the clean logit difference restored", "restored"
         hover += "<br>restored = %{z:+.4f}"
     return _heatmap(
         scores,
         x=x,
         y=layer_labels(n_layers),
-        title=heading,
+        title=_title(method, f"{SWEEP_NAMES[sweep]} ({_SWEEP_DETAILS[sweep]}): {measure}"),  # short main line: fits a phone
         hover=hover,
         signed=True,
         x_title=x_title,
         y_title="layer",
+        colour_title=colour_title,
         limit=limit if limit is not None else shared_limit(scores),
     )
+
+
+def component_names(result: PatchingResult | ApproximatePatchingResult, sweep: str) -> list[str]:
+    """One name per score of a sweep, in `getattr(result, sweep).ravel()` order:
+    "L9H9" for heads, "L3 pos 5: ␣Mary" for positions."""
+    n_layers, n_columns = getattr(result, sweep).shape
+    if sweep == "head_out":
+        return [f"L{layer}H{head}" for layer in range(n_layers) for head in range(n_columns)]
+    tokens = token_labels(result.clean_tokens)
+    return [f"L{layer} pos {tokens[pos]}" for layer in range(n_layers) for pos in range(n_columns)]
 
 
 def approximation_vs_exact(exact: PatchingResult, approximate: ApproximatePatchingResult, agreement: dict[str, dict]) -> go.Figure:
@@ -322,16 +473,11 @@ def approximation_vs_exact(exact: PatchingResult, approximate: ApproximatePatchi
     def subtitle(name: str) -> str:
         stats = agreement[name]
         r = "n/a" if stats["pearson_r"] is None else f"{stats['pearson_r']:.3f}"
-        return f"{name}: r = {r}, top-{stats['top_k']} overlap {stats['top_k_overlap']}/{stats['top_k']}"
+        return f"{name}<br>r = {r}<br>top-{stats['top_k']}: {stats['top_k_overlap']}/{stats['top_k']}"  # narrow panels
 
     fig = make_subplots(rows=1, cols=len(names), subplot_titles=[subtitle(name) for name in names])
     for col, name in enumerate(names, start=1):
         x, y = getattr(exact, name), getattr(approximate, name)
-        if name == "head_out":
-            labels = [f"L{layer}H{head}" for layer in range(x.shape[0]) for head in range(x.shape[1])]
-        else:
-            tokens = token_labels(exact.clean_tokens)
-            labels = [f"L{layer} {tokens[pos]}" for layer in range(x.shape[0]) for pos in range(x.shape[1])]
         low, high = float(min(x.min(), y.min(), 0.0)), float(max(x.max(), y.max(), 1.0))
         fig.add_trace(
             go.Scatter(x=[low, high], y=[low, high], mode="lines", line=dict(color="#bbbbbb", dash="dot"), hoverinfo="skip", showlegend=False),
@@ -344,8 +490,8 @@ def approximation_vs_exact(exact: PatchingResult, approximate: ApproximatePatchi
                 y=y.ravel(),
                 mode="markers",
                 marker=dict(size=6),
-                text=labels,
-                hovertemplate="%{text}<br>exact = %{x:+.4f}<br>approximate = %{y:+.4f}<extra></extra>",
+                customdata=component_names(exact, name),
+                hovertemplate=name + " %{customdata}<br>exact = %{x:+.4f}<br>approximate = %{y:+.4f}<extra></extra>",
                 showlegend=False,
             ),
             row=1,
@@ -353,29 +499,34 @@ def approximation_vs_exact(exact: PatchingResult, approximate: ApproximatePatchi
         )
         fig.update_xaxes(title_text="exact", row=1, col=col)
     fig.update_yaxes(title_text="approximate", row=1, col=1)
-    fig.update_layout(template=TEMPLATE, title="Attribution patching (approximate) against exact activation patching")
+    fig.update_layout(
+        template=TEMPLATE,
+        title=_title("Attribution patching vs exact patching", "one point per component; dotted line: approximate = exact"),
+        margin_t=130,  # room for the three-line panel titles under the title
+    )
     fig.update_annotations(font_size=11)
     return fig
 
 
 def dla_vs_patching(result: PatchingResult) -> go.Figure:
-    n_layers, n_heads = result.head_out.shape
-    names = [f"L{layer}H{head}" for layer in range(n_layers) for head in range(n_heads)]
     r = result.pearson_r
     fig = go.Figure(
         go.Scatter(
             x=result.head_dla.ravel(),
             y=result.head_out.ravel(),
             mode="markers",
-            text=names,
-            hovertemplate="%{text}<br>DLA = %{x:+.4f}<br>patching = %{y:+.4f}<extra></extra>",
+            customdata=component_names(result, "head_out"),
+            hovertemplate="head %{customdata}<br>DLA = %{x:+.4f}<br>patching score = %{y:+.4f}<extra></extra>",
         )
     )
     fig.update_layout(
         template=TEMPLATE,
-        title=f"Heads: direct logit attribution vs activation patching (Pearson r = {'n/a' if r is None else f'{r:.3f}'})",
+        title=_title(
+            "Heads: direct logit attribution vs patching",
+            f"Pearson r = {'n/a' if r is None else f'{r:.3f}'}; one point per head",
+        ),
         xaxis_title="DLA of the logit difference (clean prompt)",
-        yaxis_title="patching score (head output, all positions)",
+        yaxis_title="patching score (head output)",
     )
     return fig
 
@@ -383,6 +534,7 @@ def dla_vs_patching(result: PatchingResult) -> go.Figure:
 # --- contrast pairs -------------------------------------------------------------------
 
 WINNER_COLOURS = {"answer": "#111111", "wrong": "#777777", "neither": "#cccccc"}
+PANEL_TITLE_CHARS = 30  # a panel title (e.g. a prompt excerpt) wraps at this width, so side-by-side panels fit a phone
 
 
 def contrast_lens(pair: dict[str, tuple[LogitLensResult, LogitLensResult]]) -> go.Figure:
@@ -395,9 +547,10 @@ def contrast_lens(pair: dict[str, tuple[LogitLensResult, LogitLensResult]]) -> g
     from plotly.subplots import make_subplots
 
     titles = list(pair)
-    fig = make_subplots(rows=1, cols=len(titles), shared_yaxes=True, subplot_titles=titles, horizontal_spacing=0.04)
-    for col, title in enumerate(titles, start=1):
-        answer_lens, wrong_lens = pair[title]
+    wrapped = ["<br>".join(textwrap.wrap(panel, PANEL_TITLE_CHARS, break_long_words=False, break_on_hyphens=False)) for panel in titles]
+    fig = make_subplots(rows=1, cols=len(titles), shared_yaxes=True, subplot_titles=wrapped, horizontal_spacing=0.04)
+    for col, panel in enumerate(titles, start=1):
+        answer_lens, wrong_lens = pair[panel]
         answer, wrong = escape_token(answer_lens.target), escape_token(wrong_lens.target)
         tops = [row[-1] for row in answer_lens.top_tokens]
         winners = [
@@ -413,7 +566,7 @@ def contrast_lens(pair: dict[str, tuple[LogitLensResult, LogitLensResult]]) -> g
                     name=f"P({name})",
                     legendgroup=name,
                     showlegend=col == 1,
-                    hovertemplate=f"{title}<br>checkpoint %{{x}}<br>P({name}) = %{{y:.4f}}<extra></extra>",
+                    hovertemplate=f"{panel}<br>checkpoint %{{x}}<br>P({name}) = %{{y:.4f}}<extra></extra>",
                 ),
                 row=1,
                 col=col,
@@ -427,18 +580,26 @@ def contrast_lens(pair: dict[str, tuple[LogitLensResult, LogitLensResult]]) -> g
                 textposition="top center",
                 textfont=dict(color=[WINNER_COLOURS[w] for w in winners]),
                 marker=dict(color=[WINNER_COLOURS[w] for w in winners], size=8),
+                cliponaxis=False,
                 customdata=winners,
                 name="top-1 token",
                 showlegend=col == 1,
-                hovertemplate=f"{title}<br>checkpoint %{{x}}<br>top-1 %{{text}} (%{{customdata}} wins)<extra></extra>",
+                hovertemplate=f"{panel}<br>checkpoint %{{x}}<br>top-1 %{{text}} (%{{customdata}} wins)<extra></extra>",
             ),
             row=1,
             col=col,
         )
     fig.update_layout(
         template=TEMPLATE,
-        title="Logit lens at the final position: black = answer is top-1, dark grey = wrong token is top-1, light = neither",
+        title=_title(
+            "Logit lens at the final position, per prompt",
+            "top-1 token: black = the answer, dark grey = the wrong token, light = neither",
+        ),
         yaxis_title="probability",
+        yaxis_range=[0, _probability_top(*(lens.target_probs[:, -1] for lenses in pair.values() for lens in lenses))],
+        legend=dict(orientation="h", x=0, xanchor="left", y=-0.3, yanchor="top"),
+        margin_t=84 + 13 * max(w.count("<br>") for w in wrapped),  # wrapped panel titles stay under the title
     )
     fig.update_xaxes(tickangle=-45)
+    fig.update_annotations(font_size=11)
     return fig

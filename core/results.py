@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from core.config import DEFAULTS
+
 
 def _floats(array: np.ndarray | None):
     return None if array is None else np.asarray(array, dtype=np.float64).tolist()
@@ -149,12 +151,33 @@ class _PatchingScores:
     mlp_out: np.ndarray  # [layer, pos]
     head_out: np.ndarray  # [layer, head], each head's output at all positions
 
+    @property
+    def swing(self) -> float:
+        """clean - corrupted: what every score is divided by."""
+        return float(self.clean_value - self.corrupted_value)
+
+    @property
+    def swing_warning(self) -> str | None:
+        """A sentence when the swing is too small for normalised scores to mean much (|swing| below
+        DEFAULTS.min_swing logits: the answer's odds against the wrong token change less than e-fold)."""
+        if abs(self.swing) >= DEFAULTS.min_swing:
+            return None
+        return (
+            f"The swing (clean minus corrupted logit difference) is only {self.swing:+.3f}, less than "
+            f"{DEFAULTS.min_swing:g} logit: the prompts barely change the model's preference. Every score is divided "
+            "by the swing, so small effects and numerical noise show up as large scores (above 1 or below 0): "
+            "read them as noise. Pick a pair whose prompts change the answer (IOI pairs swing several logits on GPT-2)."
+        )
+
     def _scores_dict(self) -> dict:
         return {
             "clean_tokens": self.clean_tokens,
             "corrupted_tokens": self.corrupted_tokens,
             "clean_value": float(self.clean_value),
             "corrupted_value": float(self.corrupted_value),
+            "swing": self.swing,
+            "min_swing": DEFAULTS.min_swing,
+            "swing_warning": self.swing_warning,
             "resid_pre": _floats(self.resid_pre),
             "attn_out": _floats(self.attn_out),
             "mlp_out": _floats(self.mlp_out),

@@ -92,6 +92,7 @@ class Runner:
         self._memory: OrderedDict[str, Any] = OrderedDict()
         self._prefix = f"{model_fingerprint(model)}-{code_fingerprint()}"
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.computed = 0  # calls that really ran the model (not answered from memory or disk)
 
     def _key(self, fn: Callable, args: tuple, kwargs: dict) -> str:
         call = (fn.__module__, fn.__qualname__, args, sorted((k, v) for k, v in kwargs.items() if k not in UNCACHED_KWARGS))
@@ -113,12 +114,23 @@ class Runner:
             if result is None:
                 release_freed_memory()
                 result = fn(self.model, *args, **kwargs)
+                self.computed += 1
                 if persist:
                     self._store(key, result)
             self._memory[key] = result
             while len(self._memory) > self.max_entries:
                 self._memory.popitem(last=False)
             return result
+        finally:
+            self.lock.release()
+
+    def check(self, fn: Callable, *args, wait_s: float = DEFAULTS.validation_wait_s):
+        """fn(model, *args) for a quick check (input validation: tokenizing, no forward pass), under
+        the lock (the tokenizer is shared), uncached; None if the model stays busy for `wait_s`."""
+        if not self.lock.acquire(timeout=wait_s):
+            return None
+        try:
+            return fn(self.model, *args)
         finally:
             self.lock.release()
 

@@ -8,13 +8,14 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 from gradio_client import Client
-from gradio_client.exceptions import AppError
+from gradio_client.exceptions import AppError, ValidationError
 
 import app
 from core import (
@@ -24,6 +25,7 @@ from core import (
     direct_logit_attribution,
     induction_scores,
     logit_lens,
+    plots,
     predict,
 )
 from core.runner import Runner
@@ -38,12 +40,12 @@ JSON_ENDPOINTS = {
     "/attention": ["tokens", "layer", "patterns"],
     "/induction": ["scores", "prev_token_scores", "duplicate_token_scores", "loss_by_position", "threshold", "induction_heads"],
     "/patching": [
-        "clean_tokens", "corrupted_tokens", "clean_value", "corrupted_value",
+        "clean_tokens", "corrupted_tokens", "clean_value", "corrupted_value", "swing", "min_swing", "swing_warning",
         "resid_pre", "attn_out", "mlp_out", "head_out", "head_dla", "pearson_r",
     ],
     "/attribution_patching": [
         "approximate", "method", "clean_tokens", "corrupted_tokens", "clean_value", "corrupted_value",
-        "resid_pre", "attn_out", "mlp_out", "head_out",
+        "swing", "min_swing", "swing_warning", "resid_pre", "attn_out", "mlp_out", "head_out",
     ],
 }
 
@@ -103,7 +105,7 @@ def test_defaults_of_optional_inputs(client, demo_model):
     ],
 )
 def test_bad_input_reaches_the_client_as_a_clear_message(client, endpoint, args, message):
-    with pytest.raises(AppError, match=message):
+    with pytest.raises((AppError, ValidationError), match=message):
         client.predict(*args, api_name=endpoint)
     assert client.predict("When John and Mary went", 1, api_name="/predict")["tokens"][-1] == " went"
 
@@ -119,7 +121,7 @@ def test_concurrent_requests_equal_serial_ones(server):
         ("/attribution_patching", (SHORT_CLEAN, SHORT_CORRUPTED, " Mary", " John")),
         ("/induction", (12, 4, 9)),
         ("/predict", (SHORT_CORRUPTED, 4)),
-        ("/explore", (SHORT_CLEAN, " Mary", "", 2)),
+        ("/explore", (SHORT_CLEAN, " Mary", "", 2, 1)),
         ("/contrast", (SHORT_CLEAN, SHORT_CORRUPTED, " Mary", " John")),
         ("/circuit_map", (9, 2, 5)),
     ]
@@ -138,13 +140,13 @@ def test_concurrent_requests_equal_serial_ones(server):
 
 
 def test_ui_events_return_figures_and_a_download(client):
-    label, heatmap, final, dla_heads, dla_parts, attention, download = client.predict(
-        IOI_CLEAN, "", " John", 1, api_name="/explore"
+    top, heatmap, final, dla_heads, dla_parts, head, heads, download = client.predict(
+        IOI_CLEAN, "", " John", 1, 2, api_name="/explore"
     )
-    assert label["label"]  # the top prediction, used as the default target
+    assert "Top predictions" in top["plot"] and "layer 1 head 2" in head["plot"]
     assert Path(download).read_text(encoding="utf-8").startswith('{"predictions"')
-    summary, *figures, download = client.predict(SHORT_CLEAN, SHORT_CORRUPTED, " Mary", " John", api_name="/contrast")
-    assert "clean" in summary and "swing" in summary and "top-10 overlap" in summary
+    status, summary, *figures, download = client.predict(SHORT_CLEAN, SHORT_CORRUPTED, " Mary", " John", api_name="/contrast")
+    assert "Done" in status and "clean" in summary and "swing" in summary and "top-10 overlap" in summary
     assert len(figures) == 11 and all(figures)  # lens, 4 exact, 4 approximate, their agreement, DLA vs patching
     saved = json.loads(Path(download).read_text(encoding="utf-8"))
     assert saved["approximate"]["approximate"] is True and set(saved["agreement"]) == {"resid_pre", "attn_out", "mlp_out", "head_out"}
@@ -155,23 +157,58 @@ def test_ui_events_return_figures_and_a_download(client):
 def test_contrast_shows_the_approximate_preview_first_then_exact_beside_it(demo_model, tmp_path):
     handlers = app.Handlers(Runner(demo_model, cache_dir=None), str(tmp_path))
     preview, final = list(handlers.contrast_steps(IOI_CLEAN, IOI_CORRUPTED, " Mary", " John"))
-    assert "approximate preview" in preview[0] and preview[2:6] == (None,) * 4  # exact not there yet
-    assert all(fig.layout.title.text.startswith("APPROXIMATE (attribution patching)") for fig in preview[6:10])
-    assert all(fig.layout.title.text.startswith("Activation patching (exact)") for fig in final[2:6])
-    assert all(fig.layout.title.text.startswith("APPROXIMATE (attribution patching)") for fig in final[6:10])
-    for exact, approximate, first in zip(final[2:6], final[6:10], preview[6:10]):
+    assert "approximate preview" in preview[0] and preview[3:7] == (None,) * 4  # exact not there yet
+    assert all(fig.layout.title.text.startswith("APPROXIMATE (attribution patching)") for fig in preview[7:11])
+    assert all(fig.layout.title.text.startswith("Activation patching (exact)") for fig in final[3:7])
+    assert all(fig.layout.title.text.startswith("APPROXIMATE (attribution patching)") for fig in final[7:11])
+    for exact, approximate, first in zip(final[3:7], final[7:11], preview[7:11]):
         assert approximate.data[0].z.tolist() == first.data[0].z.tolist()  # the preview's numbers, now beside exact
         scale = lambda fig: (fig.layout.coloraxis.cmin, fig.layout.coloraxis.cmax)  # noqa: E731
         assert scale(approximate) == scale(exact) and scale(exact)[0] == -scale(exact)[1]  # one symmetric scale
-    assert "| head_out |" in final[0] and "slope" in final[0]
+    assert "| head_out |" in final[1] and "slope" in final[1] and "Small swing" not in final[1]
+
+
+def test_a_small_swing_is_flagged_as_noise_on_the_page_and_in_the_json(client, demo_model, tmp_path):
+    """' store' -> ' park' barely moves the demo model's answer (swing -0.66): normalised scores are noise there."""
+    corrupted = IOI_CLEAN.replace(" store", " park")
+    exact = client.predict(IOI_CLEAN, corrupted, " Mary", " John", api_name="/patching")
+    assert abs(exact["swing"]) < exact["min_swing"] == 1.0 and "read them as noise" in exact["swing_warning"]
+    fine = client.predict(IOI_CLEAN, IOI_CORRUPTED, " Mary", " John", api_name="/attribution_patching")
+    assert fine["swing"] > 1.0 and fine["swing_warning"] is None
+    handlers = app.Handlers(Runner(demo_model, cache_dir=None), str(tmp_path))
+    preview, final = list(handlers.contrast_steps(IOI_CLEAN, corrupted, " Mary", " John"))
+    assert "Small swing" in preview[1] and "less than 1 logit" in final[1]
 
 
 def test_handlers_in_process_default_the_target_to_the_top_prediction(tiny_model, tmp_path):
     handlers = app.Handlers(Runner(tiny_model, cache_dir=None), str(tmp_path))
-    label, heatmap, *_ = handlers.explore(IOI_CLEAN, "", "", 0)
+    top_figure, heatmap, final, *_ = handlers.explore(IOI_CLEAN, "", "", 0, 0)
     top = predict(tiny_model, IOI_CLEAN).top_tokens[0]
-    assert next(iter(label)) == repr(top)
+    assert plots.escape_token(top) in final.layout.title.text  # the target the lens follows: the top prediction
     assert heatmap.layout.title.text.startswith("Logit lens")
+
+
+def test_validators_show_each_message_on_its_field_before_the_run(demo_model, tmp_path):
+    """Bad input is caught before the run (so the results shown stay), each message on the field it is about,
+    with the exact sentence the run itself would give."""
+    handlers = app.Handlers(Runner(demo_model, cache_dir=None), str(tmp_path))
+    contrast = app._validator(handlers, app.pair_errors, ["clean_prompt", "corrupted_prompt", "answer", "wrong_answer"])
+    checks = contrast(IOI_CLEAN, "When John and Mary went", " Mary", "Berlin")
+    assert [c["is_valid"] for c in checks] == [True, False, True, False]
+    with pytest.raises(ValueError) as run_error:
+        activation_patching(demo_model, IOI_CLEAN, "When John and Mary went", " Mary", " John")
+    assert checks[1]["message"] == str(run_error.value) and "did you mean ' Berlin'?" in checks[3]["message"]
+    assert all(c["is_valid"] for c in contrast(IOI_CLEAN, IOI_CORRUPTED, " Mary", " John"))
+    explorer = app._validator(handlers, app.explorer_errors, ["prompt", "target", "competing"])
+    checks = explorer("", " Paris", " Paris", 0, 0)
+    assert [c["is_valid"] for c in checks] == [False, True, False, True, True]
+    assert "empty" in checks[0]["message"] and "same" in checks[2]["message"]
+    circuit = app._validator(handlers, app.induction_errors, ["seq_len", "batch", "seed"])
+    assert [c["is_valid"] for c in circuit(1000, 2, 0)] == [False, True, True]
+    busy = threading.Thread(target=handlers.runner.lock.acquire)  # the model busy elsewhere: the run checks instead
+    busy.start()
+    busy.join()
+    assert all(c["is_valid"] for c in contrast("", "", "", ""))
 
 
 def test_persistent_cache_survives_a_restart_and_is_keyed_by_model_and_code(tiny_model, gpt2_shaped, tmp_path, monkeypatch):

@@ -30,7 +30,7 @@ if not os.path.exists(CHROMIUM) and not os.environ.get("CI"):
 def page_url(demo_model, tmp_path_factory):
     demo = app.build_demo(notice="Test notice: gpt2 could not be loaded.", runner=Runner(demo_model, cache_dir=tmp_path_factory.mktemp("browser-cache")))
     port = free_port()
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, theme=app.THEME, quiet=True)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, **app.LOOK, quiet=True)
     yield f"http://127.0.0.1:{port}/"
     demo.close()
 
@@ -45,50 +45,115 @@ def browser():
         browser.close()
 
 
+SHOTS = os.environ.get("BROWSER_SHOTS", "/tmp")
+VISIBLE_PLOTS = "[...document.querySelectorAll('.js-plotly-plot')].filter(e => e.offsetParent !== null)"
+
+
 def visible_plots(page) -> int:
-    return page.locator(".js-plotly-plot:visible").count()
+    return page.evaluate(f"{VISIBLE_PLOTS}.length")
 
 
-def test_page_loads_with_results_then_every_tab_runs_an_example(browser, page_url):
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    errors: list[str] = []
+def clipped_titles(page) -> list[str]:
+    """Titles of visible figures that stick out of their figure (left of it, or wider than it)."""
+    return page.evaluate(
+        f"""{VISIBLE_PLOTS}.flatMap(plot => {{
+            const box = plot.getBoundingClientRect();
+            return [...plot.querySelectorAll('.gtitle')].filter(t => {{
+                const r = t.getBoundingClientRect();
+                return r.left < box.left - 1 || r.right > box.right + 1;
+            }}).map(t => t.textContent);
+        }})"""
+    )
+
+
+def shoot(page, name: str) -> None:
+    page.wait_for_timeout(500)  # let plotly finish drawing
+    page.screenshot(path=os.path.join(SHOTS, f"circuitbreaker-{name}.png"), full_page=True)
+
+
+def open_page(browser, url, width: int, errors: list[str]):
+    page = browser.new_page(viewport={"width": width, "height": 1000})
     page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
     page.on("pageerror", lambda error: errors.append(str(error)))
-    page.goto(page_url, wait_until="networkidle")
+    page.goto(url, wait_until="networkidle")
+    page.wait_for_function(f"{VISIBLE_PLOTS}.length >= 7", timeout=60_000)
+    return page
 
-    # first load: the Eiffel Tower results are already there, no click
-    page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 5", timeout=60_000)
-    assert "Logit lens: top-1 prediction" in page.content()
-    assert visible_plots(page) == 5  # logit lens x2, DLA x2, attention
+
+@pytest.mark.parametrize("width", [1400, 390])
+def test_every_tab_opens_with_results_and_readable_figures(browser, page_url, width):
+    errors: list[str] = []
+    page = open_page(browser, page_url, width, errors)
+    tabs = page.get_by_role("tab")
+    for name in ("Prompt Explorer", "Contrast Pairs", "Circuit Map"):  # a phone shows all three tabs too
+        assert page.get_by_role("tab", name=name).is_visible(), name
+    assert not page.get_by_label("More tabs").is_visible()
+    assert tabs.count() >= 3
+
+    # the explorer: the Eiffel Tower results without a click; top predictions, lens, DLA, attention (one head large)
+    assert visible_plots(page) == 7
+    content = page.content()
+    assert "Logit lens: top-1 prediction" in content and "Top predictions" in content
     assert page.get_by_text("This is the small demo model bundled with CircuitBreaker").is_visible()  # one short line
     assert not page.get_by_text("Test notice: gpt2 could not be loaded.").is_visible()  # the reason is folded away
+    head = page.evaluate(f"{VISIBLE_PLOTS}.find(p => p.layout.title.text.startsWith('Attention, layer')).layout")
+    assert "␣Eiffel" in " ".join(head["yaxis"]["ticktext"] if "ticktext" in head["yaxis"] else page.evaluate(
+        f"{VISIBLE_PLOTS}.find(p => p.layout.title.text.startsWith('Attention, layer')).data[0].y"))
+    assert clipped_titles(page) == []
+    shoot(page, f"explorer-{width}")
 
-    # Contrast Pairs: click the second example and wait for exact and approximate patching side by side
+    # Contrast Pairs opens with the first example's exact and approximate patching, and its status
     page.get_by_role("tab", name="Contrast Pairs").click()
-    page.get_by_text("IOI seed names (ABBA)").click()
-    page.wait_for_selector("text=top-10 overlap", timeout=120_000)
-    page.wait_for_function(
-        "[...document.querySelectorAll('.js-plotly-plot')].filter(e => e.offsetParent !== null).length >= 11",
-        timeout=60_000,
-    )
-    content = page.content()
-    assert "Activation patching (exact), Head output" in content
-    assert "APPROXIMATE (attribution patching), Head output" in content
+    page.wait_for_function(f"{VISIBLE_PLOTS}.length >= 5", timeout=30_000)
+    assert page.get_by_text("Done:").is_visible()
+    assert "Activation patching (exact)" in page.content() and "APPROXIMATE (attribution patching)" in page.content()
+    assert clipped_titles(page) == []
+    shoot(page, f"contrast-{width}")
 
-    # Circuit Map: click the example and wait for the five figures
+    # Circuit Map opens with its five figures; head scores live in [0, 1] and are drawn on a fixed 0-1 scale
     page.get_by_role("tab", name="Circuit Map").click()
-    page.get_by_text("Short sequences, another seed").click()
-    page.wait_for_function(
-        "[...document.querySelectorAll('.js-plotly-plot')].filter(e => e.offsetParent !== null).length >= 5",
-        timeout=120_000,
-    )
+    page.wait_for_function(f"{VISIBLE_PLOTS}.length >= 5", timeout=30_000)
     assert "Loss by position on the repeated random sequence" in page.content()
-
-    # back to the explorer: a new prompt with an unknown-length target shows the error, not a traceback
-    page.get_by_role("tab", name="Prompt Explorer").click()
-    page.get_by_label("Target token (empty: the model's top prediction)").fill("Berlin")
-    page.get_by_role("button", name="Run").click()
-    page.wait_for_selector("text=did you mean ' Berlin'?", timeout=60_000)
-
-    page.screenshot(path=os.path.join(os.environ.get("BROWSER_SHOTS", "/tmp"), "circuitbreaker-explorer.png"), full_page=True)
+    scales = page.evaluate(
+        f"{VISIBLE_PLOTS}.filter(p => p.layout.coloraxis).map(p => [p.layout.coloraxis.cmin, p.layout.coloraxis.cmax])"
+    )
+    assert scales == [[0, 1]] * 3, scales  # induction, previous-token, duplicate-token
+    assert clipped_titles(page) == []
+    shoot(page, f"circuit-map-{width}")
     assert errors == [], errors
+
+
+def test_preview_stays_visible_and_bad_input_keeps_the_results(browser, page_url):
+    errors: list[str] = []
+    page = open_page(browser, page_url, 1400, errors)
+
+    # a bad target: the message sits on its field, and every result on the page stays as it was
+    before = page.evaluate(f"{VISIBLE_PLOTS}.map(p => p.layout.title.text)")
+    page.get_by_label("Target token (empty: the model's top prediction)").fill("Berlin")
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.wait_for_selector("text=did you mean ' Berlin'?", timeout=60_000)
+    assert page.get_by_text("did you mean ' Berlin'?").count() == 1  # said once, not over every panel
+    assert page.locator(".error").filter(has_text="Error").count() == 0
+    assert page.evaluate(f"{VISIBLE_PLOTS}.map(p => p.layout.title.text)") == before
+
+    # Contrast Pairs: run another example; while exact patching runs, no figure is covered by the progress overlay
+    page.get_by_role("tab", name="Contrast Pairs").click()
+    page.wait_for_function(f"{VISIBLE_PLOTS}.length >= 5", timeout=30_000)
+    page.get_by_label("Prompt B (corrupted: same number of tokens)").fill(
+        "When John and Mary went to the store, John gave a bottle of milk to".replace(" store", " park")
+    )
+    page.get_by_role("button", name="Run patching").click()
+    covered = page.evaluate_handle(
+        """() => { window.covered = 0; window.timer = setInterval(() => {
+            document.querySelectorAll('.js-plotly-plot').forEach(p => {
+                const block = p.closest('.block');
+                if (block && block.querySelector('.wrap.default:not(.hide), .eta-bar')) window.covered += 1;
+            }); }, 20); }"""
+    )
+    del covered
+    page.wait_for_selector("text=Small swing", timeout=120_000)  # the warning a tiny swing earns
+    page.wait_for_selector("text=Done:", timeout=120_000)
+    assert page.evaluate("clearInterval(window.timer) || window.covered") == 0
+    assert "less than 1 logit" in page.content()
+    validation = "status of 422"  # how Gradio answers a request its validator turned away (the browser logs it)
+    assert [e for e in errors if validation not in e] == [], errors

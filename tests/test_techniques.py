@@ -167,9 +167,11 @@ def test_patching_shapes_and_json(tiny_model):
     assert np.allclose(result.resid_pre[:, :4], 0.0, atol=1e-6)
     data = json.loads(json.dumps(result.to_dict()))
     assert list(data) == [
-        "clean_tokens", "corrupted_tokens", "clean_value", "corrupted_value",
+        "clean_tokens", "corrupted_tokens", "clean_value", "corrupted_value", "swing", "min_swing", "swing_warning",
         "resid_pre", "attn_out", "mlp_out", "head_out", "head_dla", "pearson_r",
     ]
+    assert data["swing"] == result.clean_value - result.corrupted_value
+    assert (data["swing_warning"] is None) == (abs(data["swing"]) >= data["min_swing"])
 
 
 def test_patching_rejects_different_lengths_showing_both(tiny_model):
