@@ -38,7 +38,7 @@ _AXIS = dict(automargin=True, title_standoff=8, **NO_SI)  # room for tick labels
 TEMPLATE = go.layout.Template(
     layout=go.Layout(
         font=dict(family="Inter, Helvetica, Arial, sans-serif", size=12),
-        title=dict(x=0, xanchor="left", xref="container", pad=dict(l=8), font=dict(size=14), automargin=True),
+        title=dict(x=0, xanchor="left", xref="container", y=1, yanchor="top", yref="container", pad=dict(l=8, t=52), font=dict(size=14), automargin=True),  # t: below the page's label badge
         margin=dict(l=60, r=20, t=84, b=60),  # minimums: automargin grows them to fit tick labels
         paper_bgcolor="white",
         plot_bgcolor="white",
