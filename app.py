@@ -51,6 +51,8 @@ THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"], font_m
 CSS = """
 @media (max-width: 520px) {  /* a phone: the three tab names stay visible instead of folding into "..." */
   .tab-wrapper button { padding: 4px 7px !important; font-size: 13px !important; }
+  #contrast-summary table { font-size: 12px; }
+  #contrast-summary th, #contrast-summary td { padding: 4px 6px !important; word-break: normal; }
 }
 """
 LOOK = dict(theme=THEME, css=CSS)  # passed to launch() (Gradio 6), by main() and by the tests' servers
@@ -367,13 +369,13 @@ def build_prompt_explorer(h: Handlers, model: Model):
         layer = gr.Slider(0, model.cfg.n_layers - 1, value=first[3], step=1, label="Attention layer", min_width=200)
         head = gr.Slider(0, model.cfg.n_heads - 1, value=first[4], step=1, label="Attention head (large view)", min_width=200)
         run = gr.Button("Run", variant="primary", min_width=120)
-    predictions = gr.Plot(value=initial[0], label="Top predictions (final position)", render=False)
-    lens_final = gr.Plot(value=initial[2], label="Logit lens, final position", render=False)
-    lens_heatmap = gr.Plot(value=initial[1], label="Logit lens, every position", render=False)
+    predictions = gr.Plot(value=initial[0], label="Top predictions", render=False)
+    lens_final = gr.Plot(value=initial[2], label="Logit lens: final position", render=False)
+    lens_heatmap = gr.Plot(value=initial[1], label="Logit lens: every position", render=False)
     dla_heads = gr.Plot(value=initial[3], label="DLA per head", render=False)
     dla_components = gr.Plot(value=initial[4], label="DLA: MLPs, embeddings, biases", render=False)
-    attention_head = gr.Plot(value=initial[5], label="Attention pattern, one head", render=False)
-    attention = gr.Plot(value=initial[6], label="Attention patterns, every head of the layer", render=False)
+    attention_head = gr.Plot(value=initial[5], label="Attention: one head", render=False)
+    attention = gr.Plot(value=initial[6], label="Attention: every head", render=False)
     download = gr.File(value=initial[7], label="Download all results (JSON)", render=False)
     inputs = [prompt, target, competing, layer, head]
     outputs = [predictions, lens_heatmap, lens_final, dla_heads, dla_components, attention_head, attention, download]
@@ -418,8 +420,8 @@ def build_contrast_pairs(h: Handlers, model: Model):
     lens = gr.Plot(initial[2], label="Logit lens, both prompts", render=False)
     exact, approximate = {}, {}
     for i, name in enumerate(SWEEPS):
-        exact[name] = gr.Plot(initial[3 + i], label=f"Activation patching (exact): {name}", render=False, **WIDE)
-        approximate[name] = gr.Plot(initial[3 + len(SWEEPS) + i], label=f"Attribution patching (approximate): {name}", render=False, **WIDE)
+        exact[name] = gr.Plot(initial[3 + i], label=f"Exact: {name}", render=False, **WIDE)
+        approximate[name] = gr.Plot(initial[3 + len(SWEEPS) + i], label=f"Approximate: {name}", render=False, **WIDE)
     agreement_plot = gr.Plot(initial[-3], label="Approximate vs exact", render=False, **WIDE)
     scatter = gr.Plot(initial[-2], label="DLA vs patching", render=False, **WIDE)
     download = gr.File(initial[-1], label="Download results (JSON: exact, approximate, agreement)", render=False)
@@ -440,7 +442,7 @@ def build_contrast_pairs(h: Handlers, model: Model):
     lens.render()
     with gr.Tabs(elem_id="sweeps"):  # one sweep at a time keeps the page short; exact left, approximate right
         for name in SWEEPS:
-            with gr.Tab(f"Patching: {name}", id=name), gr.Row():
+            with gr.Tab(name, id=name), gr.Row():
                 exact[name].render()
                 approximate[name].render()
     with gr.Row():

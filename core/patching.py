@@ -125,11 +125,17 @@ def _prompt_tokens(model: Model, prompt: str, role: str):
 
 
 def _check_lengths(model: Model, clean_tokens, corrupted_tokens) -> None:
+    """Same number of tokens (positions line up), and not the very same tokens (nothing to patch)."""
     if clean_tokens.shape != corrupted_tokens.shape:
         raise ValueError(
             "The clean and corrupted prompts must have the same number of tokens so positions line up: "
             f"clean has {clean_tokens.shape[-1]} {str_tokens(model, clean_tokens)}, "
             f"corrupted has {corrupted_tokens.shape[-1]} {str_tokens(model, corrupted_tokens)}."
+        )
+    if torch.equal(clean_tokens, corrupted_tokens):
+        raise ValueError(
+            "The clean and corrupted prompts are the same tokens, so they give the same logit difference and there "
+            "is nothing for patching to restore: change the corrupted prompt (e.g. swap a name)."
         )
 
 

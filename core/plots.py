@@ -35,10 +35,11 @@ from core.results import (
 MAX_TITLE_CHARS = 52  # a main line this long (mostly capitals) spans ~340 px at 14 px (Chromium, Arial metrics): fits a phone
 NO_SI = dict(exponentformat="e")  # 2e-06, never plotly's default "2µ"
 _AXIS = dict(automargin=True, title_standoff=8, **NO_SI)  # room for tick labels, gap before the axis title
+TITLE_PAD = 52  # px above a title: it starts below the label badge the page draws over a figure's top left
 TEMPLATE = go.layout.Template(
     layout=go.Layout(
         font=dict(family="Inter, Helvetica, Arial, sans-serif", size=12),
-        title=dict(x=0, xanchor="left", xref="container", y=1, yanchor="top", yref="container", pad=dict(l=8, t=52), font=dict(size=14), automargin=True),  # t: below the page's label badge
+        title=dict(x=0, xanchor="left", xref="container", y=1, yanchor="top", yref="container", pad=dict(l=8, t=TITLE_PAD), font=dict(size=14), automargin=True),
         margin=dict(l=60, r=20, t=84, b=60),  # minimums: automargin grows them to fit tick labels
         paper_bgcolor="white",
         plot_bgcolor="white",
@@ -87,6 +88,12 @@ def _title(main: str, detail: str | None = None) -> str:
         return main
     lines = textwrap.wrap(detail, DETAIL_CHARS, break_long_words=False, break_on_hyphens=False)
     return main + "".join(f"<br><sup>{line}</sup>" for line in lines)
+
+
+def _top_margin(title: str, panel_lines: int) -> int:
+    """The top margin a figure with subplot titles needs: the title (main line and detail lines, below
+    the page's label badge) and then `panel_lines` lines of panel titles, so neither overlaps."""
+    return TITLE_PAD + 22 + 13 * title.count("<sup>") + 14 * panel_lines + 8
 
 
 def main_title(figure: go.Figure) -> str:
@@ -475,13 +482,16 @@ def approximation_vs_exact(exact: PatchingResult, approximate: ApproximatePatchi
         r = "n/a" if stats["pearson_r"] is None else f"{stats['pearson_r']:.3f}"
         return f"{name}<br>r = {r}<br>top-{stats['top_k']}: {stats['top_k_overlap']}/{stats['top_k']}"  # narrow panels
 
-    fig = make_subplots(rows=1, cols=len(names), subplot_titles=[subtitle(name) for name in names])
-    for col, name in enumerate(names, start=1):
+    cols = 2  # a 2 x 2 grid: each panel wide enough for its title and ticks, on a phone too
+    rows = -(-len(names) // cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[subtitle(name) for name in names], vertical_spacing=0.22, horizontal_spacing=0.12)
+    for i, name in enumerate(names):
+        row, col = i // cols + 1, i % cols + 1
         x, y = getattr(exact, name), getattr(approximate, name)
         low, high = float(min(x.min(), y.min(), 0.0)), float(max(x.max(), y.max(), 1.0))
         fig.add_trace(
             go.Scatter(x=[low, high], y=[low, high], mode="lines", line=dict(color="#bbbbbb", dash="dot"), hoverinfo="skip", showlegend=False),
-            row=1,
+            row=row,
             col=col,
         )
         fig.add_trace(
@@ -494,16 +504,13 @@ def approximation_vs_exact(exact: PatchingResult, approximate: ApproximatePatchi
                 hovertemplate=name + " %{customdata}<br>exact = %{x:+.4f}<br>approximate = %{y:+.4f}<extra></extra>",
                 showlegend=False,
             ),
-            row=1,
+            row=row,
             col=col,
         )
-        fig.update_xaxes(title_text="exact", row=1, col=col)
-    fig.update_yaxes(title_text="approximate", row=1, col=1)
-    fig.update_layout(
-        template=TEMPLATE,
-        title=_title("Attribution patching vs exact patching", "one point per component; dotted line: approximate = exact"),
-        margin_t=130,  # room for the three-line panel titles under the title
-    )
+        fig.update_xaxes(title_text="exact", row=row, col=col)
+        fig.update_yaxes(title_text="approximate" if col == 1 else None, row=row, col=col)
+    title = _title("Attribution patching vs exact patching", "one point per component; dotted line: approximate = exact")
+    fig.update_layout(template=TEMPLATE, title=title, height=720, margin_t=_top_margin(title, 3))  # 3: the panel titles' lines
     fig.update_annotations(font_size=11)
     return fig
 
@@ -534,7 +541,12 @@ def dla_vs_patching(result: PatchingResult) -> go.Figure:
 # --- contrast pairs -------------------------------------------------------------------
 
 WINNER_COLOURS = {"answer": "#111111", "wrong": "#777777", "neither": "#cccccc"}
-PANEL_TITLE_CHARS = 30  # a panel title (e.g. a prompt excerpt) wraps at this width, so side-by-side panels fit a phone
+PANEL_TITLE_CHARS = 22  # a panel title (e.g. a prompt excerpt) wraps at this width, so side-by-side panels fit a phone
+
+
+_CONTRAST_LENS_TITLE = _title(
+    "Logit lens at the final position, per prompt", "top-1 token: black = the answer, dark grey = the wrong token, light = neither"
+)
 
 
 def contrast_lens(pair: dict[str, tuple[LogitLensResult, LogitLensResult]]) -> go.Figure:
@@ -591,14 +603,11 @@ def contrast_lens(pair: dict[str, tuple[LogitLensResult, LogitLensResult]]) -> g
         )
     fig.update_layout(
         template=TEMPLATE,
-        title=_title(
-            "Logit lens at the final position, per prompt",
-            "top-1 token: black = the answer, dark grey = the wrong token, light = neither",
-        ),
+        title=_CONTRAST_LENS_TITLE,
         yaxis_title="probability",
         yaxis_range=[0, _probability_top(*(lens.target_probs[:, -1] for lenses in pair.values() for lens in lenses))],
         legend=dict(orientation="h", x=0, xanchor="left", y=-0.3, yanchor="top"),
-        margin_t=84 + 13 * max(w.count("<br>") for w in wrapped),  # wrapped panel titles stay under the title
+        margin_t=_top_margin(_CONTRAST_LENS_TITLE, 1 + max(w.count("<br>") for w in wrapped)),  # panel titles stay under the title
     )
     fig.update_xaxes(tickangle=-45)
     fig.update_annotations(font_size=11)

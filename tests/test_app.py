@@ -199,6 +199,8 @@ def test_validators_show_each_message_on_its_field_before_the_run(demo_model, tm
         activation_patching(demo_model, IOI_CLEAN, "When John and Mary went", " Mary", " John")
     assert checks[1]["message"] == str(run_error.value) and "did you mean ' Berlin'?" in checks[3]["message"]
     assert all(c["is_valid"] for c in contrast(IOI_CLEAN, IOI_CORRUPTED, " Mary", " John"))
+    same = contrast(IOI_CLEAN, IOI_CLEAN, " Mary", " John")  # pasted twice: caught before the run too
+    assert [c["is_valid"] for c in same] == [True, False, True, True] and "same logit difference" in same[1]["message"]
     explorer = app._validator(handlers, app.explorer_errors, ["prompt", "target", "competing"])
     checks = explorer("", " Paris", " Paris", 0, 0)
     assert [c["is_valid"] for c in checks] == [False, True, False, True, True]

@@ -152,7 +152,7 @@ def test_titles_have_a_short_left_aligned_main_line_and_details_below(results):
     assert plots.main_title(dla) == "Direct logit attribution per head"
     assert "<sup>direct contribution to logit(␣Mary) - logit(␣John)</sup>" in dla.layout.title.text
     panels = [a.text for a in plots.contrast_lens(results["contrast"]).layout.annotations]
-    assert panels[0] == "clean: ...When John and Mary<br>went to the store"  # a long panel title wraps
+    assert panels[0] == "clean: ...When John<br>and Mary went to the<br>store"  # a long panel title wraps (to fit half a phone)
     assert all(len(line) <= plots.PANEL_TITLE_CHARS for panel in panels for line in panel.split("<br>"))
 
 

@@ -185,8 +185,8 @@ def test_patching_rejects_identical_metric(tiny_model):
 
 
 def test_patching_rejects_same_answers(tiny_model):
-    with pytest.raises(ValueError, match="same token"):
-        activation_patching(tiny_model, PROMPT, PROMPT, " Mary", " Mary")
+    with pytest.raises(ValueError, match="answer and the wrong answer are the same token"):
+        activation_patching(tiny_model, PROMPT, PROMPT.replace(", John gave", ", Mary gave"), " Mary", " Mary")
 
 
 def test_activation_caches_keep_only_the_hooks_a_technique_needs(tiny_model, monkeypatch):
