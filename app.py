@@ -10,13 +10,18 @@ GRADIO_SERVER_PORT, CIRCUITBREAKER_SHARE=1.
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
 import hashlib
 import inspect
+import ipaddress
 import json
 import os
+import re
+import shutil
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +29,8 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
+from fastapi import HTTPException  # noqa: E402
+from gradio.context import LocalContext  # noqa: E402
 
 from core import (  # noqa: E402
     DEFAULTS,
@@ -55,7 +62,8 @@ CSS = """
   #contrast-summary th, #contrast-summary td { padding: 4px 6px !important; word-break: normal; }
 }
 """
-LOOK = dict(theme=THEME, css=CSS)  # passed to launch() (Gradio 6), by main() and by the tests' servers
+MAX_UPLOAD = "1kb"  # the app has no upload widget: Gradio's upload route takes nothing bigger
+LOOK = dict(theme=THEME, css=CSS, max_file_size=MAX_UPLOAD)  # passed to launch() (Gradio 6), by main() and by the tests' servers
 # Two queues, one running request each: quick techniques never wait behind a line of heavy ones
 # (they wait at most for the one heavy request running, which the limits in core/config.py keep
 # short). Both still take turns on the model itself (Runner's lock: hooks live on the model).
@@ -74,7 +82,7 @@ def user_errors(fn):
             try:
                 yield from fn(*args, **kwargs)
             except ValueError as err:
-                raise gr.Error(str(err), print_exception=False) from None
+                raise gr.Error(_plain_text(err), print_exception=False) from None
 
         return steps
 
@@ -83,9 +91,15 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except ValueError as err:
-            raise gr.Error(str(err), print_exception=False) from None
+            raise gr.Error(_plain_text(err), print_exception=False) from None
 
     return wrapper
+
+
+def _plain_text(err: Exception) -> str:
+    """The message safe as HTML: the page's toasts render HTML, and messages quote the user's input.
+    Escaping '&' and '<' is enough (no tag can open) and leaves arrows such as '->' as they are."""
+    return str(err).replace("&", "&amp;").replace("<", "&lt;")
 
 
 class Handlers:
@@ -95,15 +109,25 @@ class Handlers:
         self.runner = runner
         self.download_dir = Path(download_dir)
 
-    def _download(self, stem: str, data: dict) -> str:
-        """Write `data` as JSON; the name is the content's hash, so repeats do not pile up files."""
+    def _download(self, stem: str, data: dict) -> str | None:
+        """Write `data` as JSON; the name is the content's hash, so repeats do not pile up files.
+        Written to a temporary name and renamed, so a file under its final name is always whole; when
+        the disk refuses, the results are still shown, with a warning instead of a download."""
         text = json.dumps(data, ensure_ascii=False)
         path = self.download_dir / f"{stem}-{hashlib.blake2b(text.encode(), digest_size=8).hexdigest()}.json"
-        if not path.exists():
-            path.write_text(text, encoding="utf-8")
-            files = sorted(self.download_dir.glob("*.json"), key=lambda f: f.stat().st_mtime)
-            for old in files[: max(0, len(files) - MAX_DOWNLOADS)]:
-                old.unlink(missing_ok=True)
+        if path.exists():
+            return str(path)
+        partial = path.with_suffix(f".{threading.get_ident()}.tmp")
+        try:
+            partial.write_text(text, encoding="utf-8")
+            partial.replace(path)
+        except OSError as err:
+            partial.unlink(missing_ok=True)
+            gr.Warning(f"The results are shown, but their JSON download could not be saved on the server ({err.strerror or err}).")
+            return None
+        files = sorted(self.download_dir.glob("*.json"), key=lambda f: f.stat().st_mtime)
+        for old in files[: max(0, len(files) - MAX_DOWNLOADS)]:
+            old.unlink(missing_ok=True)
         return str(path)
 
     # --- JSON API (gradio_client) ---------------------------------------------------
@@ -183,7 +207,7 @@ class Handlers:
         lens = plots.contrast_lens(lenses)
         approximate_maps = [plots.patching_heatmap(approximate, name) for name in SWEEPS]
         values = (
-            f"**logit({answer!r}) − logit({wrong!r})**: clean **{approximate.clean_value:+.3f}**, "
+            f"**logit({_literal(repr(answer))}) − logit({_literal(repr(wrong))})**: clean **{approximate.clean_value:+.3f}**, "
             f"corrupted **{approximate.corrupted_value:+.3f}**, swing **{approximate.swing:+.3f}**. "
             "Patching scores: 1 = clean behaviour restored, 0 = no effect."
         )
@@ -236,6 +260,25 @@ class Handlers:
         )
 
 
+def event_wanted() -> bool:
+    """Whether the Gradio event the current worker thread runs for is still wanted. Gradio 6 frees a
+    cancelled event's queue slot (and drops a closed page's events) but lets its thread run on, holding
+    the model: the runner asks this at every step boundary and stops work nobody waits for. Outside an
+    event (start-up, tests, notebooks) everything is wanted. Reads Gradio's queue (6.31 names)."""
+    event_id = LocalContext.event_id.get(None)
+    queue = getattr(LocalContext.blocks.get(None), "_queue", None)
+    if event_id is None or queue is None:
+        return True
+    event = queue.event_ids_to_events.get(event_id)
+    return event is not None and event.alive and not getattr(event, "closed", False)
+
+
+def _literal(text: str) -> str:
+    """User text inside Markdown, shown as typed: every Markdown and HTML character escaped, so a
+    token such as '[' or '](' or '<b>' cannot turn the summary into a link or markup."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~&])", r"\\\1", text)
+
+
 def _r(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
@@ -283,13 +326,43 @@ def warm_examples(handlers: Handlers, say=None) -> None:
 # --- layout -------------------------------------------------------------------------
 
 
-def _examples(rows, labels, inputs, outputs, fn, api_name: str) -> gr.Examples:
-    """Clicking an example runs the handler, which answers from the runner's warm cache (our cache,
-    keyed by model and code, instead of Gradio's, which is keyed by component id and can go stale)."""
-    return gr.Examples(
-        rows, inputs=inputs, outputs=outputs, fn=user_errors(fn), run_on_click=True, cache_examples=False,
-        example_labels=labels, api_name=api_name, api_visibility="private",
+def _listed_only(fn, rows):
+    """`fn` for example clicks only: arguments that are not one of `rows` are refused (an example event
+    is a route any client can call; it must not carry arbitrary work around the Run buttons' checks)."""
+    allowed = [[_whole(value) for value in row] for row in rows]
+
+    def check(args):
+        if [_whole(value) for value in args[: len(allowed[0])]] not in allowed:
+            raise ValueError("An example event runs only the listed examples: use the Run button for your own input.")
+
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def steps(*args, **kwargs):
+            check(args)
+            yield from fn(*args, **kwargs)
+
+        return steps
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        check(args)
+        return fn(*args, **kwargs)
+
+    return run
+
+
+def _examples(rows, labels, inputs, outputs, fn, api_name: str, lane: dict) -> gr.Examples:
+    """Clicking an example fills the inputs and runs the handler, which answers from the runner's warm
+    cache (our cache, keyed by model and code, instead of Gradio's, which is keyed by component id and
+    can go stale). The run is our own event: in the tab's lane, and for the listed examples only."""
+    examples = gr.Examples(
+        rows, inputs=inputs, cache_examples=False, example_labels=labels, api_name=f"{api_name}_load", api_visibility="private",
     )
+    examples.load_input_event.then(
+        user_errors(_listed_only(fn, rows)), inputs, outputs, api_name=api_name, api_visibility="private", **lane, **RAW
+    )
+    return examples
 
 
 def _validator(h: Handlers, errors_of, names: list[str]):
@@ -387,7 +460,7 @@ def build_prompt_explorer(h: Handlers, model: Model):
             user_errors(h.attention_figures), [prompt, layer, head], [attention_head, attention],
             api_name=f"attention_{'layer' if slider is layer else 'head'}", api_visibility="private", **LIGHT, **RAW,
         )
-    _examples(rows, labels, inputs, outputs, h.explore, "explore_example")  # after the events: it reuses the fn's name
+    _examples(rows, labels, inputs, outputs, h.explore, "explore_example", LIGHT)
     with gr.Row():
         predictions.render()
         lens_final.render()
@@ -435,7 +508,7 @@ def build_contrast_pairs(h: Handlers, model: Model):
         user_errors(contrast), inputs, outputs, api_name="contrast", show_progress_on=[status],
         validator=_validator(h, pair_errors, ["clean_prompt", "corrupted_prompt", "answer", "wrong_answer"]), **HEAVY, **RAW,
     )
-    _examples(rows, labels, inputs, outputs, contrast, "contrast_example")  # after the event (see above)
+    _examples(rows, labels, inputs, outputs, contrast, "contrast_example", HEAVY)
     status.render()
     summary.render()
     _about(ABOUT["patching"])
@@ -474,7 +547,7 @@ def build_circuit_map(h: Handlers, model: Model):
         user_errors(h.circuit_map), inputs, outputs, api_name="circuit_map",
         validator=_validator(h, induction_errors, ["seq_len", "batch", "seed"]), **HEAVY, **RAW,
     )
-    _examples(rows, labels, inputs, outputs, h.circuit_map, "circuit_map_example")  # after the event (see above)
+    _examples(rows, labels, inputs, outputs, h.circuit_map, "circuit_map_example", HEAVY)
     gr.Markdown(f"Heads scoring above **{DEFAULTS.induction_threshold}** are listed as induction heads.")
     _about(ABOUT["induction"])
     with gr.Row():
@@ -505,8 +578,11 @@ def build_demo(
     if model is None and runner is None:
         model, notice = load_with_fallback(Settings.from_env().model)
     runner = runner or Runner(model)
+    runner.still_wanted = event_wanted
     model = runner.model
-    handlers = Handlers(runner, tempfile.mkdtemp(prefix="circuitbreaker-downloads-"))
+    downloads = tempfile.mkdtemp(prefix="circuitbreaker-downloads-")
+    atexit.register(shutil.rmtree, downloads, ignore_errors=True)  # no directory left behind per start
+    handlers = Handlers(runner, downloads)
     if warm:
         warm_examples(handlers, say)
     with gr.Blocks(title="CircuitBreaker", delete_cache=(600, 3600)) as demo:  # served files: hourly clean-up
@@ -526,8 +602,47 @@ def build_demo(
             with gr.Tab("Circuit Map", id="circuit_map"):
                 build_circuit_map(handlers, model)
         build_api(handlers)
-    demo.queue(default_concurrency_limit=1, max_size=DEFAULTS.max_queue_size)
+    # api_open=False: every call goes through the queue and its lanes (gradio_client uses the queue
+    # too); Gradio would otherwise leave /gradio_api/run/<name> open, which skips both.
+    demo.queue(default_concurrency_limit=1, max_size=DEFAULTS.max_queue_size, api_open=False)
+    limit_each_client(demo._queue, DEFAULTS.max_requests_per_client)
     return demo
+
+
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # the browser sends ~11 characters, gradio_client a uuid
+
+
+def client_address(request) -> str | None:
+    """Who sent a request: the peer's address, or, behind a proxy on a private or loopback address
+    (a Hugging Face Space), the first address the proxy forwarded for."""
+    peer = request.client.host if request is not None and request.client else None
+    forwarded = request.headers.get("x-forwarded-for") if request is not None else None
+    try:
+        behind_proxy = peer is not None and (ipaddress.ip_address(peer).is_private or ipaddress.ip_address(peer).is_loopback)
+    except ValueError:
+        behind_proxy = False
+    return forwarded.split(",")[0].strip() if behind_proxy and forwarded else peer
+
+
+def limit_each_client(queue, limit: int) -> None:
+    """Gradio 6's queue has one global size limit; this adds a limit per client (waiting plus running
+    requests from one address), so one client re-joining as slots free cannot take the whole queue,
+    and refuses session ids that are not short plain strings (Gradio keeps them in memory)."""
+    push = queue.push
+
+    async def limited_push(body, request, username):
+        if body.session_hash is not None and not SESSION_ID.fullmatch(body.session_hash):
+            raise HTTPException(422, "The session id must be 1 to 64 letters, digits, '-' or '_'.")
+        client = client_address(request)
+        held = sum(1 for event in list(queue.event_ids_to_events.values()) if client_address(event.request) == client)
+        if client is not None and held >= limit:
+            raise HTTPException(
+                429, f"You already have {held} requests waiting or running (the limit is {limit} per client): "
+                "wait for one to finish, then try again."
+            )
+        return await push(body=body, request=request, username=username)
+
+    queue.push = limited_push
 
 
 # --- running it ---------------------------------------------------------------------

@@ -30,7 +30,9 @@ class Defaults:
     max_token_chars: int = 100  # a target / answer token longer than this cannot be one token
     max_induction_tokens: int = 8192  # Circuit Map: batch x (2 x seq_len + 1) tokens per request
     max_queue_size: int = 64  # requests waiting in the Gradio queue; more are turned away with a message
+    max_requests_per_client: int = 32  # waiting + running requests from one address (half the queue: others keep room)
     validation_wait_s: float = 2.0  # input checks wait this long for a busy model, then leave checking to the run
+    lock_poll_s: float = 0.25  # a request waiting for the model checks this often whether it is still wanted
     max_wait_s: float = 120.0  # a request that cannot start within this long gets "busy, try again"
 
 

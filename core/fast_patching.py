@@ -308,7 +308,7 @@ def exact_sweeps(
         jobs = sweep_jobs(engine, clean, corrupted, start)
         total = engine.n_layers * (3 * (n_pos - start) + engine.n_heads)  # at most
         chunk = max(1, max_rows // (n_pos - start))
-        if progress is not None:  # smaller passes, so the progress shown advances in real steps
+        if progress is not None and getattr(progress, "shown", True):  # smaller passes: the progress shown advances in real steps
             chunk = max(1, min(chunk, -(-total // DEFAULTS.progress_steps)))
         done = 0
         while part := list(itertools.islice(jobs, chunk)):

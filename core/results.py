@@ -6,6 +6,8 @@ serialise exactly; `to_dict()` returns plain lists, floats and strings only.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -212,3 +214,60 @@ class ApproximatePatchingResult(_PatchingScores):
 
     def to_dict(self) -> dict:
         return {"approximate": True, "method": self.method, **self._scores_dict()}
+
+
+# --- storing results on disk: data only, never code ------------------------------------
+
+RESULT_TYPES = {
+    cls.__name__: cls
+    for cls in (Predictions, LogitLensResult, DLAResult, AttentionResult, InductionResult, PatchingResult, ApproximatePatchingResult)
+}
+_ARRAY_DTYPES = ("float64", "float32", "int64", "int32", "bool")  # what a stored array may be
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def dumps(result) -> bytes:
+    """A result as JSON that `loads` reads back exactly (floats by repr, arrays with dtype and shape).
+    JSON cannot carry code, so a file planted in the cache can at worst be refused, never executed."""
+    if type(result).__name__ not in RESULT_TYPES:
+        raise TypeError(f"not a result type: {type(result).__name__}")
+    fields = {}
+    for field in dataclasses.fields(result):
+        value = getattr(result, field.name)
+        if isinstance(value, np.ndarray):
+            value = {"dtype": str(value.dtype), "shape": list(value.shape), "data": value.ravel().tolist()}
+        elif isinstance(value, np.generic):
+            value = value.item()
+        fields[field.name] = value
+    return json.dumps({"type": type(result).__name__, "fields": fields}, allow_nan=True).encode("utf-8")
+
+
+def _plain(value) -> bool:
+    """Strings, numbers, None, and lists of them (token lists, nested for the logit lens)."""
+    return isinstance(value, _PLAIN) or (isinstance(value, list) and all(_plain(v) for v in value))
+
+
+def loads(data: bytes):
+    """The result `dumps` wrote, or ValueError if `data` is anything else (checked against the schema:
+    a known type, exactly its fields, arrays of an allowed dtype whose data fits their shape)."""
+    try:
+        stored = json.loads(data.decode("utf-8"))
+        cls = RESULT_TYPES[stored["type"]]
+        fields = stored["fields"]
+        names = [field.name for field in dataclasses.fields(cls)]
+        if not isinstance(fields, dict) or sorted(fields) != sorted(names):
+            raise ValueError("the stored fields are not the result's")
+        values = {}
+        for name, value in fields.items():
+            if isinstance(value, dict):
+                if value.get("dtype") not in _ARRAY_DTYPES or not _plain(value.get("data")):
+                    raise ValueError(f"{name}: not a stored array")
+                array = np.asarray(value["data"], dtype=value["dtype"])
+                values[name] = array.reshape([int(n) for n in value["shape"]])
+            elif _plain(value):
+                values[name] = value
+            else:
+                raise ValueError(f"{name}: not plain data")
+        return cls(**values)
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as err:
+        raise ValueError(f"not a stored result: {err}") from None

@@ -8,7 +8,9 @@
   slider moved back) is answered from a bounded in-memory LRU.
 - Persisted where asked (the app's examples): on disk, keyed by a fingerprint of the model's
   weights, of the code in `core/` and of the call, so a restart reuses them and a change to the
-  model or the code can never serve stale numbers.
+  model or the code can never serve stale numbers. Stored as JSON checked against the result's
+  schema on load (`core.results.dumps/loads`), never as pickles: a file planted under a key's name
+  can only be refused, never run; anything unreadable is a cache miss.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import inspect
 import os
-import pickle
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +30,7 @@ import torch
 
 from core.config import DEFAULTS
 from core.model import Model
+from core.results import RESULT_TYPES, dumps, loads
 
 CORE_DIR = Path(__file__).resolve().parent
 DEFAULT_CACHE_DIR = Path(os.environ.get("CIRCUITBREAKER_CACHE_DIR", Path.home() / ".cache" / "circuitbreaker"))
@@ -82,16 +86,34 @@ class ServerBusy(ValueError):
     """The model stayed busy with other requests for too long."""
 
 
+class Abandoned(ValueError):
+    """Nobody waits for this work any more (the request was cancelled or its client left): it stopped."""
+
+
+def _always() -> bool:
+    return True
+
+
 class Runner:
     """A model plus a lock, an LRU of results and an on-disk store for persistent ones."""
 
-    def __init__(self, model: Model, cache_dir: str | os.PathLike | None = DEFAULT_CACHE_DIR, max_entries: int = 64):
+    def __init__(
+        self,
+        model: Model,
+        cache_dir: str | os.PathLike | None = DEFAULT_CACHE_DIR,
+        max_entries: int = 64,
+        still_wanted: Callable[[], bool] = _always,
+    ):
+        """`still_wanted()` says whether the request the current thread works for still has someone
+        waiting (the app asks Gradio); work nobody wants stops at the next step boundary."""
         self.model = model
+        self.still_wanted = still_wanted
         self.lock = threading.RLock()
         self.max_entries = max_entries
         self._memory: OrderedDict[str, Any] = OrderedDict()
         self._prefix = f"{model_fingerprint(model)}-{code_fingerprint()}"
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self._remove_stale_partials()
         self.computed = 0  # calls that really ran the model (not answered from memory or disk)
 
     def _key(self, fn: Callable, args: tuple, kwargs: dict) -> str:
@@ -101,11 +123,9 @@ class Runner:
     def run(self, fn: Callable, *args, persist: bool = False, **kwargs):
         """fn(model, *args, **kwargs), from the cache when this exact call was made before."""
         key = self._key(fn, args, kwargs)
-        if not self.lock.acquire(timeout=DEFAULTS.max_wait_s):
-            raise ServerBusy(
-                f"The server is busy: other requests kept the model occupied for {DEFAULTS.max_wait_s:.0f} s. "
-                "Try again in a minute."
-            )
+        if "progress" in inspect.signature(fn).parameters:  # its step boundaries: stop there when abandoned
+            kwargs["progress"] = self._checking(kwargs.get("progress"))
+        self._acquire()
         try:
             if key in self._memory:
                 self._memory.move_to_end(key)
@@ -124,6 +144,40 @@ class Runner:
         finally:
             self.lock.release()
 
+    def _abandon(self):
+        raise Abandoned("This request was cancelled (or its page closed), so its computation stopped.")
+
+    def _acquire(self) -> None:
+        """Take the lock, waiting at most DEFAULTS.max_wait_s; a waiter nobody wants any more leaves at
+        once (within DEFAULTS.lock_poll_s) instead of queueing work on the model."""
+        deadline = time.monotonic() + DEFAULTS.max_wait_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ServerBusy(
+                    f"The server is busy: other requests kept the model occupied for {DEFAULTS.max_wait_s:.0f} s. "
+                    "Try again in a minute."
+                )
+            if self.lock.acquire(timeout=min(DEFAULTS.lock_poll_s, remaining)):
+                if self.still_wanted():
+                    return
+                self.lock.release()
+                self._abandon()
+            if not self.still_wanted():
+                self._abandon()
+
+    def _checking(self, report):
+        """A progress callback that stops abandoned work at the technique's next step, then reports."""
+
+        def progress(fraction: float, desc: str) -> None:
+            if not self.still_wanted():
+                self._abandon()
+            if report is not None:
+                report(fraction, desc)
+
+        progress.shown = report is not None  # only checking: the technique keeps its usual step size (same numbers)
+        return progress
+
     def check(self, fn: Callable, *args, wait_s: float = DEFAULTS.validation_wait_s):
         """fn(model, *args) for a quick check (input validation: tokenizing, no forward pass), under
         the lock (the tokenizer is shared), uncached; None if the model stays busy for `wait_s`."""
@@ -135,25 +189,36 @@ class Runner:
             self.lock.release()
 
     def _path(self, key: str) -> Path | None:
-        return None if self.cache_dir is None else self.cache_dir / f"{key}.pkl"
+        return None if self.cache_dir is None else self.cache_dir / f"{key}.json"
 
     def _load(self, key: str):
         path = self._path(key)
-        if path is None or not path.exists():
+        if path is None:
             return None
         try:
-            return pickle.loads(path.read_bytes())
-        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError):
-            return None  # unreadable or from an older layout: recompute
+            return loads(path.read_bytes())
+        except (OSError, ValueError):
+            return None  # missing, unreadable, or not a result we wrote: recompute
 
     def _store(self, key: str, result) -> None:
         path = self._path(key)
-        if path is None:
+        if path is None or type(result).__name__ not in RESULT_TYPES:
             return
+        partial = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_suffix(f".{os.getpid()}.tmp")
-            partial.write_bytes(pickle.dumps(result))
-            partial.replace(path)
-        except OSError:
-            pass  # a read-only disk only costs recomputation after a restart
+            partial.write_bytes(dumps(result))
+            partial.replace(path)  # readers see the whole file or none
+        except OSError:  # a full or read-only disk only costs recomputation after a restart
+            partial.unlink(missing_ok=True)
+
+    def _remove_stale_partials(self, older_than_s: float = 3600.0) -> None:
+        """Partial files a crash or a full disk left behind (another process's recent ones are kept)."""
+        if self.cache_dir is None or not self.cache_dir.is_dir():
+            return
+        for partial in self.cache_dir.glob("*.tmp"):
+            try:
+                if time.time() - partial.stat().st_mtime > older_than_s:
+                    partial.unlink()
+            except OSError:
+                pass

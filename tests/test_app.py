@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import os
-import pickle
 import subprocess
 import sys
 import threading
@@ -28,6 +28,7 @@ from core import (
     plots,
     predict,
 )
+from core.results import dumps
 from core.runner import Runner
 from tests.conftest import IOI_CLEAN, IOI_CORRUPTED, free_port  # noqa: F401  (free_port: used by other test modules too)
 
@@ -215,14 +216,15 @@ def test_validators_show_each_message_on_its_field_before_the_run(demo_model, tm
 
 def test_persistent_cache_survives_a_restart_and_is_keyed_by_model_and_code(tiny_model, gpt2_shaped, tmp_path, monkeypatch):
     first = Runner(tiny_model, cache_dir=tmp_path)
-    first.run(predict, IOI_CLEAN, 3, persist=True)
-    (stored,) = tmp_path.glob("*.pkl")
-    stored.write_bytes(pickle.dumps("served from disk"))
-    assert Runner(tiny_model, cache_dir=tmp_path).run(predict, IOI_CLEAN, 3, persist=True) == "served from disk"
+    real = first.run(predict, IOI_CLEAN, 3, persist=True)
+    (stored,) = tmp_path.glob("*.json")
+    marked = dataclasses.replace(real, top_tokens=["served from disk"] * 3)
+    stored.write_bytes(dumps(marked))
+    assert Runner(tiny_model, cache_dir=tmp_path).run(predict, IOI_CLEAN, 3, persist=True).top_tokens[0] == "served from disk"
     # another model, or changed code, must never see that entry
-    assert Runner(gpt2_shaped, cache_dir=tmp_path).run(predict, IOI_CLEAN, 3, persist=True) != "served from disk"
+    assert Runner(gpt2_shaped, cache_dir=tmp_path).run(predict, IOI_CLEAN, 3, persist=True).top_tokens[0] != "served from disk"
     monkeypatch.setattr("core.runner.code_fingerprint", lambda: "edited code")
-    assert Runner(tiny_model, cache_dir=tmp_path).run(predict, IOI_CLEAN, 3, persist=True) != "served from disk"
+    assert Runner(tiny_model, cache_dir=tmp_path).run(predict, IOI_CLEAN, 3, persist=True).top_tokens[0] != "served from disk"
 
 
 def test_runner_lru_is_bounded(tiny_model):
@@ -291,8 +293,12 @@ def test_quick_and_heavy_requests_queue_separately(demo_model):
     """A line of patching runs never stands in front of a logit-lens request."""
     demo = app.build_demo(runner=Runner(demo_model, cache_dir=None), warm=False)
     lanes = {fn.api_name: fn.concurrency_id for fn in demo.fns.values() if fn.concurrency_limit == 1}
-    assert {lanes[name] for name in ("predict", "logit_lens", "dla", "attention", "explore")} == {"light"}
-    assert {lanes[name] for name in ("patching", "attribution_patching", "induction", "contrast", "circuit_map")} == {"heavy"}
+    assert {lanes[name] for name in ("predict", "logit_lens", "dla", "attention", "explore", "explore_example")} == {"light"}
+    heavy = ("patching", "attribution_patching", "induction", "contrast", "circuit_map", "contrast_example", "circuit_map_example")
+    assert {lanes[name] for name in heavy} == {"heavy"}
+    # every event that runs a handler (all but the examples' input filling) is in one of the two lanes
+    model_events = [fn for fn in demo.fns.values() if not fn.api_name.endswith("_load")]
+    assert {(fn.concurrency_id, fn.concurrency_limit) for fn in model_events} == {("light", 1), ("heavy", 1)}
 
 
 def test_a_request_that_waits_too_long_gets_a_busy_message_and_the_next_one_works(tiny_model, tmp_path, monkeypatch):

@@ -155,5 +155,10 @@ def test_preview_stays_visible_and_bad_input_keeps_the_results(browser, page_url
     page.wait_for_selector("text=Done:", timeout=120_000)
     assert page.evaluate("clearInterval(window.timer) || window.covered") == 0
     assert "less than 1 logit" in page.content()
+
+    # examples still run with a click (their own event, in the tab's lane): the second Circuit Map example
+    page.get_by_role("tab", name="Circuit Map").click()
+    page.get_by_text("Short sequences, another seed").click()
+    page.wait_for_selector("text=20 random tokens repeated twice, batch 20, seed 1", timeout=120_000)
     validation = "status of 422"  # how Gradio answers a request its validator turned away (the browser logs it)
     assert [e for e in errors if validation not in e] == [], errors

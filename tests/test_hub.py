@@ -171,7 +171,7 @@ def test_gpt2_downloads_from_the_hub_then_restarts_from_the_cache_with_the_hub_g
         assert (snapshot / "model.safetensors").is_file(), f"no Hub cache in {hf_home}: {sorted(map(str, hf_home.rglob('*')))}\n{report()}"
         check_serves_gpt2(app, expected, report)
         examples = files_with_mtimes(example_cache)
-        assert any(name.endswith(".pkl") for name in examples), f"no example was written to {example_cache}\n{report()}"
+        assert any(name.endswith(".json") for name in examples), f"no example was written to {example_cache}\n{report()}"
         app.stop()
         consoles["first start"] = app.console()
 

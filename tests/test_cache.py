@@ -1,0 +1,127 @@
+"""The on-disk example cache: data only (a planted file runs no code), anything unreadable is a miss
+(start-up never stops on it), results read back exactly, and partial files do not pile up."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import time
+
+import numpy as np
+import pytest
+
+from core import activation_patching, attention_patterns, attribution_patching, direct_logit_attribution, induction_scores, logit_lens, predict
+from core.results import RESULT_TYPES, dumps, loads
+from core.runner import Runner
+from tests.conftest import IOI_CLEAN, IOI_CORRUPTED
+
+CALLS = [
+    (predict, (IOI_CLEAN, 3)),
+    (logit_lens, (IOI_CLEAN, " Mary")),
+    (logit_lens, (IOI_CLEAN,)),
+    (direct_logit_attribution, (IOI_CLEAN, " Mary", " John")),
+    (attention_patterns, (IOI_CLEAN, 1)),
+    (induction_scores, (6, 2, 0)),
+    (activation_patching, (IOI_CLEAN, IOI_CORRUPTED, " Mary", " John")),
+    (attribution_patching, (IOI_CLEAN, IOI_CORRUPTED, " Mary", " John")),
+]
+
+
+def same(a, b) -> bool:
+    """Field by field: arrays equal in value, dtype and shape; everything else equal."""
+    if type(a) is not type(b):
+        return False
+    for name in a.__dataclass_fields__:
+        x, y = getattr(a, name), getattr(b, name)
+        if isinstance(x, np.ndarray):
+            if not (isinstance(y, np.ndarray) and x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y, equal_nan=True)):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def results(tiny_model):
+    return [fn(tiny_model, *args) for fn, args in CALLS]
+
+
+def test_every_result_type_reads_back_exactly(results):
+    assert {type(r).__name__ for r in results} == set(RESULT_TYPES)
+    for result in results:
+        assert same(loads(dumps(result)), result), type(result).__name__
+
+
+class Planted:
+    """A pickle that, when loaded, writes a marker file: what an attacker would plant."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_planted_pickle_runs_nothing_and_the_result_is_recomputed(tiny_model, tmp_path):
+    cache = tmp_path / "cache"
+    runner = Runner(tiny_model, cache_dir=cache)
+    fresh = runner.run(predict, IOI_CLEAN, 3, persist=True)
+    (stored,) = cache.glob("*.json")
+    marker = tmp_path / "pwned"
+    for path in (stored, stored.with_suffix(".pkl")):  # under the key's name, and under the old pickle name
+        path.write_bytes(pickle.dumps(Planted(str(marker))))
+    again = Runner(tiny_model, cache_dir=cache).run(predict, IOI_CLEAN, 3, persist=True)
+    assert not marker.exists()
+    assert same(again, fresh)
+
+
+def test_garbage_flipped_and_truncated_files_are_misses(tiny_model, results, tmp_path):
+    """Random bytes, every kind of damage to a real file, other JSON: each is a miss, never an exception."""
+    rng = random.Random(0)
+    good = [dumps(r) for r in results]
+    damaged = [os.urandom(n) for n in (0, 1, 7, 1000)]
+    damaged += [b"[" * 100_000, b'{"type": "Predictions", "fields": 1}', b'{"type": "os.system", "fields": {}}', b"null", b"1e999999"]
+    for data in good:
+        damaged += [data[: rng.randrange(len(data))] for _ in range(30)]  # truncated
+        for _ in range(30):  # one byte changed
+            i = rng.randrange(len(data))
+            damaged.append(data[:i] + bytes([rng.randrange(256)]) + data[i + 1 :])
+    refused = 0
+    for data in damaged:
+        try:
+            loaded = loads(data)
+        except ValueError:
+            refused += 1
+            continue
+        assert type(loaded).__name__ in RESULT_TYPES  # a flip inside a number can still be a valid result
+    assert refused > len(damaged) // 2
+
+    cache = tmp_path / "cache"
+    runner = Runner(tiny_model, cache_dir=cache)
+    fresh = runner.run(predict, IOI_CLEAN, 3, persist=True)
+    (stored,) = cache.glob("*.json")
+    for data in damaged[:200]:
+        stored.write_bytes(data)
+        Runner(tiny_model, cache_dir=cache).run(predict, IOI_CLEAN, 3, persist=True)  # never raises
+    stored.write_bytes(os.urandom(64))
+    assert same(Runner(tiny_model, cache_dir=cache).run(predict, IOI_CLEAN, 3, persist=True), fresh)
+
+
+def test_stale_partial_files_are_removed_and_a_full_disk_leaves_none(tiny_model, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    stale, recent = cache / "a.123.tmp", cache / "b.456.tmp"
+    for path in (stale, recent):
+        path.write_bytes(b"partial")
+    old = time.time() - 2 * 3600
+    os.utime(stale, (old, old))
+    runner = Runner(tiny_model, cache_dir=cache)
+    assert not stale.exists() and recent.exists()  # another process may still be writing a recent one
+
+    def disk_full(self, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("pathlib.Path.write_bytes", disk_full)
+    result = runner.run(predict, IOI_CLEAN, 2, persist=True)  # computed and served; only not stored
+    assert result.top_tokens and sorted(p.name for p in cache.iterdir()) == ["b.456.tmp"]
