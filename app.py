@@ -21,7 +21,6 @@ import re
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +50,7 @@ from core.induction import input_errors as induction_errors  # noqa: E402
 from core.induction import max_seq_len  # noqa: E402
 from core.patching import input_errors as pair_errors  # noqa: E402
 from core.model import Model, describe_source, load_with_fallback, model_label  # noqa: E402
-from core.runner import Runner  # noqa: E402
+from core.runner import Runner, write_whole  # noqa: E402
 
 EXAMPLES = json.loads((Path(__file__).resolve().parent / "examples" / "prompts.json").read_text(encoding="utf-8"))
 THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
@@ -117,12 +116,9 @@ class Handlers:
         path = self.download_dir / f"{stem}-{hashlib.blake2b(text.encode(), digest_size=8).hexdigest()}.json"
         if path.exists():
             return str(path)
-        partial = path.with_suffix(f".{threading.get_ident()}.tmp")
         try:
-            partial.write_text(text, encoding="utf-8")
-            partial.replace(path)
+            write_whole(path, text.encode("utf-8"))
         except OSError as err:
-            partial.unlink(missing_ok=True)
             gr.Warning(f"The results are shown, but their JSON download could not be saved on the server ({err.strerror or err}).")
             return None
         files = sorted(self.download_dir.glob("*.json"), key=lambda f: f.stat().st_mtime)

@@ -82,6 +82,18 @@ def release_freed_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
+def write_whole(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary name beside it, so a reader sees the whole file or
+    none. When the disk refuses, the partial file is removed and the OSError raised."""
+    partial = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        partial.write_bytes(data)
+        partial.replace(path)
+    except OSError:
+        partial.unlink(missing_ok=True)
+        raise
+
+
 class ServerBusy(ValueError):
     """The model stayed busy with other requests for too long."""
 
@@ -204,13 +216,11 @@ class Runner:
         path = self._path(key)
         if path is None or type(result).__name__ not in RESULT_TYPES:
             return
-        partial = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            partial.write_bytes(dumps(result))
-            partial.replace(path)  # readers see the whole file or none
+            write_whole(path, dumps(result))
         except OSError:  # a full or read-only disk only costs recomputation after a restart
-            partial.unlink(missing_ok=True)
+            pass
 
     def _remove_stale_partials(self, older_than_s: float = 3600.0) -> None:
         """Partial files a crash or a full disk left behind (another process's recent ones are kept)."""

@@ -51,16 +51,16 @@ def test_uploads_are_capped(server):
 
 def test_a_full_disk_gives_a_warning_never_a_truncated_download(demo_model, tmp_path, monkeypatch):
     handlers = app.Handlers(Runner(demo_model, cache_dir=None), str(tmp_path))
-    real_write = Path.write_text
+    real_write = Path.write_bytes
 
-    def disk_full(self, text, *args, **kwargs):
-        real_write(self, text[: len(text) // 2], *args, **kwargs)  # what a full disk leaves: half a file
+    def disk_full(self, data):
+        real_write(self, data[: len(data) // 2])  # what a full disk leaves: half a file
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_text", disk_full)
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
     *figures, download = handlers.explore(IOI_CLEAN, " Mary", "", 1, 0)
     assert download is None and all(figures) and list(tmp_path.iterdir()) == []  # results shown, nothing half-written
-    monkeypatch.setattr(Path, "write_text", real_write)
+    monkeypatch.setattr(Path, "write_bytes", real_write)
     *_, download = handlers.explore(IOI_CLEAN, " Mary", "", 1, 0)  # space again: the same request gets a whole file
     assert json.loads(Path(download).read_text(encoding="utf-8"))["predictions"]["top_tokens"]
 
