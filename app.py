@@ -14,13 +14,14 @@ import atexit
 import functools
 import hashlib
 import inspect
-import ipaddress
 import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +29,8 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
-from fastapi import HTTPException  # noqa: E402
-from gradio.context import LocalContext  # noqa: E402
+
+import serving  # noqa: E402
 
 from core import (  # noqa: E402
     DEFAULTS,
@@ -62,7 +63,13 @@ CSS = """
 }
 """
 MAX_UPLOAD = "1kb"  # the app has no upload widget: Gradio's upload route takes nothing bigger
-LOOK = dict(theme=THEME, css=CSS, max_file_size=MAX_UPLOAD)  # passed to launch() (Gradio 6), by main() and by the tests' servers
+
+
+def launch_options() -> dict:
+    """What launch() needs besides where to listen (Gradio 6 takes the look there), for main() and the
+    tests' servers: theme, CSS, the upload cap, and the request body cap (a fresh dict each launch)."""
+    return dict(theme=THEME, css=CSS, max_file_size=MAX_UPLOAD, app_kwargs=serving.app_kwargs(DEFAULTS.max_request_bytes))
+
 # Two queues, one running request each: quick techniques never wait behind a line of heavy ones
 # (they wait at most for the one heavy request running, which the limits in core/config.py keep
 # short). Both still take turns on the model itself (Runner's lock: hooks live on the model).
@@ -73,12 +80,14 @@ MAX_DOWNLOADS = 256  # JSON downloads kept on disk (oldest removed first)
 
 
 def user_errors(fn):
-    """Core raises ValueError with a sentence a person can act on; show it as a Gradio error."""
+    """Core raises ValueError with a sentence a person can act on; show it as a Gradio error. An event
+    that must not start (the server is restarting) gets its sentence the same way."""
     if inspect.isgeneratorfunction(fn):
 
         @functools.wraps(fn)
         def steps(*args, **kwargs):
             try:
+                _may_start()
                 yield from fn(*args, **kwargs)
             except ValueError as err:
                 raise gr.Error(_plain_text(err), print_exception=False) from None
@@ -88,11 +97,18 @@ def user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            _may_start()
             return fn(*args, **kwargs)
         except ValueError as err:
             raise gr.Error(_plain_text(err), print_exception=False) from None
 
     return wrapper
+
+
+def _may_start() -> None:
+    reason = serving.refusal()
+    if reason is not None:
+        raise ValueError(reason)
 
 
 def _plain_text(err: Exception) -> str:
@@ -104,14 +120,17 @@ def _plain_text(err: Exception) -> str:
 class Handlers:
     """Thin handlers: widgets in, core results through the runner, figures/JSON out."""
 
-    def __init__(self, runner: Runner, download_dir: str):
+    def __init__(self, runner: Runner, download_dir: str | None):
+        """`download_dir` None: downloads are off (the page says so); results are shown as usual."""
         self.runner = runner
-        self.download_dir = Path(download_dir)
+        self.download_dir = None if download_dir is None else Path(download_dir)
 
     def _download(self, stem: str, data: dict) -> str | None:
         """Write `data` as JSON; the name is the content's hash, so repeats do not pile up files.
         Written to a temporary name and renamed, so a file under its final name is always whole; when
         the disk refuses, the results are still shown, with a warning instead of a download."""
+        if self.download_dir is None:
+            return None
         text = json.dumps(data, ensure_ascii=False)
         path = self.download_dir / f"{stem}-{hashlib.blake2b(text.encode(), digest_size=8).hexdigest()}.json"
         if path.exists():
@@ -241,9 +260,10 @@ class Handlers:
         *_, final = self.contrast_steps(clean, corrupted, answer, wrong, persist=persist, progress=progress)
         return final
 
-    def circuit_map(self, seq_len: int, batch: int, seed: int, persist: bool = False):
+    def circuit_map(self, seq_len: int, batch: int, seed: int, persist: bool = False, progress=None):
         """Circuit Map: head scores on repeated random sequences, heads above the threshold."""
-        result = self.runner.run(induction_scores, _whole(seq_len), _whole(batch), _whole(seed), persist=persist)
+        report = None if progress is None else (lambda fraction, desc: progress(fraction, desc=desc))
+        result = self.runner.run(induction_scores, _whole(seq_len), _whole(batch), _whole(seed), progress=report, persist=persist)
         heads = [[f"L{h['layer']}H{h['head']}", round(h["score"], 4)] for h in result.induction_heads]
         return (
             plots.induction_heatmap(result),
@@ -254,19 +274,6 @@ class Handlers:
             heads,
             self._download("circuit-map", result.to_dict()),
         )
-
-
-def event_wanted() -> bool:
-    """Whether the Gradio event the current worker thread runs for is still wanted. Gradio 6 frees a
-    cancelled event's queue slot (and drops a closed page's events) but lets its thread run on, holding
-    the model: the runner asks this at every step boundary and stops work nobody waits for. Outside an
-    event (start-up, tests, notebooks) everything is wanted. Reads Gradio's queue (6.31 names)."""
-    event_id = LocalContext.event_id.get(None)
-    queue = getattr(LocalContext.blocks.get(None), "_queue", None)
-    if event_id is None or queue is None:
-        return True
-    event = queue.event_ids_to_events.get(event_id)
-    return event is not None and event.alive and not getattr(event, "closed", False)
 
 
 def _literal(text: str) -> str:
@@ -539,12 +546,20 @@ def build_circuit_map(h: Handlers, model: Model):
     download = gr.File(initial[6], label="Download results (JSON)", render=False)
     inputs = [seq_len, batch, seed]
     outputs = [induction, previous, duplicate, layer_max, loss, heads, download]
+
+    def circuit_map(seq_len, batch, seed, progress=gr.Progress()):
+        return h.circuit_map(seq_len, batch, seed, progress=progress)
+
     run.click(
-        user_errors(h.circuit_map), inputs, outputs, api_name="circuit_map",
+        user_errors(circuit_map), inputs, outputs, api_name="circuit_map",
         validator=_validator(h, induction_errors, ["seq_len", "batch", "seed"]), **HEAVY, **RAW,
     )
-    _examples(rows, labels, inputs, outputs, h.circuit_map, "circuit_map_example", HEAVY)
-    gr.Markdown(f"Heads scoring above **{DEFAULTS.induction_threshold}** are listed as induction heads.")
+    _examples(rows, labels, inputs, outputs, circuit_map, "circuit_map_example", HEAVY)
+    gr.Markdown(
+        f"Heads scoring above **{DEFAULTS.induction_threshold}** are listed as induction heads. One request reads at most "
+        f"{DEFAULTS.max_induction_tokens:,} tokens, batch x (2 x seq_len + 1): seq_len {longest} allows batch "
+        f"{DEFAULTS.max_induction_tokens // (2 * longest + 1)}."
+    )
     _about(ABOUT["induction"])
     with gr.Row():
         induction.render()
@@ -574,10 +589,9 @@ def build_demo(
     if model is None and runner is None:
         model, notice = load_with_fallback(Settings.from_env().model)
     runner = runner or Runner(model)
-    runner.still_wanted = event_wanted
+    runner.still_wanted = serving.event_wanted
     model = runner.model
-    downloads = tempfile.mkdtemp(prefix="circuitbreaker-downloads-")
-    atexit.register(shutil.rmtree, downloads, ignore_errors=True)  # no directory left behind per start
+    downloads, downloads_off = download_folder()
     handlers = Handlers(runner, downloads)
     if warm:
         warm_examples(handlers, say)
@@ -590,6 +604,8 @@ def build_demo(
             gr.Markdown(f"⚠️ This is the small **demo model** bundled with CircuitBreaker, not {DEFAULTS.model_name}.", elem_id="model-notice")
             with gr.Accordion("Why, and how to get GPT-2", open=False):
                 gr.Textbox(notice, show_label=False, interactive=False, container=False, lines=2)
+        if downloads_off:
+            gr.Markdown(f"⚠️ JSON downloads are off: {downloads_off} Every result is still shown.", elem_id="downloads-notice")
         with gr.Tabs():
             with gr.Tab("Prompt Explorer", id="explorer"):
                 build_prompt_explorer(handlers, model)
@@ -601,44 +617,24 @@ def build_demo(
     # api_open=False: every call goes through the queue and its lanes (gradio_client uses the queue
     # too); Gradio would otherwise leave /gradio_api/run/<name> open, which skips both.
     demo.queue(default_concurrency_limit=1, max_size=DEFAULTS.max_queue_size, api_open=False)
-    limit_each_client(demo._queue, DEFAULTS.max_requests_per_client)
+    serving.guard_queue(demo, DEFAULTS.max_requests_per_client)
     return demo
 
 
-SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # the browser sends ~11 characters, gradio_client a uuid
-
-
-def client_address(request) -> str | None:
-    """Who sent a request: the peer's address, or, behind a proxy on a private or loopback address
-    (a Hugging Face Space), the first address the proxy forwarded for."""
-    peer = request.client.host if request is not None and request.client else None
-    forwarded = request.headers.get("x-forwarded-for") if request is not None else None
+def download_folder() -> tuple[str | None, str | None]:
+    """(a new folder for this start's JSON downloads, removed at exit; None and why when the temporary
+    folder cannot take one: full or read-only. The app starts either way.)"""
+    folder = None
     try:
-        behind_proxy = peer is not None and (ipaddress.ip_address(peer).is_private or ipaddress.ip_address(peer).is_loopback)
-    except ValueError:
-        behind_proxy = False
-    return forwarded.split(",")[0].strip() if behind_proxy and forwarded else peer
-
-
-def limit_each_client(queue, limit: int) -> None:
-    """Gradio 6's queue has one global size limit; this adds a limit per client (waiting plus running
-    requests from one address), so one client re-joining as slots free cannot take the whole queue,
-    and refuses session ids that are not short plain strings (Gradio keeps them in memory)."""
-    push = queue.push
-
-    async def limited_push(body, request, username):
-        if body.session_hash is not None and not SESSION_ID.fullmatch(body.session_hash):
-            raise HTTPException(422, "The session id must be 1 to 64 letters, digits, '-' or '_'.")
-        client = client_address(request)
-        held = sum(1 for event in list(queue.event_ids_to_events.values()) if client_address(event.request) == client)
-        if client is not None and held >= limit:
-            raise HTTPException(
-                429, f"You already have {held} requests waiting or running (the limit is {limit} per client): "
-                "wait for one to finish, then try again."
-            )
-        return await push(body=body, request=request, username=username)
-
-    queue.push = limited_push
+        folder = tempfile.mkdtemp(prefix="circuitbreaker-downloads-")
+        write_whole(Path(folder) / "probe", b"{}")  # a folder can be made on a full disk; a file cannot
+        (Path(folder) / "probe").unlink()
+    except OSError as err:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        return None, f"the server's temporary folder ({tempfile.gettempdir()}) cannot take files ({err.strerror or err})."
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # no directory left behind per start
+    return folder, None
 
 
 # --- running it ---------------------------------------------------------------------
@@ -684,7 +680,21 @@ def main(argv: list[str] | None = None) -> None:
     )
     demo = build_demo(model, notice=notice, say=say)
     say(f"ready in {time.perf_counter() - start:.1f} s")
-    demo.launch(server_name=settings.host, server_port=settings.port, share=settings.share, footer_links=["api"], **LOOK)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a Space stopping or Ctrl-C: finish running requests first
+        signal.signal(sig, lambda *_: stop.set())
+    demo.launch(
+        server_name=settings.host, server_port=settings.port, share=settings.share, footer_links=["api"],
+        prevent_thread_lock=True, **launch_options(),
+    )
+    while not stop.wait(0.5):
+        pass
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C (or SIGTERM) stops at once
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    say(f"stopping: refusing new requests, finishing the running ones (at most {DEFAULTS.drain_s:.0f} s) ...")
+    finished = serving.drain(demo, DEFAULTS.drain_s)
+    demo.close()
+    say("stopped" if finished else f"stopped; requests still running after {DEFAULTS.drain_s:.0f} s were cut off")
 
 
 def __getattr__(name: str):

@@ -15,17 +15,22 @@ import numpy as np
 import torch
 
 from core.model import Model, run_cached, str_tokens
-from core.patching import SWEEP_HOOKS, SWEEPS, _answer_ids, _check_pair, _check_swing, _logit_diff
+from core.patching import SWEEP_HOOKS, SWEEPS, Progress, _answer_ids, _check_pair, _check_swing, _logit_diff
 from core.results import ApproximatePatchingResult, PatchingResult
 
 
 def attribution_patching(
-    model: Model, clean_prompt: str, corrupted_prompt: str, answer: str, wrong_answer: str
+    model: Model, clean_prompt: str, corrupted_prompt: str, answer: str, wrong_answer: str, progress: Progress | None = None
 ) -> ApproximatePatchingResult:
+    """`progress(fraction, description)`, if given, hears each of its three steps (clean run, corrupted
+    run with its backward pass, scores) as it begins."""
+    report = progress or (lambda fraction, description: None)
     clean_tokens, corrupted_tokens = _check_pair(model, clean_prompt, corrupted_prompt)
     answer_id, wrong_id = _answer_ids(model, answer, wrong_answer)
+    report(0.0, "attribution patching: clean run")
     with torch.no_grad():
         clean_logits, clean_cache = run_cached(model, clean_tokens, lambda name: name.endswith(SWEEP_HOOKS))
+    report(1 / 3, "attribution patching: corrupted run and gradients")
     clean_value = float(_logit_diff(clean_logits, answer_id, wrong_id)[0])
     corrupted_acts: dict[tuple[str, int], torch.Tensor] = {}
 
@@ -46,6 +51,7 @@ def attribution_patching(
     corrupted_value = float(metric.detach())
     _check_swing(clean_value, corrupted_value)
     swing = clean_value - corrupted_value
+    report(2 / 3, "attribution patching: scores")
     scores = {}
     with torch.no_grad():
         for name, sweep in SWEEPS.items():

@@ -15,7 +15,7 @@ class Defaults:
     induction_seed: int = 0  # same seed -> same sequences -> same scores
     induction_threshold: float = 0.6  # a head scoring above this is listed (the seed's cut-off)
     max_induction_batch: int = 64  # keeps one Circuit Map request within memory on a CPU Space
-    tokens_per_forward: int = 2048  # batch x pos per forward pass, bounds logits memory (~400 MB for GPT-2)
+    tokens_per_forward: int = 1024  # batch x pos per forward pass, bounds memory (logits: 200 MB for GPT-2; README: "Limits")
     patch_batch_size: int = 32  # patched runs evaluated together in one forward pass (hook engine)
     patch_rows_per_pass: int = 4096  # patched positions evaluated together by the fast engine (bounds memory)
     fast_path_tolerance: float = 1e-3  # the fast engine's unpatched runs must match the model's own this closely
@@ -28,12 +28,14 @@ class Defaults:
     max_prompt_tokens: int = 128  # Prompt Explorer (BOS included); also never more than the model's n_ctx
     max_patching_tokens: int = 32  # Contrast Pairs: exact patching grows with the square of the positions after the first difference
     max_token_chars: int = 100  # a target / answer token longer than this cannot be one token
-    max_induction_tokens: int = 8192  # Circuit Map: batch x (2 x seq_len + 1) tokens per request
+    max_induction_tokens: int = 2048  # Circuit Map: batch x (2 x seq_len + 1) tokens per request (two passes at full context; README: "Limits")
     max_queue_size: int = 64  # requests waiting in the Gradio queue; more are turned away with a message
     max_requests_per_client: int = 32  # waiting + running requests from one address (half the queue: others keep room)
     validation_wait_s: float = 2.0  # input checks wait this long for a busy model, then leave checking to the run
     lock_poll_s: float = 0.25  # a request waiting for the model checks this often whether it is still wanted
     max_wait_s: float = 120.0  # a request that cannot start within this long gets "busy, try again"
+    max_request_bytes: int = 2_000_000  # bodies over this are refused unread (a pasted megabyte still gets the validator's sentence; queue: 64 x 2 MB at most)
+    drain_s: float = 20.0  # on SIGTERM, running requests get this long to finish (waiting ones are told to retry)
 
 
 DEFAULTS = Defaults()

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from core.config import DEFAULTS
 from core.model import Model, check_int
+from core.patching import Progress
 from core.results import InductionResult
 
 
@@ -82,7 +83,10 @@ def induction_scores(
     batch: int = DEFAULTS.induction_batch,
     seed: int = DEFAULTS.induction_seed,
     threshold: float = DEFAULTS.induction_threshold,
+    progress: Progress | None = None,
 ) -> InductionResult:
+    """Head scores and per-position loss, `tokens_per_forward` tokens per forward pass; `progress(fraction,
+    description)`, if given, hears every layer of every pass (a step boundary where work can stop)."""
     limits = _ranges(model)
     seq_len, batch, seed = (check_int(value, name, *limits[name]) for name, value in (("seq_len", seq_len), ("batch", batch), ("seed", seed)))
     _check_size(seq_len, batch)
@@ -91,16 +95,21 @@ def induction_scores(
     sums = torch.zeros(n_layers, 3, n_heads, dtype=torch.float64)
     loss_sum = torch.zeros(2 * seq_len, dtype=torch.float64)
 
+    passes = tokens.split(max(1, DEFAULTS.tokens_per_forward // tokens.shape[1]))
+    steps = iter(range(1, len(passes) * n_layers + 1))
+
     def accumulate(pattern, hook):
         sums[hook.layer()] += _stripe_sums(pattern, seq_len).double().cpu()
+        if progress is not None:
+            progress(next(steps) / (len(passes) * n_layers), "induction scores")
 
-    chunk = max(1, DEFAULTS.tokens_per_forward // tokens.shape[1])
     with torch.no_grad():
-        for rows in tokens.split(chunk):
+        for rows in passes:
             logits = model.run_with_hooks(rows, fwd_hooks=[(lambda name: name.endswith("hook_pattern"), accumulate)])
-            log_probs = torch.log_softmax(logits[:, :-1].double(), dim=-1)
-            next_log_probs = log_probs.gather(-1, rows[:, 1:, None])[..., 0]
-            loss_sum -= next_log_probs.sum(0).cpu()
+            # float32, fused: no double copy of [rows, pos, d_vocab] logits (411 MB each at GPT-2's full context)
+            losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), rows[:, 1:].flatten(), reduction="none")
+            loss_sum += losses.view(len(rows), -1).double().sum(0).cpu()
+            del logits, losses
     counts = torch.tensor([seq_len, 2 * seq_len, seq_len], dtype=torch.float64)[None, :, None] * batch
     means = (sums / counts).numpy()
     return InductionResult(

@@ -65,7 +65,7 @@ def server(demo_model, tmp_path_factory):
 
     demo = app.build_demo(runner=Runner(demo_model, cache_dir=tmp_path_factory.mktemp("cache")))
     port = free_port()
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, **app.LOOK, quiet=True)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, **app.launch_options(), quiet=True)
     yield f"http://127.0.0.1:{port}/"
     demo.close()
 

@@ -276,8 +276,13 @@ def test_python_app_py_serves_a_local_model_directory(tiny_model, tmp_path):
         wait_for_page(process, port)
         result = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(IOI_CLEAN, 2, api_name="/predict")
         assert result == predict(tiny_model, IOI_CLEAN, 2).to_dict()
+        process.terminate()  # SIGTERM, as a Space stopping sends: a drain, then a clean exit
+        output, _ = process.communicate(timeout=60)
+        assert process.returncode == 0, output
+        assert "CircuitBreaker: stopping: refusing new requests" in output and "CircuitBreaker: stopped\n" in output
+        assert "Traceback" not in output
     finally:
-        process.terminate()
+        process.kill()
         process.wait(timeout=30)
 
 

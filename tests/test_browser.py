@@ -30,7 +30,7 @@ if not os.path.exists(CHROMIUM) and not os.environ.get("CI"):
 def page_url(demo_model, tmp_path_factory):
     demo = app.build_demo(notice="Test notice: gpt2 could not be loaded.", runner=Runner(demo_model, cache_dir=tmp_path_factory.mktemp("browser-cache")))
     port = free_port()
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, **app.LOOK, quiet=True)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, **app.launch_options(), quiet=True)
     yield f"http://127.0.0.1:{port}/"
     demo.close()
 

@@ -10,8 +10,8 @@ import gradio as gr
 import pytest
 from gradio_client import Client
 
-import app
-from core import activation_patching, predict
+import serving
+from core import activation_patching, attribution_patching, induction_scores, predict
 from core.runner import Abandoned, Runner
 from tests.conftest import IOI_CLEAN, IOI_CORRUPTED, free_port
 
@@ -66,16 +66,39 @@ def test_exact_patching_stops_at_its_next_step_when_abandoned(demo_model):
     assert result.head_out.shape == (5, 4) and len(reported) >= 2  # the caller's progress still hears every step
 
 
+@pytest.mark.parametrize(
+    "technique, args",
+    [(induction_scores, (20, 32, 0)), (attribution_patching, (IOI_CLEAN, IOI_CORRUPTED, " Mary", " John"))],
+    ids=["induction", "attribution_patching"],
+)
+def test_single_pass_techniques_stop_inside_their_pass(demo_model, technique, args):
+    """Induction (one forward pass, checked at each layer) and attribution patching (checked between its
+    runs) stop too, and the same call, wanted, still gives the full result."""
+    calls = []
+
+    def wanted():
+        calls.append(1)
+        return len(calls) <= 2  # wanted when it takes the model and at its first step, then cancelled
+
+    runner = Runner(demo_model, cache_dir=None, still_wanted=wanted)
+    with pytest.raises(Abandoned):
+        runner.run(technique, *args)
+    assert runner.computed == 0 and runner.lock.acquire(blocking=False)
+    runner.lock.release()
+    runner.still_wanted = lambda: True
+    assert runner.run(technique, *args).to_dict() == technique(demo_model, *args).to_dict()
+
+
 def test_event_wanted_follows_a_real_gradio_cancel():
-    """`app.event_wanted` against Gradio itself: a running handler sees its event cancelled by the client."""
+    """`serving.event_wanted` against Gradio itself: a running handler sees its event cancelled by the client."""
     started, seen = threading.Event(), []
 
     def slow(x: str) -> str:
         started.set()
         stop = threading.Event()
-        while app.event_wanted() and not stop.wait(0.05):
+        while serving.event_wanted() and not stop.wait(0.05):
             pass
-        seen.append(app.event_wanted())
+        seen.append(serving.event_wanted())
         return x
 
     with gr.Blocks() as demo:
@@ -84,7 +107,7 @@ def test_event_wanted_follows_a_real_gradio_cancel():
     port = free_port()
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
     try:
-        assert app.event_wanted()  # outside any event (start-up, tests): wanted
+        assert serving.event_wanted()  # outside any event (start-up, tests): wanted
         job = Client(f"http://127.0.0.1:{port}/", verbose=False).submit("x", api_name="/slow")
         assert started.wait(WAIT_S)
         for _ in range(WAIT_S * 20):  # the client knows its event is running (and so how to cancel it)

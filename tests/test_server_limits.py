@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from gradio_client import Client
 
 import app
+import serving
 from core import DEFAULTS
 from core.runner import Runner
 from tests.conftest import IOI_CLEAN, IOI_CORRUPTED, free_port
@@ -23,13 +25,16 @@ from tests.conftest import IOI_CLEAN, IOI_CORRUPTED, free_port
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def post(url: str, body: bytes, content_type: str) -> int:
+def post(url: str, body, content_type: str = "application/json", answer: bool = False):
+    """POST `body` (bytes, or an iterable of bytes: sent chunked, with no declared length); the status
+    code, or (status, the answer's text) when `answer`."""
     request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type}, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status
+            status, text = response.status, response.read().decode()
     except urllib.error.HTTPError as err:
-        return err.code
+        status, text = err.code, err.read().decode()
+    return (status, text) if answer else status
 
 
 def test_the_run_route_that_skips_the_queue_is_closed(server, client):
@@ -107,7 +112,7 @@ def held_server(demo_model):
     runner = Runner(demo_model, cache_dir=None)
     demo = app.build_demo(runner=runner, warm=False)
     port = free_port()
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True, **app.LOOK)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True, **app.launch_options())
     yield f"http://127.0.0.1:{port}/", demo, runner
     demo.close()
 
@@ -133,7 +138,106 @@ def test_one_client_cannot_take_the_whole_queue_and_session_ids_are_capped(held_
         answers = [join(url, demo, f"s{i}") for i in range(limit + 5)]  # one address, a new session each time
         assert answers[:limit] == [200] * limit and set(answers[limit:]) == {429}
         assert join(url, demo, "another", headers={"X-Forwarded-For": "203.0.113.9"}) == 200  # another user (behind a proxy) still gets in
-        assert join(url, demo, "x" * 100_000, headers={"X-Forwarded-For": "203.0.113.10"}) == 422  # a huge session id is refused
+        assert join(url, demo, "x" * 65, headers={"X-Forwarded-For": "203.0.113.10"}) == 422  # a long session id is refused
+        huge = "x" * (DEFAULTS.max_request_bytes + 1)
+        assert join(url, demo, huge, headers={"X-Forwarded-For": "203.0.113.11"}) == 413  # a huge body, before it is read
     finally:
         runner.lock.release()
     assert Client(url, verbose=False).predict(IOI_CLEAN, 2, api_name="/predict")["top_tokens"]  # and it all drains
+
+
+def test_unknown_endpoints_and_missing_values_get_a_sentence(server, client):
+    status, text = post(f"{server}gradio_api/call/nope", json.dumps({"data": ["x"]}).encode(), answer=True)
+    assert status == 404 and "There is no endpoint '/nope'. The endpoints are " in text and "/predict" in text
+    status, text = post(f"{server}gradio_api/call/predict", json.dumps({"data": []}).encode(), answer=True)
+    assert status == 422 and "/predict takes 2 values (prompt, k); the request sent 0." in text
+    body = {"data": ["x"], "fn_index": 10_000, "session_hash": "abc", "event_data": None, "trigger_id": None}
+    status, text = post(f"{server}gradio_api/queue/join", json.dumps(body).encode(), answer=True)
+    assert status == 404 and "There is no endpoint" in text
+    assert client.predict(IOI_CLEAN, 3, api_name="/predict")["top_tokens"]  # and the server keeps serving
+
+
+def test_request_bodies_are_capped_declared_or_streamed(server):
+    limit = DEFAULTS.max_request_bytes
+    big = json.dumps({"data": ["x" * limit, 3]}).encode()
+    status, text = post(f"{server}gradio_api/call/predict", big, answer=True)
+    assert status == 413 and f"larger than {limit:,} bytes" in text
+    status, text = post(f"{server}gradio_api/call/predict", iter([big[:1000], big[1000:]]), answer=True)  # chunked, no length
+    assert status == 413 and f"larger than {limit:,} bytes" in text
+    status, text = post(f"{server}gradio_api/call/predict", iter([b'{"data": ', json.dumps([IOI_CLEAN, 3]).encode(), b"}"]), answer=True)
+    assert status == 200 and "event_id" in text  # a small streamed body still arrives whole
+
+
+def test_a_drain_finishes_running_work_and_turns_the_rest_away_with_a_sentence(held_server):
+    """What SIGTERM starts (app.main): requests already running finish; requests still waiting, and new
+    ones, are told the server is restarting."""
+    url, demo, runner = held_server
+    running, waiting = Client(url, verbose=False), Client(url, verbose=False)
+    runner.lock.acquire()  # the model is busy: the first request runs (waiting for the model), the second waits in its lane
+    try:
+        first = running.submit(IOI_CLEAN, 3, api_name="/predict")
+        for _ in range(600):
+            if first.status().code.name == "PROCESSING":
+                break
+            threading.Event().wait(0.05)
+        second = waiting.submit(IOI_CLEAN, 4, api_name="/predict")
+        for _ in range(600):  # it has joined the queue, behind the first
+            if second.status().code.name == "IN_QUEUE":
+                break
+            threading.Event().wait(0.05)
+        drained = []
+        drainer = threading.Thread(target=lambda: drained.append(serving.drain(demo, 60)))
+        drainer.start()
+        for _ in range(600):
+            if getattr(demo, "_circuitbreaker_finishing", None) is not None:
+                break
+            threading.Event().wait(0.05)
+        status, text = post(f"{url}gradio_api/call/predict", json.dumps({"data": [IOI_CLEAN, 3]}).encode(), answer=True)
+        assert status == 503 and serving.RESTARTING in text  # (gradio_client says "Queue is full! Please try again.")
+    finally:
+        runner.lock.release()
+    assert first.result(timeout=60)["top_tokens"]  # the running request finished with its answer
+    with pytest.raises(Exception, match="The server is restarting"):
+        second.result(timeout=60)
+    drainer.join(60)
+    assert drained == [True]
+
+
+def test_a_temporary_folder_that_takes_no_files_turns_downloads_off_and_says_so(demo_model, monkeypatch):
+    def disk_full(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(app, "write_whole", disk_full)
+    demo = app.build_demo(runner=Runner(demo_model, cache_dir=None), warm=False)
+    notices = [block.value for block in demo.blocks.values() if getattr(block, "elem_id", None) == "downloads-notice"]
+    assert len(notices) == 1 and "JSON downloads are off" in notices[0] and "No space left on device" in notices[0]
+    files = [block.value for block in demo.blocks.values() if type(block).__name__ == "File"]
+    assert files and all(value is None for value in files)  # no download offered, and no error: the results are shown
+
+
+def test_a_cancel_storm_leaves_nothing_running_on_the_model(held_server):
+    """Join-then-cancel calls cost nothing: none of them computes, and the next request is answered
+    (before, each cancelled call ran to its end on the model while the next one waited)."""
+    url, demo, runner = held_server
+    client = Client(url, verbose=False)
+    before = runner.computed  # (the page's first examples, computed when it was built)
+    runner.lock.acquire()  # the model is busy while the storm joins, so each call is either running (waiting for the model) or queued
+    try:
+        jobs = [client.submit(20, 16, seed, api_name="/induction") for seed in range(6)]
+        jobs += [client.submit(IOI_CLEAN, IOI_CORRUPTED, " Mary", " John", api_name="/patching") for _ in range(3)]
+        jobs += [client.submit(IOI_CLEAN, k, api_name="/predict") for k in range(1, 4)]
+        for _ in range(600):  # all of them are in the queue
+            if len(demo._queue.event_ids_to_events) == len(jobs):
+                break
+            threading.Event().wait(0.05)
+        for job in jobs:
+            job.cancel()
+        for _ in range(600):  # Gradio has let go of every one (waiting ones dropped, running ones cancelled)
+            if not demo._queue.event_ids_to_events:
+                break
+            threading.Event().wait(0.05)
+        assert not demo._queue.event_ids_to_events
+    finally:
+        runner.lock.release()
+    assert client.predict(IOI_CLEAN, 5, api_name="/predict")["top_tokens"]
+    assert runner.computed == before + 1  # only the request someone still waited for ran on the model

@@ -157,6 +157,15 @@ def test_induction_rejects_out_of_range(tiny_model, kwargs, message):
         induction_scores(tiny_model, **{"seq_len": 8, **kwargs})
 
 
+def test_induction_requests_are_limited_in_tokens(tiny_model):
+    """batch x (2 x seq_len + 1) tokens per request: the cost of a request (README: Limits)."""
+    limit = DEFAULTS.max_induction_tokens
+    batch = limit // 63  # the largest batch at seq_len 31 (63 tokens a sequence) fits; one more does not
+    assert induction_scores(tiny_model, seq_len=31, batch=batch).scores.shape == (2, 4)
+    with pytest.raises(ValueError, match=f"= {(batch + 1) * 63:,} tokens is more than the limit of {limit:,} per request"):
+        induction_scores(tiny_model, seq_len=31, batch=batch + 1)
+
+
 def test_patching_shapes_and_json(tiny_model):
     clean, corrupted = "When John and Mary went to the store", "When John and Paul went to the store"
     result = activation_patching(tiny_model, clean, corrupted, " Mary", " John")

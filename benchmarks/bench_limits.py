@@ -1,0 +1,121 @@
+"""The largest request each endpoint allows, on a GPT-2 Small-shaped model: how long it takes and how
+much memory it needs (the README's "Limits" quote this).
+
+    python benchmarks/bench_limits.py [--threads 2] [--repeats 3]
+
+Each of the ten endpoints (JSON API and UI events) gets the largest input core/config.py allows:
+a 128-token prompt (BOS included) for the Prompt Explorer's techniques, a 32-token contrast pair
+that differs at its first word (so every position is patched) for Contrast Pairs, and
+batch x (2 x seq_len + 1) = 2,046 tokens at GPT-2's full context (seq_len 511, batch 2) for the
+Circuit Map. It runs through the app's own handlers (`app.Handlers`: the runner, the figures and
+the JSON download, everything but HTTP), with the results cache off so every repeat computes.
+Prints the median seconds of `--repeats` runs and the peak resident memory above what the process
+held just before the request (sampled every 2 ms; freed memory is handed back to the OS before
+each request, as the server does), then the process's resident memory with the model loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+import app  # noqa: E402
+from benchmarks.bench_patching import matmul_gflops  # noqa: E402
+from core import DEFAULTS, load_model, save_random_gpt2  # noqa: E402
+from core.induction import max_seq_len  # noqa: E402
+from core.runner import Runner, release_freed_memory  # noqa: E402
+
+TEXT = " The quick brown fox jumps over the lazy dog while the old man reads a book about the history of Rome."
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure(fn) -> tuple[float, int]:
+    """(seconds, peak resident memory above the resident memory just before the call)."""
+    release_freed_memory()
+    base, peak, done = rss_bytes(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    return seconds, max(0, max(peak[0], rss_bytes()) - base)
+
+
+def prompt_of(model, n_tokens: int, first_word: str = " Once") -> str:
+    """A prompt that is exactly `n_tokens` tokens with BOS (checked by tokenizing it again)."""
+    ids = model.tokenizer.encode(first_word + TEXT * 20, add_special_tokens=False)[: n_tokens - 1]
+    text = model.tokenizer.decode(ids)
+    assert len(model.tokenizer.encode(text, add_special_tokens=False)) == n_tokens - 1, text
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as directory:
+        model = load_model(save_random_gpt2(Path(directory) / "model"))
+        loaded = rss_bytes()
+        h = app.Handlers(Runner(model, cache_dir=None, max_entries=0), directory)  # no cache: every repeat computes
+        prompt = prompt_of(model, DEFAULTS.max_prompt_tokens)
+        clean = prompt_of(model, DEFAULTS.max_patching_tokens)
+        corrupted = prompt_of(model, DEFAULTS.max_patching_tokens, " When")  # differs at its first word
+        seq_len = max_seq_len(model)
+        batch = DEFAULTS.max_induction_tokens // (2 * seq_len + 1)
+        layer = model.cfg.n_layers - 1
+        pair = (clean, corrupted, " the", " a")
+        requests = [
+            ("/predict", f"{DEFAULTS.max_prompt_tokens} tokens, k {DEFAULTS.max_top_k}", lambda: h.predict(prompt, DEFAULTS.max_top_k)),
+            ("/logit_lens", f"{DEFAULTS.max_prompt_tokens} tokens, a target", lambda: h.logit_lens(prompt, " the")),
+            ("/dla", f"{DEFAULTS.max_prompt_tokens} tokens, target - competing", lambda: h.dla(prompt, " the", " a")),
+            ("/attention", f"{DEFAULTS.max_prompt_tokens} tokens", lambda: h.attention(prompt, layer)),
+            ("/explore (Prompt Explorer)", f"{DEFAULTS.max_prompt_tokens} tokens, all four + figures", lambda: h.explore(prompt, " the", " a", layer, 0)),
+            ("/patching", f"{DEFAULTS.max_patching_tokens}-token pair, every position", lambda: h.patching(*pair)),
+            ("/attribution_patching", f"{DEFAULTS.max_patching_tokens}-token pair", lambda: h.attribution_patching(*pair)),
+            ("/contrast (Contrast Pairs)", f"{DEFAULTS.max_patching_tokens}-token pair, both + lenses + figures", lambda: h.contrast(*pair)),
+            ("/induction", f"seq_len {seq_len}, batch {batch}", lambda: h.induction(seq_len, batch, 0)),
+            ("/circuit_map (Circuit Map)", f"seq_len {seq_len}, batch {batch} + figures", lambda: h.circuit_map(seq_len, batch, 0)),
+        ]
+        print(
+            f"GPT-2 Small-shaped model (random weights), {args.threads} threads, torch {torch.__version__}, "
+            f"float32 matmul at {matmul_gflops(model.cfg.d_model, model.cfg.d_mlp):.0f} GFLOP/s; median of {args.repeats}\n"
+        )
+        print("| endpoint | largest allowed request | seconds | peak memory above the idle server |")
+        print("|---|---|---:|---:|")
+        worst = 0
+        for endpoint, what, request in requests:
+            runs = [measure(request) for _ in range(args.repeats)]
+            peak = max(m for _, m in runs)
+            worst = max(worst, peak)
+            print(f"| {endpoint} | {what} | {statistics.median(s for s, _ in runs):.2f} | {peak / 2**20:,.0f} MiB |", flush=True)
+        print(f"\nresident memory with the model loaded: {loaded / 2**20:,.0f} MiB; with the largest request: {(loaded + worst) / 2**20:,.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
