@@ -31,7 +31,6 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 
 import serving  # noqa: E402
-
 from core import (  # noqa: E402
     DEFAULTS,
     SWEEPS,
@@ -49,11 +48,11 @@ from core import (  # noqa: E402
 from core.attribution import input_errors as explorer_errors  # noqa: E402
 from core.induction import input_errors as induction_errors  # noqa: E402
 from core.induction import max_seq_len  # noqa: E402
-from core.patching import input_errors as pair_errors  # noqa: E402
 from core.model import Model, describe_source, load_with_fallback, model_label  # noqa: E402
+from core.patching import input_errors as pair_errors  # noqa: E402
 from core.runner import Runner, write_whole  # noqa: E402
+from examples import EXAMPLES  # noqa: E402
 
-EXAMPLES = json.loads((Path(__file__).resolve().parent / "examples" / "prompts.json").read_text(encoding="utf-8"))
 THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 CSS = """
 @media (max-width: 520px) {  /* a phone: the three tab names stay visible instead of folding into "..." */
@@ -697,10 +696,15 @@ def main(argv: list[str] | None = None) -> None:
     say("stopped" if finished else f"stopped; requests still running after {DEFAULTS.drain_s:.0f} s were cut off")
 
 
+@functools.cache
+def _module_demo() -> gr.Blocks:
+    return build_demo()
+
+
 def __getattr__(name: str):
-    """`app.demo` (for `gradio app.py` reload mode) is built on first use, not on import."""
+    """`app.demo` (for `gradio app.py` reload mode) is built on first use, not on import, and once."""
     if name == "demo":
-        return build_demo()
+        return _module_demo()
     raise AttributeError(name)
 
 

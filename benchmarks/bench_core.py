@@ -33,10 +33,7 @@ from core import (  # noqa: E402
     predict,
     save_random_gpt2,
 )
-
-EIFFEL = "The Eiffel Tower is located in the city of"
-IOI_CLEAN = "When John and Mary went to the store, John gave a bottle of milk to"
-IOI_CORRUPTED = "When John and Mary went to the store, Mary gave a bottle of milk to"
+from examples import EIFFEL, IOI_CLEAN, IOI_CORRUPTED  # noqa: E402
 
 
 def median_seconds(fn, repeats: int) -> float:

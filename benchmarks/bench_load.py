@@ -170,7 +170,8 @@ def load(args) -> None:
             finally:
                 server.stop()
             same = all(a == s for a, s in zip(answers, serial))
-            print(f"| {users} | {len(requests) / wall:.2f} | {percentile(latencies, 50):.2f} | {percentile(latencies, 95):.2f} | {errors} | {'yes' if same else 'NO'} |", flush=True)
+            p50, p95 = percentile(latencies, 50), percentile(latencies, 95)
+            print(f"| {users} | {len(requests) / wall:.2f} | {p50:.2f} | {p95:.2f} | {errors} | {'yes' if same else 'NO'} |", flush=True)
 
 
 def soak(args) -> None:
@@ -190,7 +191,8 @@ def soak(args) -> None:
         finally:
             server.stop()
         warm, end = trajectory[0], trajectory[-1]
-        print(f"model: {args.model}; {len(requests)} mixed requests (mostly distinct) from {args.users} concurrent users in {time.perf_counter() - start:.0f} s")
+        seconds = time.perf_counter() - start
+        print(f"model: {args.model}; {len(requests)} mixed requests (mostly distinct) from {args.users} concurrent users in {seconds:.0f} s")
         print(f"errors: {errors}; p50 {percentile(latencies, 50):.2f} s, p95 {percentile(latencies, 95):.2f} s")
         print(f"server resident memory (MiB): launch {launch:.0f}; after every 50 requests: {', '.join(f'{v:.0f}' for v in trajectory)}")
         print(f"growth from the first 50 requests (warm) to the end: {100 * (end - warm) / warm:+.1f}%  (from launch: {100 * (end - launch) / launch:+.1f}%)")

@@ -35,9 +35,8 @@ from transformer_lens import patching as tl_patching  # noqa: E402
 
 from core import DEFAULTS, SWEEPS, activation_patching, load_model, save_random_gpt2  # noqa: E402
 from core.model import to_tokens  # noqa: E402
+from examples import IOI_CLEAN, IOI_CORRUPTED  # noqa: E402
 
-IOI_CLEAN = "When John and Mary went to the store, John gave a bottle of milk to"
-IOI_CORRUPTED = "When John and Mary went to the store, Mary gave a bottle of milk to"
 TL_SWEEPS = {
     "resid_pre": tl_patching.get_act_patch_resid_pre,
     "attn_out": tl_patching.get_act_patch_attn_out,
@@ -171,7 +170,8 @@ def main() -> None:
         floor_s = flops / (gflops * 1e9)
         print(f"GPT-2 Small-shaped model (random weights), {args.threads} threads, torch {torch.__version__}, {platform.processor() or platform.machine()}")
         print(f"pair: the seed's IOI prompts, {n_pos} tokens, first difference at position {start}; answers {answer!r} vs {wrong!r}")
-        print(f"(clean - corrupted logit difference {ours.clean_value - ours.corrupted_value:+.4f}; for ' Mary' - ' John' it is {float(shift[mary] - shift[john]):+.4f})\n")
+        moved, names_moved = ours.clean_value - ours.corrupted_value, float(shift[mary] - shift[john])
+        print(f"(clean - corrupted logit difference {moved:+.4f}; for ' Mary' - ' John' it is {names_moved:+.4f})\n")
         print("| what | TransformerLens `patching` | CircuitBreaker (exact) |")
         print("|---|---:|---:|")
         for name in SWEEPS:

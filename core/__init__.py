@@ -12,9 +12,10 @@ from core.attention import attention_patterns
 from core.attribution import direct_logit_attribution
 from core.attribution_patching import agreement, attribution_patching
 from core.config import DEFAULTS, Defaults
+from core.factories import save_random_gpt2
 from core.induction import induction_scores, repeated_random_tokens
 from core.logit_lens import logit_lens
-from core.model import ModelLoadError, load_model, load_with_fallback, save_random_gpt2, single_token_id, to_tokens
+from core.model import ModelLoadError, load_model, load_with_fallback, single_token_id, to_tokens
 from core.patching import SWEEPS, activation_patching
 from core.predictions import predict
 from core.results import (

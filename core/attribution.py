@@ -19,7 +19,7 @@ from core.model import Model, run_cached, single_token_id, str_tokens, to_tokens
 from core.results import DLAResult
 
 
-def logit_direction(model: Model, target_id: int, competing_id: int | None) -> Float[Tensor, "d_model"]:
+def logit_direction(model: Model, target_id: int, competing_id: int | None) -> Float[Tensor, " d_model"]:
     direction = model.W_U[:, target_id]
     return direction if competing_id is None else direction - model.W_U[:, competing_id]
 

@@ -117,7 +117,7 @@ class Engine:
 
     # --- one whole run, every activation kept --------------------------------------------
 
-    def trace(self, tokens: Int[Tensor, "pos"], direction) -> Trace:
+    def trace(self, tokens: Int[Tensor, " pos"], direction) -> Trace:
         n, H, dh = tokens.shape[-1], self.n_heads, self.d_head
         x = self.W_E[tokens] + self.W_pos[:n]
         causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
@@ -152,7 +152,7 @@ class Engine:
 
     # --- many patched runs at once ------------------------------------------------------
 
-    def patched_metrics(self, corrupted: Trace, start: int, jobs: list[Job], direction) -> Float[Tensor, "job"]:
+    def patched_metrics(self, corrupted: Trace, start: int, jobs: list[Job], direction) -> Float[Tensor, " job"]:
         """The metric of each job's patched run. Every job's residual stream is given for
         positions start.. (rows before a job's `live` position equal the corrupted run's).
         State: x [job, pos, d_model]; `rows` indexes its live (job, pos) rows in x.view(-1, d_model)."""

@@ -49,11 +49,11 @@ SWEEPS: dict[str, Sweep] = {
 SWEEP_HOOKS = tuple(sweep.hook for sweep in SWEEPS.values())  # every hook a sweep patches
 
 
-def _logit_diff(logits: Float[Tensor, "batch pos vocab"], answer_id: int, wrong_id: int) -> Float[Tensor, "batch"]:
+def _logit_diff(logits: Float[Tensor, "batch pos vocab"], answer_id: int, wrong_id: int) -> Float[Tensor, " batch"]:
     return (logits[:, -1, answer_id] - logits[:, -1, wrong_id]).double()
 
 
-def _patch_hook(indices: Int[Tensor, "batch"], clean: Tensor, axis: str):
+def _patch_hook(indices: Int[Tensor, " batch"], clean: Tensor, axis: str):
     """Row b of the batch gets the clean activation at position (or head) indices[b]."""
 
     def hook(activation, hook):

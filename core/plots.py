@@ -39,7 +39,9 @@ TITLE_PAD = 52  # px above a title: it starts below the label badge the page dra
 TEMPLATE = go.layout.Template(
     layout=go.Layout(
         font=dict(family="Inter, Helvetica, Arial, sans-serif", size=12),
-        title=dict(x=0, xanchor="left", xref="container", y=1, yanchor="top", yref="container", pad=dict(l=8, t=TITLE_PAD), font=dict(size=14), automargin=True),
+        title=dict(
+            x=0, xanchor="left", xref="container", y=1, yanchor="top", yref="container", pad=dict(l=8, t=TITLE_PAD), font=dict(size=14), automargin=True
+        ),
         margin=dict(l=60, r=20, t=84, b=60),  # minimums: automargin grows them to fit tick labels
         paper_bgcolor="white",
         plot_bgcolor="white",
@@ -123,7 +125,7 @@ def _heatmap(
         if limit is not None:
             colour["range_color"] = (-limit, limit)
     else:
-        colour = dict(color_continuous_scale=UNSIGNED_SCALE, range_color=(0.0, limit)) if limit is not None else dict(color_continuous_scale=UNSIGNED_SCALE, zmin=0.0)
+        colour = dict(color_continuous_scale=UNSIGNED_SCALE, **(dict(range_color=(0.0, limit)) if limit is not None else dict(zmin=0.0)))
     fig = px.imshow(z, x=x, y=y, aspect="auto", template=TEMPLATE, title=title, **colour)
     fig.update_traces(hovertemplate=hover + "<extra></extra>")
     if text is not None:

@@ -5,11 +5,9 @@ Everything here is data plus small generators; `train.py` turns it into a model.
 
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
 
-EXAMPLES_FILE = Path(__file__).resolve().parent.parent / "examples" / "prompts.json"
+from examples import EXAMPLES, SEED_PAIR
 
 NAMES = [
     "John", "Mary", "Tom", "James", "Dan", "Sarah", "Paul", "Lisa",
@@ -50,9 +48,8 @@ FACT_TEMPLATES = [
 
 # The seed IOI contrast pair: S2 swapped for the indirect object; answer " Mary", wrong " John".
 # measure.py patches it for the README's numbers and train.py's log probes the same pair.
-SEED_CLEAN = "When John and Mary went to the store, John gave a bottle of milk to"
-SEED_CORRUPTED = "When John and Mary went to the store, Mary gave a bottle of milk to"
-SEED_ANSWER, SEED_WRONG = " Mary", " John"
+SEED_CLEAN, SEED_CORRUPTED = SEED_PAIR["clean"], SEED_PAIR["corrupted"]  # the app's first contrast example
+SEED_ANSWER, SEED_WRONG = SEED_PAIR["answer"], SEED_PAIR["wrong"]
 
 # extra words so that the repeated-text example and free-form prompts have a vocabulary
 FILLER = "The quick brown fox jumps over the lazy dog. A cat sat on a mat and a bird sang in a tree."
@@ -81,11 +78,10 @@ def all_ioi_prompts() -> list[tuple[str, str, str]]:
 
 def example_texts() -> list[str]:
     """Every prompt and token in examples/prompts.json: the vocabulary must cover them."""
-    examples = json.loads(EXAMPLES_FILE.read_text(encoding="utf-8"))
     texts = []
-    for ex in examples["explorer"]:
+    for ex in EXAMPLES["explorer"]:
         texts += [ex["prompt"], ex["target"], ex["competing"]]
-    for ex in examples["contrast"]:
+    for ex in EXAMPLES["contrast"]:
         texts += [ex["clean"], ex["corrupted"], ex["answer"], ex["wrong"]]
     return [t for t in texts if t]
 

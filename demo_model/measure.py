@@ -8,7 +8,6 @@ pass `check`), and for the README's numbers.
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from core import activation_patching, induction_scores, load_model, predict  # noqa: E402
 from core.model import single_token_id, to_tokens  # noqa: E402
 from demo_model import corpus  # noqa: E402
+from examples import EIFFEL, EXAMPLES  # noqa: E402
 
-EIFFEL = "The Eiffel Tower is located in the city of"
 INDUCTION = dict(seq_len=20, batch=20, seed=0)
 
 
@@ -46,10 +45,9 @@ def logit_differences(model, prompts: list[tuple[str, str, str]]) -> np.ndarray:
 
 def measure(model_dir: str) -> dict:
     model = load_model(model_dir)
-    examples = json.loads(corpus.EXAMPLES_FILE.read_text(encoding="utf-8"))
     all_ioi = logit_differences(model, corpus.all_ioi_prompts())
-    example_ioi = logit_differences(model, [(ex["clean"], ex["answer"], ex["wrong"]) for ex in examples["contrast"]])
-    example_ioi_corrupted = logit_differences(model, [(ex["corrupted"], ex["wrong"], ex["answer"]) for ex in examples["contrast"]])
+    example_ioi = logit_differences(model, [(ex["clean"], ex["answer"], ex["wrong"]) for ex in EXAMPLES["contrast"]])
+    example_ioi_corrupted = logit_differences(model, [(ex["corrupted"], ex["wrong"], ex["answer"]) for ex in EXAMPLES["contrast"]])
     eiffel = predict(model, EIFFEL, k=3)
     induction = induction_scores(model, **INDUCTION)
     layer, head = np.unravel_index(int(induction.scores[1:].argmax()), induction.scores[1:].shape)

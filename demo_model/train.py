@@ -241,7 +241,8 @@ def train(config: TrainConfig, out: Path, log=print) -> Path:
         optimizer.step()
         schedule.step()
         if step % 250 == 0 or step == config.steps - 1:
-            log(f"step {step:5d}  loss {loss.item():.3f}  best induction stripe {induction_stripe(model, word_ids):.3f}  S2 patch at layer 1 {s2_probe(model, tokenizer):.3f}  {time.perf_counter() - start:.0f}s")
+            stripe, probe, seconds = induction_stripe(model, word_ids), s2_probe(model, tokenizer), time.perf_counter() - start
+            log(f"step {step:5d}  loss {loss.item():.3f}  best induction stripe {stripe:.3f}  S2 patch at layer 1 {probe:.3f}  {seconds:.0f}s")
     model.eval()
     model.config.activation_function = "gelu_new"  # the same function; the name GPT-2 and TransformerLens use
     out.mkdir(parents=True, exist_ok=True)

@@ -10,11 +10,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import pytest
 
 from core import ModelLoadError, load_model, save_random_gpt2
+from examples import EIFFEL, IOI_CLEAN, IOI_CORRUPTED  # noqa: F401  (defined once, in examples/prompts.json; tests import them from here)
 from tests.circuits import save_induction_circuit
-
-IOI_CLEAN = "When John and Mary went to the store, John gave a bottle of milk to"
-IOI_CORRUPTED = "When John and Mary went to the store, Mary gave a bottle of milk to"
-EIFFEL = "The Eiffel Tower is located in the city of"
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,9 @@ RECORD = os.environ.get("CIRCUITBREAKER_RECORD") == "1"
 
 def machine() -> dict:
     """What decides the last bits of a float32 result on a CPU."""
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "?") if Path("/proc/cpuinfo").exists() else "?"
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
     return {"cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 

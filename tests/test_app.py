@@ -335,3 +335,14 @@ def test_downloads_on_disk_are_bounded(tiny_model, tmp_path, monkeypatch):
     for i in range(12):
         handlers._download("test", {"i": i})
     assert len(list(tmp_path.glob("*.json"))) == 5
+
+
+def test_app_demo_is_built_once(monkeypatch):
+    """`app.demo` (what `gradio app.py` reads) builds the app on first use, then hands back the same one."""
+    built = []
+    monkeypatch.setattr(app, "build_demo", lambda: built.append(object()) or built[-1])
+    app._module_demo.cache_clear()
+    try:
+        assert app.demo is app.demo and len(built) == 1
+    finally:
+        app._module_demo.cache_clear()

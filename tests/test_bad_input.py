@@ -9,8 +9,6 @@ import time
 
 import pytest
 from gradio_client.exceptions import AppError, ValidationError
-
-CLIENT_ERRORS = (AppError, ValidationError)  # ValidationError: the tabs' events check their inputs before running
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,6 +24,7 @@ from core import (
 )
 from tests.conftest import IOI_CLEAN, IOI_CORRUPTED
 
+CLIENT_ERRORS = (AppError, ValidationError)  # ValidationError: the tabs' events check their inputs before running
 GENERIC = "upstream Gradio app has raised an exception"
 SHORT = "When John and Mary went to the store"
 LONG = "When John and Mary went to the store," * 10  # 81 tokens: over the demo model's 64
@@ -103,7 +102,10 @@ def cases():
         ("/attribution_patching", (IOI_CLEAN, IOI_CORRUPTED, " John", " John"), "same token"),
         ("/contrast", (IOI_CLEAN, IOI_CORRUPTED, " Mary", " Mary"), "same token"),
     ]
-    ranges = {"k": "between 1 and 100", "layer": "between 0 and 4", "head": "between 0 and 3", "seq_len": "between 2 and 31", "batch": "between 1 and 64", "seed": "between 0 and 4294967295"}
+    ranges = {
+        "k": "between 1 and 100", "layer": "between 0 and 4", "head": "between 0 and 3",
+        "seq_len": "between 2 and 31", "batch": "between 1 and 64", "seed": "between 0 and 4294967295",
+    }
     out_of_range = {"k": [0, 101], "layer": [-1, 5], "head": [-1, 4], "seq_len": [1, 32], "batch": [0, 65], "seed": [-1, 2**40]}
     for endpoint, fields in INT_FIELDS.items():
         for position, name in fields.items():
@@ -156,7 +158,9 @@ TEXT = st.one_of(
 )
 ANY = st.one_of(TEXT, st.integers(-10, 10**6), st.floats(), st.none(), st.booleans(), st.lists(st.integers(), max_size=2))
 INT = st.one_of(st.integers(-5, 70), st.floats(-5, 70), ANY)
-JSON_ANY = st.one_of(TEXT, st.integers(-10, 10**6), st.floats(allow_nan=False, allow_infinity=False), st.none(), st.booleans(), st.lists(st.integers(), max_size=2))
+JSON_ANY = st.one_of(
+    TEXT, st.integers(-10, 10**6), st.floats(allow_nan=False, allow_infinity=False), st.none(), st.booleans(), st.lists(st.integers(), max_size=2)
+)
 JSON_INT = st.one_of(st.integers(-5, 70), st.floats(-5, 70), JSON_ANY)  # what JSON can carry (no NaN / inf)
 CORE_CALLS = {
     "predict": (predict, [TEXT, INT]),

@@ -9,6 +9,7 @@ import pytest
 
 import app
 from core.runner import Runner
+from tests.conftest import IOI_CLEAN
 from tests.test_app import free_port
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -140,7 +141,7 @@ def test_preview_stays_visible_and_bad_input_keeps_the_results(browser, page_url
     page.get_by_role("tab", name="Contrast Pairs").click()
     page.wait_for_function(f"{VISIBLE_PLOTS}.length >= 5", timeout=30_000)
     page.get_by_label("Prompt B (corrupted: same number of tokens)").fill(
-        "When John and Mary went to the store, John gave a bottle of milk to".replace(" store", " park")
+        IOI_CLEAN.replace(" store", " park")
     )
     page.get_by_role("button", name="Run patching").click()
     covered = page.evaluate_handle(

@@ -15,7 +15,7 @@ from core import DEFAULTS, SWEEPS, activation_patching, attention_patterns, dire
 from core.attribution_patching import agreement, attribution_patching
 from core.fast_patching import Engine
 from core.model import to_tokens
-from tests.conftest import IOI_CLEAN
+from tests.conftest import IOI_CLEAN, IOI_CORRUPTED
 
 TL_SWEEPS = {
     "resid_pre": tl_patching.get_act_patch_resid_pre,
@@ -28,7 +28,7 @@ PAIRS = [
     ("gpt2_shaped", "When John and Mary went to the store", "When John and Paul went to the store"),
     ("gpt2_shaped", "The cat sat on the mat", "The dog sat on the rug"),
     ("gpt2_shaped", "Alice plays the piano", "Bob plays the violin"),
-    ("demo_model", "When John and Mary went to the store, John gave a bottle of milk to", "When John and Mary went to the store, Mary gave a bottle of milk to"),
+    ("demo_model", IOI_CLEAN, IOI_CORRUPTED),
     ("demo_model", "When John and Mary went to the store, John gave a ball to", "When Tom and Sarah went to the park, Tom gave a ball to"),
     ("demo_model", "When John and Mary went to the store, John gave a ball to", "When John and Mary went to the store, John gave a ball at"),
 ]
@@ -126,7 +126,8 @@ def test_attribution_patching_equals_the_gradient_from_backward_hooks(gpt2_shape
     swing = approx.clean_value - approx.corrupted_value
     for layer in range(model.cfg.n_layers):
         for name, sweep in SWEEPS.items():
-            key = next(k for k in grads if k.startswith(f"blocks.{layer}.") and (k.endswith(sweep.hook) or (sweep.hook == "hook_resid_pre" and k.endswith(".hook_in"))))
+            hooks = (sweep.hook, ".hook_in") if sweep.hook == "hook_resid_pre" else (sweep.hook,)
+            key = next(k for k in grads if k.startswith(f"blocks.{layer}.") and k.endswith(hooks))
             product = ((clean_cache[f"blocks.{layer}.{sweep.hook}"] - acts[key]) * grads[key])[0].double()
             expected = (product.sum((0, 2)) if sweep.axis == "head" else product.sum(-1)).numpy() / swing
             np.testing.assert_allclose(getattr(approx, name)[layer], expected, atol=1e-4, err_msg=f"{name} layer {layer}")

@@ -88,7 +88,8 @@ def test_python_app_py_offline_starts_on_the_demo_model_and_says_so(tmp_path):
         console = process.communicate(timeout=30)[0]
         ours = [line for line in console.splitlines() if line.startswith("CircuitBreaker:")]
         notices = [line for line in ours if "demo model" in line and "could not be loaded" in line]
-        assert len(notices) == 1 and notices[0].startswith("CircuitBreaker: Running CircuitBreaker's small bundled demo model, because gpt2 could not be loaded")
+        assert len(notices) == 1
+        assert notices[0].startswith("CircuitBreaker: Running CircuitBreaker's small bundled demo model, because gpt2 could not be loaded")
         assert "*" not in notices[0] and "`" not in notices[0] and "))" not in notices[0]  # plain text
         assert ours[0].startswith("CircuitBreaker: loading gpt2 from the Hugging Face cache (offline")  # then progress:
         assert any(line.startswith("CircuitBreaker: warming examples 1/") for line in ours) and ours[-3].startswith("CircuitBreaker: ready in")

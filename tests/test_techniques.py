@@ -18,8 +18,7 @@ from core import (
     predict,
 )
 from core.model import to_tokens
-
-PROMPT = "When John and Mary went to the store, John gave a bottle of milk to"
+from tests.conftest import IOI_CLEAN as PROMPT
 
 
 def test_predict_top_k_matches_the_models_softmax(tiny_model):
