@@ -33,6 +33,7 @@ import gradio as gr  # noqa: E402
 import serving  # noqa: E402
 from core import (  # noqa: E402
     DEFAULTS,
+    LIMITS,
     SWEEPS,
     ModelLoadError,
     activation_patching,
@@ -67,7 +68,7 @@ MAX_UPLOAD = "1kb"  # the app has no upload widget: Gradio's upload route takes 
 def launch_options() -> dict:
     """What launch() needs besides where to listen (Gradio 6 takes the look there), for main() and the
     tests' servers: theme, CSS, the upload cap, and the request body cap (a fresh dict each launch)."""
-    return dict(theme=THEME, css=CSS, max_file_size=MAX_UPLOAD, app_kwargs=serving.app_kwargs(DEFAULTS.max_request_bytes))
+    return dict(theme=THEME, css=CSS, max_file_size=MAX_UPLOAD, app_kwargs=serving.app_kwargs(LIMITS.max_request_bytes))
 
 # Two queues, one running request each: quick techniques never wait behind a line of heavy ones
 # (they wait at most for the one heavy request running, which the limits in core/config.py keep
@@ -75,7 +76,6 @@ def launch_options() -> dict:
 LIGHT = dict(concurrency_id="light", concurrency_limit=1)  # predictions, logit lens, DLA, attention
 HEAVY = dict(concurrency_id="heavy", concurrency_limit=1)  # patching (both kinds), induction
 RAW = dict(preprocess=False)  # widgets hand over what was sent; core validates it with a clear message
-MAX_DOWNLOADS = 256  # JSON downloads kept on disk (oldest removed first)
 
 
 def user_errors(fn):
@@ -119,10 +119,12 @@ def _plain_text(err: Exception) -> str:
 class Handlers:
     """Thin handlers: widgets in, core results through the runner, figures/JSON out."""
 
-    def __init__(self, runner: Runner, download_dir: str | None):
-        """`download_dir` None: downloads are off (the page says so); results are shown as usual."""
+    def __init__(self, runner: Runner, download_dir: str | None, max_downloads: int = LIMITS.max_downloads):
+        """`download_dir` None: downloads are off (the page says so); results are shown as usual.
+        At most `max_downloads` files are kept (oldest removed first)."""
         self.runner = runner
         self.download_dir = None if download_dir is None else Path(download_dir)
+        self.max_downloads = max_downloads
 
     def _download(self, stem: str, data: dict) -> str | None:
         """Write `data` as JSON; the name is the content's hash, so repeats do not pile up files.
@@ -140,7 +142,7 @@ class Handlers:
             gr.Warning(f"The results are shown, but their JSON download could not be saved on the server ({err.strerror or err}).")
             return None
         files = sorted(self.download_dir.glob("*.json"), key=lambda f: f.stat().st_mtime)
-        for old in files[: max(0, len(files) - MAX_DOWNLOADS)]:
+        for old in files[: max(0, len(files) - self.max_downloads)]:
             old.unlink(missing_ok=True)
         return str(path)
 
@@ -533,7 +535,7 @@ def build_circuit_map(h: Handlers, model: Model):
     longest = max_seq_len(model)
     with gr.Row():
         seq_len = gr.Number(value=first[0], precision=0, label=f"seq_len (2-{longest})", min_width=120)
-        batch = gr.Number(value=first[1], precision=0, label=f"batch (1-{DEFAULTS.max_induction_batch})", min_width=120)
+        batch = gr.Number(value=first[1], precision=0, label=f"batch (1-{LIMITS.max_induction_batch})", min_width=120)
         seed = gr.Number(value=first[2], precision=0, label="seed", min_width=120)
         run = gr.Button("Compute head scores", variant="primary", min_width=160)
     induction = gr.Plot(initial[0], label="Induction scores", render=False, **WIDE)
@@ -556,8 +558,8 @@ def build_circuit_map(h: Handlers, model: Model):
     _examples(rows, labels, inputs, outputs, circuit_map, "circuit_map_example", HEAVY)
     gr.Markdown(
         f"Heads scoring above **{DEFAULTS.induction_threshold}** are listed as induction heads. One request reads at most "
-        f"{DEFAULTS.max_induction_tokens:,} tokens, batch x (2 x seq_len + 1): seq_len {longest} allows batch "
-        f"{DEFAULTS.max_induction_tokens // (2 * longest + 1)}."
+        f"{LIMITS.max_induction_tokens:,} tokens, batch x (2 x seq_len + 1): seq_len {longest} allows batch "
+        f"{LIMITS.max_induction_tokens // (2 * longest + 1)}."
     )
     _about(ABOUT["induction"])
     with gr.Row():
@@ -615,8 +617,8 @@ def build_demo(
         build_api(handlers)
     # api_open=False: every call goes through the queue and its lanes (gradio_client uses the queue
     # too); Gradio would otherwise leave /gradio_api/run/<name> open, which skips both.
-    demo.queue(default_concurrency_limit=1, max_size=DEFAULTS.max_queue_size, api_open=False)
-    serving.guard_queue(demo, DEFAULTS.max_requests_per_client)
+    demo.queue(default_concurrency_limit=1, max_size=LIMITS.max_queue_size, api_open=False)
+    serving.guard_queue(demo, LIMITS.max_requests_per_client)
     return demo
 
 
@@ -690,10 +692,10 @@ def main(argv: list[str] | None = None) -> None:
         pass
     signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C (or SIGTERM) stops at once
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    say(f"stopping: refusing new requests, finishing the running ones (at most {DEFAULTS.drain_s:.0f} s) ...")
-    finished = serving.drain(demo, DEFAULTS.drain_s)
+    say(f"stopping: refusing new requests, finishing the running ones (at most {LIMITS.drain_s:.0f} s) ...")
+    finished = serving.drain(demo, LIMITS.drain_s)
     demo.close()
-    say("stopped" if finished else f"stopped; requests still running after {DEFAULTS.drain_s:.0f} s were cut off")
+    say("stopped" if finished else f"stopped; requests still running after {LIMITS.drain_s:.0f} s were cut off")
 
 
 @functools.cache

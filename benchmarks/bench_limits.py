@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 import app  # noqa: E402
 from benchmarks.bench_patching import matmul_gflops  # noqa: E402
-from core import DEFAULTS, load_model, save_random_gpt2  # noqa: E402
+from core import LIMITS, load_model, save_random_gpt2  # noqa: E402
 from core.induction import max_seq_len  # noqa: E402
 from core.runner import Runner, release_freed_memory  # noqa: E402
 
@@ -83,22 +83,22 @@ def main() -> None:
         model = load_model(save_random_gpt2(Path(directory) / "model"))
         loaded = rss_bytes()
         h = app.Handlers(Runner(model, cache_dir=None, max_entries=0), directory)  # no cache: every repeat computes
-        prompt = prompt_of(model, DEFAULTS.max_prompt_tokens)
-        clean = prompt_of(model, DEFAULTS.max_patching_tokens)
-        corrupted = prompt_of(model, DEFAULTS.max_patching_tokens, " When")  # differs at its first word
+        prompt = prompt_of(model, LIMITS.max_prompt_tokens)
+        clean = prompt_of(model, LIMITS.max_patching_tokens)
+        corrupted = prompt_of(model, LIMITS.max_patching_tokens, " When")  # differs at its first word
         seq_len = max_seq_len(model)
-        batch = DEFAULTS.max_induction_tokens // (2 * seq_len + 1)
+        batch = LIMITS.max_induction_tokens // (2 * seq_len + 1)
         layer = model.cfg.n_layers - 1
         pair = (clean, corrupted, " the", " a")
         requests = [
-            ("/predict", f"{DEFAULTS.max_prompt_tokens} tokens, k {DEFAULTS.max_top_k}", lambda: h.predict(prompt, DEFAULTS.max_top_k)),
-            ("/logit_lens", f"{DEFAULTS.max_prompt_tokens} tokens, a target", lambda: h.logit_lens(prompt, " the")),
-            ("/dla", f"{DEFAULTS.max_prompt_tokens} tokens, target - competing", lambda: h.dla(prompt, " the", " a")),
-            ("/attention", f"{DEFAULTS.max_prompt_tokens} tokens", lambda: h.attention(prompt, layer)),
-            ("/explore (Prompt Explorer)", f"{DEFAULTS.max_prompt_tokens} tokens, all four + figures", lambda: h.explore(prompt, " the", " a", layer, 0)),
-            ("/patching", f"{DEFAULTS.max_patching_tokens}-token pair, every position", lambda: h.patching(*pair)),
-            ("/attribution_patching", f"{DEFAULTS.max_patching_tokens}-token pair", lambda: h.attribution_patching(*pair)),
-            ("/contrast (Contrast Pairs)", f"{DEFAULTS.max_patching_tokens}-token pair, both + lenses + figures", lambda: h.contrast(*pair)),
+            ("/predict", f"{LIMITS.max_prompt_tokens} tokens, k {LIMITS.max_top_k}", lambda: h.predict(prompt, LIMITS.max_top_k)),
+            ("/logit_lens", f"{LIMITS.max_prompt_tokens} tokens, a target", lambda: h.logit_lens(prompt, " the")),
+            ("/dla", f"{LIMITS.max_prompt_tokens} tokens, target - competing", lambda: h.dla(prompt, " the", " a")),
+            ("/attention", f"{LIMITS.max_prompt_tokens} tokens", lambda: h.attention(prompt, layer)),
+            ("/explore (Prompt Explorer)", f"{LIMITS.max_prompt_tokens} tokens, all four + figures", lambda: h.explore(prompt, " the", " a", layer, 0)),
+            ("/patching", f"{LIMITS.max_patching_tokens}-token pair, every position", lambda: h.patching(*pair)),
+            ("/attribution_patching", f"{LIMITS.max_patching_tokens}-token pair", lambda: h.attribution_patching(*pair)),
+            ("/contrast (Contrast Pairs)", f"{LIMITS.max_patching_tokens}-token pair, both + lenses + figures", lambda: h.contrast(*pair)),
             ("/induction", f"seq_len {seq_len}, batch {batch}", lambda: h.induction(seq_len, batch, 0)),
             ("/circuit_map (Circuit Map)", f"seq_len {seq_len}, batch {batch} + figures", lambda: h.circuit_map(seq_len, batch, 0)),
         ]

@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformer_lens import patching as tl_patching  # noqa: E402
 
-from core import DEFAULTS, SWEEPS, activation_patching, load_model, save_random_gpt2  # noqa: E402
+from core import LIMITS, SWEEPS, activation_patching, load_model, save_random_gpt2  # noqa: E402
 from core.model import to_tokens  # noqa: E402
 from examples import IOI_CLEAN, IOI_CORRUPTED  # noqa: E402
 
@@ -185,7 +185,7 @@ def main() -> None:
         print("| tokens (with BOS) | exact patching, 4 sweeps | floor | peak resident memory above the model so far |")
         print("|---:|---:|---:|---:|")
         words = " the cat sat on the mat and then it went to the store with a dog" * 4
-        for n in (16, 24, DEFAULTS.max_patching_tokens):
+        for n in (16, 24, LIMITS.max_patching_tokens):
             ids = model.tokenizer.encode("Once" + words, add_special_tokens=False)[: n - 1]
             clean = model.tokenizer.decode(ids)
             corrupted = "When" + clean[len("Once"):]

@@ -11,7 +11,7 @@ from core import plots
 from core.attention import attention_patterns
 from core.attribution import direct_logit_attribution
 from core.attribution_patching import agreement, attribution_patching
-from core.config import DEFAULTS, Defaults
+from core.config import DEFAULTS, LIMITS, Defaults, Limits
 from core.factories import save_random_gpt2
 from core.induction import induction_scores, repeated_random_tokens
 from core.logit_lens import logit_lens
@@ -30,11 +30,13 @@ from core.results import (
 
 __all__ = [
     "DEFAULTS",
+    "LIMITS",
     "SWEEPS",
     "ApproximatePatchingResult",
     "AttentionResult",
     "DLAResult",
     "Defaults",
+    "Limits",
     "InductionResult",
     "LogitLensResult",
     "ModelLoadError",

@@ -1,4 +1,14 @@
-"""Defaults for every technique, in one place (no magic numbers inside functions)."""
+"""Settings in two places (no magic numbers inside functions):
+
+- `DEFAULTS` (`Defaults`): the science. What a technique computes when not told otherwise, and how
+  it batches its work (batch sizes change memory and time, never the numbers beyond rounding).
+- `LIMITS` (`Limits`): serving. How much one request may ask for and how the server shares one
+  model among many users (README: "Limits"). Core checks the input caps (a notebook user gets the
+  same clear message as the API); the runner and the app read the rest.
+
+Both are frozen; a test or a caller that needs other values passes its own (`Runner(limits=...)`,
+`induction_scores(..., tokens_per_forward=...)`, `activation_patching(..., rows_per_pass=...)`).
+"""
 
 from __future__ import annotations
 
@@ -9,33 +19,41 @@ from dataclasses import dataclass
 class Defaults:
     model_name: str = "gpt2"  # what load_model() loads when given nothing
     top_k: int = 10  # predictions shown at the final position
-    max_top_k: int = 100  # largest k a caller may ask for
     induction_seq_len: int = 50  # random tokens per copy (Olsson et al. use 50 too)
     induction_batch: int = 10  # random sequences averaged over
     induction_seed: int = 0  # same seed -> same sequences -> same scores
     induction_threshold: float = 0.6  # a head scoring above this is listed (the seed's cut-off)
-    max_induction_batch: int = 64  # keeps one Circuit Map request within memory on a CPU Space
+    min_swing: float = 1.0  # |clean - corrupted| logit difference below this: scores flagged as noise-prone (odds change < e)
+    same_metric_tolerance: float = 1e-6  # |clean - corrupted| below this cannot be normalised
+    fast_path_tolerance: float = 1e-3  # the fast engine's unpatched runs must match the model's own this closely
+    # --- how work is batched (memory and time, not results) ---
     tokens_per_forward: int = 1024  # batch x pos per forward pass, bounds memory (logits: 200 MB for GPT-2; README: "Limits")
     patch_batch_size: int = 32  # patched runs evaluated together in one forward pass (hook engine)
     patch_rows_per_pass: int = 4096  # patched positions evaluated together by the fast engine (bounds memory)
-    fast_path_tolerance: float = 1e-3  # the fast engine's unpatched runs must match the model's own this closely
-    same_metric_tolerance: float = 1e-6  # |clean - corrupted| below this cannot be normalised
-    min_swing: float = 1.0  # |clean - corrupted| logit difference below this: scores flagged as noise-prone (odds change < e)
     progress_steps: int = 20  # exact patching reports progress at least this often when asked to
-    hub_timeout_s: float = 2.0  # how long to wait for the Hugging Face Hub before giving up
-    # --- limits that keep a public CPU Space responsive (README: "Limits") ---
+
+
+@dataclass(frozen=True)
+class Limits:
+    # --- what one request may ask for (each message names its limit) ---
     max_prompt_chars: int = 2000  # longer text is rejected before tokenizing (a megabyte answers at once)
     max_prompt_tokens: int = 128  # Prompt Explorer (BOS included); also never more than the model's n_ctx
     max_patching_tokens: int = 32  # Contrast Pairs: exact patching grows with the square of the positions after the first difference
     max_token_chars: int = 100  # a target / answer token longer than this cannot be one token
-    max_induction_tokens: int = 2048  # Circuit Map: batch x (2 x seq_len + 1) tokens per request (two passes at full context; README: "Limits")
+    max_top_k: int = 100  # largest k a caller may ask for
+    max_induction_batch: int = 64  # Circuit Map: sequences per request
+    max_induction_tokens: int = 2048  # Circuit Map: batch x (2 x seq_len + 1) tokens per request (two passes at full context)
+    max_downloads: int = 256  # JSON downloads kept on disk (oldest removed first)
+    max_request_bytes: int = 2_000_000  # bodies over this are refused unread (a pasted megabyte still gets its sentence; queue: 64 x 2 MB)
+    # --- how the server shares one model ---
     max_queue_size: int = 64  # requests waiting in the Gradio queue; more are turned away with a message
     max_requests_per_client: int = 32  # waiting + running requests from one address (half the queue: others keep room)
     validation_wait_s: float = 2.0  # input checks wait this long for a busy model, then leave checking to the run
     lock_poll_s: float = 0.25  # a request waiting for the model checks this often whether it is still wanted
     max_wait_s: float = 120.0  # a request that cannot start within this long gets "busy, try again"
-    max_request_bytes: int = 2_000_000  # bodies over this are refused unread (a pasted megabyte still gets the validator's sentence; queue: 64 x 2 MB at most)
     drain_s: float = 20.0  # on SIGTERM, running requests get this long to finish (waiting ones are told to retry)
+    hub_timeout_s: float = 2.0  # how long to wait for the Hugging Face Hub before giving up
 
 
 DEFAULTS = Defaults()
+LIMITS = Limits()

@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from core.config import DEFAULTS
+from core.config import DEFAULTS, LIMITS
 from core.model import Model, check_int
 from core.patching import Progress
 from core.results import InductionResult
@@ -50,14 +50,14 @@ def max_seq_len(model: Model) -> int:
 
 def _ranges(model: Model) -> dict[str, tuple[int, int]]:
     """The allowed range of each whole-number argument."""
-    return {"seq_len": (2, max_seq_len(model)), "batch": (1, DEFAULTS.max_induction_batch), "seed": (0, 2**32 - 1)}
+    return {"seq_len": (2, max_seq_len(model)), "batch": (1, LIMITS.max_induction_batch), "seed": (0, 2**32 - 1)}
 
 
 def _check_size(seq_len: int, batch: int) -> None:
-    if batch * (2 * seq_len + 1) > DEFAULTS.max_induction_tokens:
+    if batch * (2 * seq_len + 1) > LIMITS.max_induction_tokens:
         raise ValueError(
             f"batch x (2 x seq_len + 1) = {batch * (2 * seq_len + 1):,} tokens is more than the limit of "
-            f"{DEFAULTS.max_induction_tokens:,} per request: lower seq_len or batch."
+            f"{LIMITS.max_induction_tokens:,} per request: lower seq_len or batch."
         )
 
 
@@ -84,6 +84,7 @@ def induction_scores(
     seed: int = DEFAULTS.induction_seed,
     threshold: float = DEFAULTS.induction_threshold,
     progress: Progress | None = None,
+    tokens_per_forward: int = DEFAULTS.tokens_per_forward,
 ) -> InductionResult:
     """Head scores and per-position loss, `tokens_per_forward` tokens per forward pass; `progress(fraction,
     description)`, if given, hears every layer of every pass (a step boundary where work can stop)."""
@@ -95,7 +96,7 @@ def induction_scores(
     sums = torch.zeros(n_layers, 3, n_heads, dtype=torch.float64)
     loss_sum = torch.zeros(2 * seq_len, dtype=torch.float64)
 
-    passes = tokens.split(max(1, DEFAULTS.tokens_per_forward // tokens.shape[1]))
+    passes = tokens.split(max(1, tokens_per_forward // tokens.shape[1]))
     steps = iter(range(1, len(passes) * n_layers + 1))
 
     def accumulate(pattern, hook):

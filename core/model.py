@@ -19,7 +19,7 @@ from jaxtyping import Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from core.config import DEFAULTS
+from core.config import DEFAULTS, LIMITS
 
 Model = TransformerBridge
 DEMO = "demo"  # load_model(DEMO): the small model trained by demo_model/train.py, shipped in the repository
@@ -58,17 +58,17 @@ def load_model(name_or_path: str = DEFAULTS.model_name, device: str | None = Non
     return _load_cached(key, device or default_device())
 
 
-def load_with_fallback(name_or_path: str = DEFAULTS.model_name) -> tuple[Model, str | None]:
+def load_with_fallback(name_or_path: str = DEFAULTS.model_name, default: str = DEFAULTS.model_name) -> tuple[Model, str | None]:
     """The default model, or the bundled demo model when the default cannot be loaded.
 
     Returns (model, notice): notice is None when `name_or_path` loaded, else plain text (no markup)
-    saying what happened and how to get the real model. Only the default name falls back: a model
+    saying what happened and how to get the real model. Only the `default` name falls back: a model
     the user named explicitly that fails to load is an error.
     """
     try:
         return load_model(name_or_path), None
     except ModelLoadError as err:
-        if name_or_path != DEFAULTS.model_name:
+        if name_or_path != default:
             raise
         notice = f"Running CircuitBreaker's small bundled demo model, because {name_or_path} could not be loaded: {err}"
         return load_model(DEMO), notice
@@ -150,7 +150,7 @@ def _hub_reachable() -> bool:
     if constants.HF_HUB_OFFLINE:
         return False
     try:
-        requests.head(constants.ENDPOINT, timeout=DEFAULTS.hub_timeout_s)
+        requests.head(constants.ENDPOINT, timeout=LIMITS.hub_timeout_s)
     except requests.RequestException:
         return False
     return True
@@ -197,16 +197,16 @@ def _load_local_snapshot(name: str, snapshot: str, device: str) -> Model:
 def to_tokens(model: Model, prompt: str, max_tokens: int | None = None, what: str = "The prompt") -> Int[Tensor, "1 pos"]:
     """Tokenize a prompt with the model's BOS token in front, or raise ValueError.
 
-    At most `max_tokens` tokens (default DEFAULTS.max_prompt_tokens), never more than the model's
-    context; text longer than DEFAULTS.max_prompt_chars is refused before tokenizing."""
+    At most `max_tokens` tokens (default LIMITS.max_prompt_tokens), never more than the model's
+    context; text longer than LIMITS.max_prompt_chars is refused before tokenizing."""
     if not isinstance(prompt, str):
         raise ValueError(f"{what} must be text, got {type(prompt).__name__}.")
     if not prompt.strip():
         raise ValueError(f"{what} is empty: type some text to run the model on.")
-    limit = min(max_tokens or DEFAULTS.max_prompt_tokens, model.cfg.n_ctx)
-    if len(prompt) > DEFAULTS.max_prompt_chars:
+    limit = min(max_tokens or LIMITS.max_prompt_tokens, model.cfg.n_ctx)
+    if len(prompt) > LIMITS.max_prompt_chars:
         raise ValueError(
-            f"{what} is {len(prompt):,} characters long; the limit is {DEFAULTS.max_prompt_chars:,} characters "
+            f"{what} is {len(prompt):,} characters long; the limit is {LIMITS.max_prompt_chars:,} characters "
             f"(and {limit} tokens): shorten it."
         )
     tokens = model.to_tokens(prompt, prepend_bos=True, truncate=False)
@@ -254,7 +254,7 @@ def single_token_id(model: Model, text: str, role: str = "target") -> int:
         raise ValueError(f"The {role} token must be text, got {type(text).__name__}.")
     if text == "":
         raise ValueError(f"The {role} token is empty: give a single token such as ' Paris'.")
-    if len(text) > DEFAULTS.max_token_chars:
+    if len(text) > LIMITS.max_token_chars:
         raise ValueError(f"The {role} must be a single token, got {short(text)}: pick one word.")
     ids = model.tokenizer.encode(text, add_special_tokens=False)
     unk = _unknown_id(model)

@@ -24,7 +24,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from core.attribution import direct_logit_attribution
-from core.config import DEFAULTS
+from core.config import DEFAULTS, LIMITS
 from core.fast_patching import Engine, exact_sweeps
 from core.model import Model, run_cached, single_token_id, str_tokens, to_tokens
 from core.results import PatchingResult
@@ -121,7 +121,7 @@ def _hook_sweeps(model: Model, clean_tokens, corrupted_tokens, answer_id: int, w
 
 
 def _prompt_tokens(model: Model, prompt: str, role: str):
-    return to_tokens(model, prompt, DEFAULTS.max_patching_tokens, f"The {role} prompt")
+    return to_tokens(model, prompt, LIMITS.max_patching_tokens, f"The {role} prompt")
 
 
 def _check_lengths(model: Model, clean_tokens, corrupted_tokens) -> None:
@@ -204,8 +204,10 @@ def activation_patching(
     answer: str,
     wrong_answer: str,
     progress: Progress | None = None,
+    rows_per_pass: int = DEFAULTS.patch_rows_per_pass,
 ) -> PatchingResult:
-    """All four sweeps, normalised, plus head DLA of the same logit difference on the clean prompt."""
+    """All four sweeps, normalised, plus head DLA of the same logit difference on the clean prompt.
+    The fast engine evaluates `rows_per_pass` patched positions per pass (memory, not results)."""
     clean_tokens, corrupted_tokens = _check_pair(model, clean_prompt, corrupted_prompt)
     answer_id, wrong_id = _answer_ids(model, answer, wrong_answer)
     engine = _engine(model)
@@ -226,7 +228,7 @@ def activation_patching(
     _check_swing(clean_value, corrupted_value)
     if engine is not None:
         raw = exact_sweeps(
-            engine, clean, corrupted, clean_tokens[0], corrupted_tokens[0], direction, DEFAULTS.patch_rows_per_pass, progress
+            engine, clean, corrupted, clean_tokens[0], corrupted_tokens[0], direction, rows_per_pass, progress
         )
         head_dla = engine.head_dla(clean, direction).double().cpu().numpy()
     else:

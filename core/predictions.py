@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from core.config import DEFAULTS
+from core.config import DEFAULTS, LIMITS
 from core.model import Model, check_int, str_tokens, to_tokens
 from core.results import Predictions
 
 
 def predict(model: Model, prompt: str, k: int = DEFAULTS.top_k) -> Predictions:
-    k = check_int(k, "k", 1, min(DEFAULTS.max_top_k, model.cfg.d_vocab))
+    k = check_int(k, "k", 1, min(LIMITS.max_top_k, model.cfg.d_vocab))
     tokens = to_tokens(model, prompt)
     with torch.no_grad():
         logits = model(tokens)[0, -1]

@@ -2,7 +2,7 @@
 
 - One at a time: TransformerLens hooks live on the model object, so two calls running hooks
   at once could corrupt each other's results. Every call holds the runner's lock; a call that
-  cannot get it within DEFAULTS.max_wait_s is turned away with "busy, try again" (ServerBusy,
+  cannot get it within `limits.max_wait_s` is turned away with "busy, try again" (ServerBusy,
   a ValueError, so the app shows it as a message).
 - Memoised: results are immutable, so a repeated call (an example clicked again, a layer
   slider moved back) is answered from a bounded in-memory LRU.
@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from core.config import DEFAULTS
+from core.config import LIMITS, Limits
 from core.model import Model
 from core.results import RESULT_TYPES, dumps, loads
 
@@ -115,11 +115,13 @@ class Runner:
         cache_dir: str | os.PathLike | None = DEFAULT_CACHE_DIR,
         max_entries: int = 64,
         still_wanted: Callable[[], bool] = _always,
+        limits: Limits = LIMITS,
     ):
         """`still_wanted()` says whether the request the current thread works for still has someone
         waiting (the app asks Gradio); work nobody wants stops at the next step boundary."""
         self.model = model
         self.still_wanted = still_wanted
+        self.limits = limits  # waits: max_wait_s, lock_poll_s, validation_wait_s
         self.lock = threading.RLock()
         self.max_entries = max_entries
         self._memory: OrderedDict[str, Any] = OrderedDict()
@@ -160,17 +162,17 @@ class Runner:
         raise Abandoned("This request was cancelled (or its page closed), so its computation stopped.")
 
     def _acquire(self) -> None:
-        """Take the lock, waiting at most DEFAULTS.max_wait_s; a waiter nobody wants any more leaves at
-        once (within DEFAULTS.lock_poll_s) instead of queueing work on the model."""
-        deadline = time.monotonic() + DEFAULTS.max_wait_s
+        """Take the lock, waiting at most `limits.max_wait_s`; a waiter nobody wants any more leaves at
+        once (within `limits.lock_poll_s`) instead of queueing work on the model."""
+        deadline = time.monotonic() + self.limits.max_wait_s
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ServerBusy(
-                    f"The server is busy: other requests kept the model occupied for {DEFAULTS.max_wait_s:.0f} s. "
+                    f"The server is busy: other requests kept the model occupied for {self.limits.max_wait_s:.0f} s. "
                     "Try again in a minute."
                 )
-            if self.lock.acquire(timeout=min(DEFAULTS.lock_poll_s, remaining)):
+            if self.lock.acquire(timeout=min(self.limits.lock_poll_s, remaining)):
                 if self.still_wanted():
                     return
                 self.lock.release()
@@ -190,10 +192,11 @@ class Runner:
         progress.shown = report is not None  # only checking: the technique keeps its usual step size (same numbers)
         return progress
 
-    def check(self, fn: Callable, *args, wait_s: float = DEFAULTS.validation_wait_s):
+    def check(self, fn: Callable, *args, wait_s: float | None = None):
         """fn(model, *args) for a quick check (input validation: tokenizing, no forward pass), under
-        the lock (the tokenizer is shared), uncached; None if the model stays busy for `wait_s`."""
-        if not self.lock.acquire(timeout=wait_s):
+        the lock (the tokenizer is shared), uncached; None if the model stays busy for `wait_s`
+        (default `limits.validation_wait_s`)."""
+        if not self.lock.acquire(timeout=self.limits.validation_wait_s if wait_s is None else wait_s):
             return None
         try:
             return fn(self.model, *args)

@@ -28,6 +28,7 @@ from core import (
     plots,
     predict,
 )
+from core.config import Limits
 from core.results import dumps
 from core.runner import Runner
 from tests.conftest import IOI_CLEAN, IOI_CORRUPTED, free_port  # noqa: F401  (free_port: used by other test modules too)
@@ -306,9 +307,8 @@ def test_quick_and_heavy_requests_queue_separately(demo_model):
     assert {(fn.concurrency_id, fn.concurrency_limit) for fn in model_events} == {("light", 1), ("heavy", 1)}
 
 
-def test_a_request_that_waits_too_long_gets_a_busy_message_and_the_next_one_works(tiny_model, tmp_path, monkeypatch):
-    monkeypatch.setattr("core.runner.DEFAULTS", app.DEFAULTS.__class__(max_wait_s=0.5))
-    runner = Runner(tiny_model, cache_dir=None)
+def test_a_request_that_waits_too_long_gets_a_busy_message_and_the_next_one_works(tiny_model, tmp_path):
+    runner = Runner(tiny_model, cache_dir=None, limits=Limits(max_wait_s=0.5))
     demo = app.build_demo(runner=runner, warm=False)
     port = free_port()
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
@@ -329,9 +329,8 @@ def test_runner_results_cache_is_bounded(tiny_model):
     assert len(runner._memory) == 3
 
 
-def test_downloads_on_disk_are_bounded(tiny_model, tmp_path, monkeypatch):
-    monkeypatch.setattr(app, "MAX_DOWNLOADS", 5)
-    handlers = app.Handlers(Runner(tiny_model, cache_dir=None), str(tmp_path))
+def test_downloads_on_disk_are_bounded(tiny_model, tmp_path):
+    handlers = app.Handlers(Runner(tiny_model, cache_dir=None), str(tmp_path), max_downloads=5)
     for i in range(12):
         handlers._download("test", {"i": i})
     assert len(list(tmp_path.glob("*.json"))) == 5

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from core import (
-    DEFAULTS,
+    LIMITS,
     activation_patching,
     attention_patterns,
     attribution_patching,
@@ -76,7 +76,7 @@ def cases():
                 (endpoint, with_arg(endpoint, position, "When \u202eJohn went"), r"vocabulary has no"),
                 (endpoint, with_arg(endpoint, position, "When <script>alert(1)</script> went"), r"vocabulary has no"),
             ]
-            limit = f"limit here is {DEFAULTS.max_patching_tokens if endpoint in PAIR_ENDPOINTS else 64} tokens"
+            limit = f"limit here is {LIMITS.max_patching_tokens if endpoint in PAIR_ENDPOINTS else 64} tokens"
             out.append((endpoint, with_arg(endpoint, position, LONG), limit))
     for endpoint in PAIR_ENDPOINTS:
         out += [

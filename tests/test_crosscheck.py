@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformer_lens import patching as tl_patching
 
-from core import DEFAULTS, SWEEPS, activation_patching, attention_patterns, direct_logit_attribution, logit_lens, patching
+from core import SWEEPS, activation_patching, attention_patterns, direct_logit_attribution, logit_lens, patching
 from core.attribution_patching import agreement, attribution_patching
 from core.fast_patching import Engine
 from core.model import to_tokens
@@ -80,8 +80,7 @@ def test_fast_path_equals_the_hook_engine_at_any_chunk_size(gpt2_shaped, monkeyp
     clean, corrupted = "The cat sat on the mat", "The dog sat on the rug"
     answer, wrong = _best_conditioned_answers(gpt2_shaped, clean, corrupted)
     fast = activation_patching(gpt2_shaped, clean, corrupted, answer, wrong)
-    monkeypatch.setattr("core.patching.DEFAULTS", DEFAULTS.__class__(patch_rows_per_pass=7))  # many small chunks
-    chunked = activation_patching(gpt2_shaped, clean, corrupted, answer, wrong)
+    chunked = activation_patching(gpt2_shaped, clean, corrupted, answer, wrong, rows_per_pass=7)  # many small chunks
     monkeypatch.setattr(patching, "_engine", lambda model: None)
     hooks = activation_patching(gpt2_shaped, clean, corrupted, answer, wrong)
     for name in SWEEPS:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import app
-from core import DEFAULTS, ModelLoadError, single_token_id, to_tokens
+from core import ModelLoadError, single_token_id, to_tokens
 from core.model import DEMO_DIR, load_with_fallback
 from core.runner import Runner
 from demo_model.measure import REPRODUCED, check, measure
@@ -63,13 +63,12 @@ def test_default_model_falls_back_to_the_demo_model_offline(monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
-    monkeypatch.setattr("core.model.DEFAULTS", DEFAULTS.__class__(model_name="circuitbreaker-test/not-cached"))
-    model, notice = load_with_fallback("circuitbreaker-test/not-cached")
+    model, notice = load_with_fallback("circuitbreaker-test/not-cached", default="circuitbreaker-test/not-cached")
     assert model.cfg.model_name == str(DEMO_DIR)
     assert notice.startswith("Running CircuitBreaker's small bundled demo model, because circuitbreaker-test/not-cached could not be loaded")
     assert "--model" in notice and "*" not in notice and "`" not in notice and "))" not in notice  # plain text
     with pytest.raises(ModelLoadError):  # a model the user named is never silently replaced
-        load_with_fallback("circuitbreaker-test/also-not-cached")
+        load_with_fallback("circuitbreaker-test/also-not-cached", default="circuitbreaker-test/not-cached")
 
 
 def test_python_app_py_offline_starts_on_the_demo_model_and_says_so(tmp_path):

@@ -17,7 +17,7 @@ from gradio_client import Client
 
 import app
 import serving
-from core import DEFAULTS
+from core import LIMITS
 from core.runner import Runner
 from tests.conftest import IOI_CLEAN, IOI_CORRUPTED, free_port
 
@@ -131,14 +131,14 @@ def join(url: str, demo, session: str, headers: dict | None = None) -> int:
 
 def test_one_client_cannot_take_the_whole_queue_and_session_ids_are_capped(held_server):
     url, demo, runner = held_server
-    limit = DEFAULTS.max_requests_per_client
+    limit = LIMITS.max_requests_per_client
     runner.lock.acquire()  # the model is busy: every request waits
     try:
         answers = [join(url, demo, f"s{i}") for i in range(limit + 5)]  # one address, a new session each time
         assert answers[:limit] == [200] * limit and set(answers[limit:]) == {429}
         assert join(url, demo, "another", headers={"X-Forwarded-For": "203.0.113.9"}) == 200  # another user (behind a proxy) still gets in
         assert join(url, demo, "x" * 65, headers={"X-Forwarded-For": "203.0.113.10"}) == 422  # a long session id is refused
-        huge = "x" * (DEFAULTS.max_request_bytes + 1)
+        huge = "x" * (LIMITS.max_request_bytes + 1)
         assert join(url, demo, huge, headers={"X-Forwarded-For": "203.0.113.11"}) == 413  # a huge body, before it is read
     finally:
         runner.lock.release()
@@ -157,7 +157,7 @@ def test_unknown_endpoints_and_missing_values_get_a_sentence(server, client):
 
 
 def test_request_bodies_are_capped_declared_or_streamed(server):
-    limit = DEFAULTS.max_request_bytes
+    limit = LIMITS.max_request_bytes
     big = json.dumps({"data": ["x" * limit, 3]}).encode()
     status, text = post(f"{server}gradio_api/call/predict", big, answer=True)
     assert status == 413 and f"larger than {limit:,} bytes" in text

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from core import (
-    DEFAULTS,
+    LIMITS,
     activation_patching,
     attention_patterns,
     direct_logit_attribution,
@@ -109,10 +109,9 @@ def test_induction_is_reproducible_by_seed(tiny_model):
     ]
 
 
-def test_induction_chunking_does_not_change_scores(tiny_model, monkeypatch):
+def test_induction_chunking_does_not_change_scores(tiny_model):
     whole = induction_scores(tiny_model, seq_len=8, batch=4, seed=3)
-    monkeypatch.setattr("core.induction.DEFAULTS", DEFAULTS.__class__(tokens_per_forward=17))  # one row per pass
-    chunked = induction_scores(tiny_model, seq_len=8, batch=4, seed=3)
+    chunked = induction_scores(tiny_model, seq_len=8, batch=4, seed=3, tokens_per_forward=17)  # one row per pass
     np.testing.assert_allclose(chunked.scores, whole.scores, atol=1e-12)
     np.testing.assert_allclose(chunked.loss_by_position, whole.loss_by_position, atol=1e-9)
 
@@ -158,7 +157,7 @@ def test_induction_rejects_out_of_range(tiny_model, kwargs, message):
 
 def test_induction_requests_are_limited_in_tokens(tiny_model):
     """batch x (2 x seq_len + 1) tokens per request: the cost of a request (README: Limits)."""
-    limit = DEFAULTS.max_induction_tokens
+    limit = LIMITS.max_induction_tokens
     batch = limit // 63  # the largest batch at seq_len 31 (63 tokens a sequence) fits; one more does not
     assert induction_scores(tiny_model, seq_len=31, batch=batch).scores.shape == (2, 4)
     with pytest.raises(ValueError, match=f"= {(batch + 1) * 63:,} tokens is more than the limit of {limit:,} per request"):
