@@ -27,6 +27,7 @@ from gradio_client import Client  # noqa: E402
 import app  # noqa: E402
 from core import load_model, save_random_gpt2  # noqa: E402
 from core.runner import Runner  # noqa: E402
+from examples import EXAMPLES  # noqa: E402
 
 
 def seconds(fn) -> tuple[float, object]:
@@ -46,7 +47,7 @@ def main() -> None:
             port = sock.getsockname()[1]
         demo.launch(prevent_thread_lock=True, server_port=port, quiet=True)
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        example = app.EXAMPLES["contrast"][1]
+        example = EXAMPLES["contrast"][1]
         args = (example["clean"], example["corrupted"], example["answer"], example["wrong"])
         cached = statistics.median(seconds(lambda: client.predict(*args, api_name="/contrast"))[0] for _ in range(3))
         fresh, _ = seconds(
@@ -59,14 +60,14 @@ def main() -> None:
             )
         )
         explorer_cached = statistics.median(
-            seconds(lambda: client.predict(*[app.EXAMPLES["explorer"][0][k] for k in ("prompt", "target", "competing", "layer")], api_name="/explore"))[0]
+            seconds(lambda: client.predict(*[EXAMPLES["explorer"][0][k] for k in ("prompt", "target", "competing", "layer")], api_name="/explore"))[0]
             for _ in range(3)
         )
         demo.close()
     print("GPT-2 Small-shaped model, 2 threads\n")
     print("| what | seconds |")
     print("|---|---:|")
-    print(f"| first start: build_demo computing all {sum(len(v) for v in app.EXAMPLES.values())} examples | {cold:.1f} |")
+    print(f"| first start: build_demo computing all {sum(len(v) for v in EXAMPLES.values())} examples | {cold:.1f} |")
     print(f"| restart: build_demo with the example cache on disk | {warm:.1f} |")
     print(f"| Prompt Explorer example via gradio_client (cached) | {explorer_cached:.3f} |")
     print(f"| Contrast Pairs example via gradio_client (cached) | {cached:.3f} |")

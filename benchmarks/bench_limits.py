@@ -31,11 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-import app  # noqa: E402
 from benchmarks.bench_patching import matmul_gflops  # noqa: E402
 from core import LIMITS, load_model, save_random_gpt2  # noqa: E402
 from core.induction import max_seq_len  # noqa: E402
 from core.runner import Runner, release_freed_memory  # noqa: E402
+from ui.handlers import Handlers  # noqa: E402
 
 TEXT = " The quick brown fox jumps over the lazy dog while the old man reads a book about the history of Rome."
 
@@ -82,7 +82,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         model = load_model(save_random_gpt2(Path(directory) / "model"))
         loaded = rss_bytes()
-        h = app.Handlers(Runner(model, cache_dir=None, max_entries=0), directory)  # no cache: every repeat computes
+        h = Handlers(Runner(model, cache_dir=None, max_entries=0), directory)  # no cache: every repeat computes
         prompt = prompt_of(model, LIMITS.max_prompt_tokens)
         clean = prompt_of(model, LIMITS.max_patching_tokens)
         corrupted = prompt_of(model, LIMITS.max_patching_tokens, " When")  # differs at its first word

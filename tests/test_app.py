@@ -19,6 +19,7 @@ from gradio_client.exceptions import AppError, ValidationError
 
 import app
 from core import (
+    SWEEPS,
     activation_patching,
     attention_patterns,
     attribution_patching,
@@ -28,10 +29,15 @@ from core import (
     plots,
     predict,
 )
+from core.attribution import input_errors as explorer_errors
 from core.config import Limits
+from core.induction import input_errors as induction_errors
+from core.patching import input_errors as pair_errors
 from core.results import dumps
 from core.runner import Runner
 from tests.conftest import IOI_CLEAN, IOI_CORRUPTED, free_port  # noqa: F401  (free_port: used by other test modules too)
+from ui.common import validator
+from ui.handlers import Handlers
 
 ROOT = Path(__file__).resolve().parent.parent
 SHORT_CLEAN, SHORT_CORRUPTED = "When John and Mary went to the store", "When John and Paul went to the store"
@@ -157,17 +163,19 @@ def test_ui_events_return_figures_and_a_download(client):
 
 
 def test_contrast_shows_the_approximate_preview_first_then_exact_beside_it(demo_model, tmp_path):
-    handlers = app.Handlers(Runner(demo_model, cache_dir=None), str(tmp_path))
+    handlers = Handlers(Runner(demo_model, cache_dir=None), str(tmp_path))
     preview, final = list(handlers.contrast_steps(IOI_CLEAN, IOI_CORRUPTED, " Mary", " John"))
-    assert "approximate preview" in preview[0] and preview[3:7] == (None,) * 4  # exact not there yet
-    assert all(fig.layout.title.text.startswith("APPROXIMATE (attribution patching)") for fig in preview[7:11])
-    assert all(fig.layout.title.text.startswith("Activation patching (exact)") for fig in final[3:7])
-    assert all(fig.layout.title.text.startswith("APPROXIMATE (attribution patching)") for fig in final[7:11])
-    for exact, approximate, first in zip(final[3:7], final[7:11], preview[7:11]):
+    assert list(preview) == list(final)  # every output, every step
+    assert "approximate preview" in preview["status"] and all(preview[f"exact {name}"] is None for name in SWEEPS)  # exact not there yet
+    assert all(preview[f"approximate {name}"].layout.title.text.startswith("APPROXIMATE (attribution patching)") for name in SWEEPS)
+    assert all(final[f"exact {name}"].layout.title.text.startswith("Activation patching (exact)") for name in SWEEPS)
+    assert all(final[f"approximate {name}"].layout.title.text.startswith("APPROXIMATE (attribution patching)") for name in SWEEPS)
+    for name in SWEEPS:
+        exact, approximate, first = final[f"exact {name}"], final[f"approximate {name}"], preview[f"approximate {name}"]
         assert approximate.data[0].z.tolist() == first.data[0].z.tolist()  # the preview's numbers, now beside exact
         scale = lambda fig: (fig.layout.coloraxis.cmin, fig.layout.coloraxis.cmax)  # noqa: E731
         assert scale(approximate) == scale(exact) and scale(exact)[0] == -scale(exact)[1]  # one symmetric scale
-    assert "| head_out |" in final[1] and "slope" in final[1] and "Small swing" not in final[1]
+    assert "| head_out |" in final["summary"] and "slope" in final["summary"] and "Small swing" not in final["summary"]
 
 
 def test_a_small_swing_is_flagged_as_noise_on_the_page_and_in_the_json(client, demo_model, tmp_path):
@@ -177,24 +185,24 @@ def test_a_small_swing_is_flagged_as_noise_on_the_page_and_in_the_json(client, d
     assert abs(exact["swing"]) < exact["min_swing"] == 1.0 and "read them as noise" in exact["swing_warning"]
     fine = client.predict(IOI_CLEAN, IOI_CORRUPTED, " Mary", " John", api_name="/attribution_patching")
     assert fine["swing"] > 1.0 and fine["swing_warning"] is None
-    handlers = app.Handlers(Runner(demo_model, cache_dir=None), str(tmp_path))
+    handlers = Handlers(Runner(demo_model, cache_dir=None), str(tmp_path))
     preview, final = list(handlers.contrast_steps(IOI_CLEAN, corrupted, " Mary", " John"))
-    assert "Small swing" in preview[1] and "less than 1 logit" in final[1]
+    assert "Small swing" in preview["summary"] and "less than 1 logit" in final["summary"]
 
 
 def test_handlers_in_process_default_the_target_to_the_top_prediction(tiny_model, tmp_path):
-    handlers = app.Handlers(Runner(tiny_model, cache_dir=None), str(tmp_path))
-    top_figure, heatmap, final, *_ = handlers.explore(IOI_CLEAN, "", "", 0, 0)
+    handlers = Handlers(Runner(tiny_model, cache_dir=None), str(tmp_path))
+    outputs = handlers.explore(IOI_CLEAN, "", "", 0, 0)
     top = predict(tiny_model, IOI_CLEAN).top_tokens[0]
-    assert plots.escape_token(top) in final.layout.title.text  # the target the lens follows: the top prediction
-    assert heatmap.layout.title.text.startswith("Logit lens")
+    assert plots.escape_token(top) in outputs["lens_final"].layout.title.text  # the target the lens follows: the top prediction
+    assert outputs["lens_heatmap"].layout.title.text.startswith("Logit lens")
 
 
 def test_validators_show_each_message_on_its_field_before_the_run(demo_model, tmp_path):
     """Bad input is caught before the run (so the results shown stay), each message on the field it is about,
     with the exact sentence the run itself would give."""
-    handlers = app.Handlers(Runner(demo_model, cache_dir=None), str(tmp_path))
-    contrast = app._validator(handlers, app.pair_errors, ["clean_prompt", "corrupted_prompt", "answer", "wrong_answer"])
+    handlers = Handlers(Runner(demo_model, cache_dir=None), str(tmp_path))
+    contrast = validator(handlers, pair_errors, ["clean_prompt", "corrupted_prompt", "answer", "wrong_answer"])
     checks = contrast(IOI_CLEAN, "When John and Mary went", " Mary", "Berlin")
     assert [c["is_valid"] for c in checks] == [True, False, True, False]
     with pytest.raises(ValueError) as run_error:
@@ -203,11 +211,11 @@ def test_validators_show_each_message_on_its_field_before_the_run(demo_model, tm
     assert all(c["is_valid"] for c in contrast(IOI_CLEAN, IOI_CORRUPTED, " Mary", " John"))
     same = contrast(IOI_CLEAN, IOI_CLEAN, " Mary", " John")  # pasted twice: caught before the run too
     assert [c["is_valid"] for c in same] == [True, False, True, True] and "same logit difference" in same[1]["message"]
-    explorer = app._validator(handlers, app.explorer_errors, ["prompt", "target", "competing"])
+    explorer = validator(handlers, explorer_errors, ["prompt", "target", "competing"])
     checks = explorer("", " Paris", " Paris", 0, 0)
     assert [c["is_valid"] for c in checks] == [False, True, False, True, True]
     assert "empty" in checks[0]["message"] and "same" in checks[2]["message"]
-    circuit = app._validator(handlers, app.induction_errors, ["seq_len", "batch", "seed"])
+    circuit = validator(handlers, induction_errors, ["seq_len", "batch", "seed"])
     assert [c["is_valid"] for c in circuit(1000, 2, 0)] == [False, True, True]
     busy = threading.Thread(target=handlers.runner.lock.acquire)  # the model busy elsewhere: the run checks instead
     busy.start()
@@ -330,7 +338,7 @@ def test_runner_results_cache_is_bounded(tiny_model):
 
 
 def test_downloads_on_disk_are_bounded(tiny_model, tmp_path):
-    handlers = app.Handlers(Runner(tiny_model, cache_dir=None), str(tmp_path), max_downloads=5)
+    handlers = Handlers(Runner(tiny_model, cache_dir=None), str(tmp_path), max_downloads=5)
     for i in range(12):
         handlers._download("test", {"i": i})
     assert len(list(tmp_path.glob("*.json"))) == 5

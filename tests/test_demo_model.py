@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-import app
 from core import ModelLoadError, single_token_id, to_tokens
 from core.model import DEMO_DIR, load_with_fallback
 from core.runner import Runner
 from demo_model.measure import REPRODUCED, check, measure
 from demo_model.train import TrainConfig, build_tokenizer, make_batch, train, training_loss
+from ui.handlers import Handlers, example_rows, warm_examples
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,10 +44,10 @@ def test_readme_reports_the_committed_models_numbers(committed_measurement):
 
 
 def test_every_example_runs_on_it(demo_model, tmp_path):
-    handlers = app.Handlers(Runner(demo_model, cache_dir=None), str(tmp_path))
-    rows = app.example_rows(demo_model)
+    handlers = Handlers(Runner(demo_model, cache_dir=None), str(tmp_path))
+    rows = example_rows(demo_model)
     assert [len(rows[tab][1]) for tab in ("explorer", "contrast")] == [4, 8]
-    app.warm_examples(handlers)  # raises on any example the model cannot take
+    warm_examples(handlers)  # raises on any example the model cannot take
 
 
 def test_unknown_word_is_named(demo_model):

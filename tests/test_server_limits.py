@@ -20,6 +20,8 @@ import serving
 from core import LIMITS
 from core.runner import Runner
 from tests.conftest import IOI_CLEAN, IOI_CORRUPTED, free_port
+from ui.common import listed_only, literal
+from ui.handlers import Handlers, example_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,7 +56,7 @@ def test_uploads_are_capped(server):
 
 
 def test_a_full_disk_gives_a_warning_never_a_truncated_download(demo_model, tmp_path, monkeypatch):
-    handlers = app.Handlers(Runner(demo_model, cache_dir=None), str(tmp_path))
+    handlers = Handlers(Runner(demo_model, cache_dir=None), str(tmp_path))
     real_write = Path.write_bytes
 
     def disk_full(self, data):
@@ -62,19 +64,19 @@ def test_a_full_disk_gives_a_warning_never_a_truncated_download(demo_model, tmp_
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Path, "write_bytes", disk_full)
-    *figures, download = handlers.explore(IOI_CLEAN, " Mary", "", 1, 0)
+    *figures, download = handlers.explore(IOI_CLEAN, " Mary", "", 1, 0).values()
     assert download is None and all(figures) and list(tmp_path.iterdir()) == []  # results shown, nothing half-written
     monkeypatch.setattr(Path, "write_bytes", real_write)
-    *_, download = handlers.explore(IOI_CLEAN, " Mary", "", 1, 0)  # space again: the same request gets a whole file
+    download = handlers.explore(IOI_CLEAN, " Mary", "", 1, 0)["download"]  # space again: the same request gets a whole file
     assert json.loads(Path(download).read_text(encoding="utf-8"))["predictions"]["top_tokens"]
 
 
 def test_markdown_in_tokens_stays_text_in_the_summary(tiny_model, tmp_path):
-    handlers = app.Handlers(Runner(tiny_model, cache_dir=None), str(tmp_path))
+    handlers = Handlers(Runner(tiny_model, cache_dir=None), str(tmp_path))
     *_, final = handlers.contrast_steps(IOI_CLEAN, IOI_CORRUPTED, "](", " [")
-    summary = final[1]
+    summary = final["summary"]
     assert r"logit('\]\(')" in summary and r"logit(' \[')" in summary  # escaped: never a link
-    assert app._literal("<b>x</b> [a](http://e)") == r"\<b\>x\</b\> \[a\]\(http://e\)"
+    assert literal("<b>x</b> [a](http://e)") == r"\<b\>x\</b\> \[a\]\(http://e\)"
 
 
 def test_a_start_leaves_no_download_directory_behind(tmp_path):
@@ -87,9 +89,9 @@ def test_a_start_leaves_no_download_directory_behind(tmp_path):
 
 
 def test_example_events_run_only_their_examples(demo_model, tmp_path):
-    handlers = app.Handlers(Runner(demo_model, cache_dir=None), str(tmp_path))
-    rows = app.example_rows(demo_model)["circuit_map"][1]
-    run = app._listed_only(handlers.circuit_map, rows)
+    handlers = Handlers(Runner(demo_model, cache_dir=None), str(tmp_path))
+    rows = example_rows(demo_model)["circuit_map"][1]
+    run = listed_only(handlers.circuit_map, rows)
     assert run(*[float(v) for v in rows[0]])  # the page sends numbers as floats: still the listed example
     with pytest.raises(ValueError, match="only the listed examples"):
         run(31, 64, 0)  # the largest Circuit Map request, smuggled through an example event

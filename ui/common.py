@@ -1,0 +1,194 @@
+"""What every tab's wiring shares: the two lanes, the error wrapper, examples, validators, the
+"What is this?" texts. No model, no maths."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+
+import gradio as gr
+
+import serving
+
+# Two queues, one running request each: quick techniques never wait behind a line of heavy ones
+# (they wait at most for the one heavy request running, which the limits in core/config.py keep
+# short). Both still take turns on the model itself (Runner's lock: hooks live on the model).
+LIGHT = dict(concurrency_id="light", concurrency_limit=1)  # predictions, logit lens, DLA, attention
+HEAVY = dict(concurrency_id="heavy", concurrency_limit=1)  # patching (both kinds), induction
+RAW = dict(preprocess=False)  # widgets hand over what was sent; core validates it with a clear message
+
+
+def user_errors(fn):
+    """Core raises ValueError with a sentence a person can act on; show it as a Gradio error. An event
+    that must not start (the server is restarting) gets its sentence the same way."""
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def steps(*args, **kwargs):
+            try:
+                _may_start()
+                yield from fn(*args, **kwargs)
+            except ValueError as err:
+                raise gr.Error(plain_text(err), print_exception=False) from None
+
+        return steps
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            _may_start()
+            return fn(*args, **kwargs)
+        except ValueError as err:
+            raise gr.Error(plain_text(err), print_exception=False) from None
+
+    return wrapper
+
+
+def _may_start() -> None:
+    reason = serving.refusal()
+    if reason is not None:
+        raise ValueError(reason)
+
+
+def plain_text(err: Exception) -> str:
+    """The message safe as HTML: the page's toasts render HTML, and messages quote the user's input.
+    Escaping '&' and '<' is enough (no tag can open) and leaves arrows such as '->' as they are."""
+    return str(err).replace("&", "&amp;").replace("<", "&lt;")
+
+
+def by_component(fn, outputs: dict):
+    """`fn` returns (or yields) its outputs keyed by name; Gradio takes them keyed by component:
+    `outputs` maps each name to its component, so nothing is matched by position."""
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def steps(*args, **kwargs):
+            for values in fn(*args, **kwargs):
+                yield {outputs[name]: value for name, value in values.items()}
+
+        return steps
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        return {outputs[name]: value for name, value in fn(*args, **kwargs).items()}
+
+    return run
+
+
+def literal(text: str) -> str:
+    """User text inside Markdown, shown as typed: every Markdown and HTML character escaped, so a
+    token such as '[' or '](' or '<b>' cannot turn the summary into a link or markup."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~&])", r"\\\1", text)
+
+
+def three_places(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def whole(value):
+    """gr.Number sends floats; pass whole numbers on as int and let core judge the range."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def listed_only(fn, rows):
+    """`fn` for example clicks only: arguments that are not one of `rows` are refused (an example event
+    is a route any client can call; it must not carry arbitrary work around the Run buttons' checks)."""
+    allowed = [[whole(value) for value in row] for row in rows]
+
+    def check(args):
+        if [whole(value) for value in args[: len(allowed[0])]] not in allowed:
+            raise ValueError("An example event runs only the listed examples: use the Run button for your own input.")
+
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def steps(*args, **kwargs):
+            check(args)
+            yield from fn(*args, **kwargs)
+
+        return steps
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        check(args)
+        return fn(*args, **kwargs)
+
+    return run
+
+
+def examples(rows, labels, inputs, outputs, fn, api_name: str, lane: dict) -> gr.Examples:
+    """Clicking an example fills the inputs and runs the handler, which answers from the runner's warm
+    cache (our cache, keyed by model and code, instead of Gradio's, which is keyed by component id and
+    can go stale). The run is our own event: in the tab's lane, and for the listed examples only."""
+    examples = gr.Examples(
+        rows, inputs=inputs, cache_examples=False, example_labels=labels, api_name=f"{api_name}_load", api_visibility="private",
+    )
+    examples.load_input_event.then(
+        user_errors(listed_only(fn, rows)), inputs, outputs, api_name=api_name, api_visibility="private", **lane, **RAW
+    )
+    return examples
+
+
+def validator(h, errors_of, names: list[str]):
+    """A Gradio validator: core's checks of the inputs (tokenizing only, no forward pass), each message
+    shown on its own field before the run starts, so a bad input never replaces the results shown.
+    When the model stays busy for a moment the run itself checks (and reports) instead."""
+
+    def validate(*values):
+        errors = h.runner.check(errors_of, *values[: len(names)]) or {}
+        return [gr.validate(name not in errors, errors.get(name, "")) for name in names] + [
+            gr.validate(True, "") for _ in values[len(names):]
+        ]
+
+    return validate
+
+
+def about(text: str) -> None:
+    """Two or three sentences on what a section computes and how to read it, folded away."""
+    with gr.Accordion("What is this? How to read it", open=False, elem_classes="about"):
+        gr.Markdown(text)
+
+
+ABOUT = {
+    "lens": (
+        "The **logit lens** decodes the residual stream after every layer with the model's final LayerNorm and "
+        "unembedding, as if the model stopped there. Each cell shows the top-1 token and (colour) its probability; the "
+        "line below follows the target token at the final position. Look for the layer where the answer takes over: "
+        "GPT-2 Small settles on ' Paris' for the Eiffel Tower in its later layers. "
+        "([nostalgebraist, 2020](https://www.lesswrong.com/posts/AcKRB8wDpdaN6v6ru/interpreting-gpt-the-logit-lens))"
+    ),
+    "dla": (
+        "**Direct logit attribution** splits the final logit of the target (or target minus competing token) into what "
+        "each head, MLP, embedding and bias writes straight into the residual stream, scaled by the final LayerNorm: the "
+        "parts add up to the model's own logit. Blue pushes towards the target, red against. Look for the few heads that "
+        "carry most of it, e.g. the name movers L9H9 and L10H0 on IOI. ([Elhage et al., 2021]"
+        "(https://transformer-circuits.pub/2021/framework/index.html); [Wang et al., 2022](https://arxiv.org/abs/2211.00593))"
+    ),
+    "attention": (
+        "Each row is a **destination** token (the query), each column a **source** token it reads from; a row sums to 1. "
+        "Pick a head for a large labelled view; the small maps show every head of the layer. Look for previous-token heads "
+        "(a stripe just below the diagonal), induction heads (attending to the token after an earlier copy of the current "
+        "one) and heads resting on the first token. ([Olsson et al., 2022]"
+        "(https://transformer-circuits.pub/2022/in-context-learning-and-induction-heads/index.html))"
+    ),
+    "patching": (
+        "**Activation patching** runs the corrupted prompt with one activation at a time replaced by its value from the "
+        "clean prompt, and scores how much of the clean logit difference comes back: 1 = all of it, 0 = none. Left: the "
+        "exact result. Right: **attribution patching**, a fast first-order approximation (gradient x activation "
+        "difference) that can be wrong in size or sign; the table says how well it matched. On IOI, look for the second "
+        "subject name mattering in early layers and the final position in late ones. ([Meng et al., 2022]"
+        "(https://arxiv.org/abs/2202.05262); [Wang et al., 2022](https://arxiv.org/abs/2211.00593); "
+        "[Heimersheim & Nanda, 2024](https://arxiv.org/abs/2404.15255); "
+        "[Nanda, 2023](https://www.neelnanda.io/mechanistic-interpretability/attribution-patching))"
+    ),
+    "induction": (
+        "A sequence of random tokens is repeated twice. An **induction head** at a token of the second copy attends to the "
+        "token that followed the same token in the first copy (its score is that attention, averaged; 0 to 1), and the "
+        "model's loss drops on the second copy. Previous-token heads attend one token back; duplicate-token heads to the "
+        "earlier copy of the same token. In GPT-2 Small look for induction heads in layers 5-7 (L5H1, L5H5, L6H9, L7H2). "
+        "([Olsson et al., 2022](https://transformer-circuits.pub/2022/in-context-learning-and-induction-heads/index.html))"
+    ),
+}
+SPACE_HINT = "GPT-2 tokens usually start with a space: ' Paris', not 'Paris'. Figures show a space as ␣."
+WIDE = dict(min_width=420)  # side-by-side figures stack on screens narrower than two of these (a phone)

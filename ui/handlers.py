@@ -1,0 +1,235 @@
+"""The handlers every tab and the JSON API call: widgets' values in, core results through the
+runner, figures and JSON out. UI handlers return their outputs keyed by name (each tab maps the
+names to its components)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from core import (
+    DEFAULTS,
+    LIMITS,
+    SWEEPS,
+    activation_patching,
+    agreement,
+    attention_patterns,
+    attribution_patching,
+    direct_logit_attribution,
+    induction_scores,
+    logit_lens,
+    plots,
+    predict,
+)
+from core.induction import max_seq_len
+from core.model import Model
+from core.runner import Runner, write_whole
+from examples import EXAMPLES
+from ui.common import literal, three_places, whole
+
+
+class Handlers:
+    """Thin handlers: widgets in, core results through the runner, figures/JSON out."""
+
+    def __init__(self, runner: Runner, download_dir: str | None, max_downloads: int = LIMITS.max_downloads):
+        """`download_dir` None: downloads are off (the page says so); results are shown as usual.
+        At most `max_downloads` files are kept (oldest removed first)."""
+        self.runner = runner
+        self.download_dir = None if download_dir is None else Path(download_dir)
+        self.max_downloads = max_downloads
+
+    def _download(self, stem: str, data: dict) -> str | None:
+        """Write `data` as JSON; the name is the content's hash, so repeats do not pile up files.
+        Written to a temporary name and renamed, so a file under its final name is always whole; when
+        the disk refuses, the results are still shown, with a warning instead of a download."""
+        if self.download_dir is None:
+            return None
+        text = json.dumps(data, ensure_ascii=False)
+        path = self.download_dir / f"{stem}-{hashlib.blake2b(text.encode(), digest_size=8).hexdigest()}.json"
+        if path.exists():
+            return str(path)
+        try:
+            write_whole(path, text.encode("utf-8"))
+        except OSError as err:
+            gr.Warning(f"The results are shown, but their JSON download could not be saved on the server ({err.strerror or err}).")
+            return None
+        files = sorted(self.download_dir.glob("*.json"), key=lambda f: f.stat().st_mtime)
+        for old in files[: max(0, len(files) - self.max_downloads)]:
+            old.unlink(missing_ok=True)
+        return str(path)
+
+    # --- JSON API (gradio_client) ---------------------------------------------------
+
+    def predict(self, prompt: str, k: int = DEFAULTS.top_k) -> dict:
+        """Top-k next tokens with probabilities at the final position."""
+        return self.runner.run(predict, prompt, k).to_dict()
+
+    def logit_lens(self, prompt: str, target: str = "") -> dict:
+        """Logit lens: top-1 token/probability per (checkpoint, position); P and rank of target if given."""
+        return self.runner.run(logit_lens, prompt, target or None).to_dict()
+
+    def dla(self, prompt: str, target: str, competing: str = "") -> dict:
+        """Direct logit attribution of logit(target) [- logit(competing)] at the final position."""
+        return self.runner.run(direct_logit_attribution, prompt, target, competing or None).to_dict()
+
+    def attention(self, prompt: str, layer: int) -> dict:
+        """Every head's attention pattern [head][dest][src] in one layer."""
+        return self.runner.run(attention_patterns, prompt, layer).to_dict()
+
+    def induction(
+        self, seq_len: int = DEFAULTS.induction_seq_len, batch: int = DEFAULTS.induction_batch, seed: int = DEFAULTS.induction_seed
+    ) -> dict:
+        """Induction, previous-token and duplicate-token scores per head on repeated random tokens."""
+        return self.runner.run(induction_scores, seq_len, batch, seed).to_dict()
+
+    def patching(self, clean_prompt: str, corrupted_prompt: str, answer: str, wrong_answer: str) -> dict:
+        """Activation patching, exact (resid_pre, attn_out, mlp_out by layer x pos; head_out by layer x head)."""
+        return self.runner.run(activation_patching, clean_prompt, corrupted_prompt, answer, wrong_answer).to_dict()
+
+    def attribution_patching(self, clean_prompt: str, corrupted_prompt: str, answer: str, wrong_answer: str) -> dict:
+        """Attribution patching: an APPROXIMATION of /patching (same keys, plus "approximate": true)."""
+        return self.runner.run(attribution_patching, clean_prompt, corrupted_prompt, answer, wrong_answer).to_dict()
+
+    # --- UI events (outputs keyed by name) --------------------------------------------
+
+    def explore(self, prompt: str, target: str, competing: str, layer: int, head: int = 0, persist: bool = False) -> dict:
+        """Prompt Explorer: predictions, logit lens, DLA and one layer's attention (one head large, all heads small)."""
+        top = self.runner.run(predict, prompt, DEFAULTS.top_k, persist=persist)
+        target = target or top.top_tokens[0]  # default: the model's own top prediction
+        lens = self.runner.run(logit_lens, prompt, target, persist=persist)
+        dla = self.runner.run(direct_logit_attribution, prompt, target, competing or None, persist=persist)
+        attention = self.runner.run(attention_patterns, prompt, layer, persist=persist)
+        data = {"predictions": top.to_dict(), "logit_lens": lens.to_dict(), "dla": dla.to_dict(), "attention": attention.to_dict()}
+        return {
+            "predictions": plots.top_predictions(top),
+            "lens_heatmap": plots.logit_lens_heatmap(lens),
+            "lens_final": plots.logit_lens_final(lens),
+            "dla_heads": plots.dla_heads(dla),
+            "dla_components": plots.dla_components(dla),
+            **self._attention_figures(attention, head),
+            "download": self._download("prompt-explorer", data),
+        }
+
+    @staticmethod
+    def _attention_figures(attention, head) -> dict:
+        return {"attention_head": plots.attention_head(attention, whole(head)), "attention": plots.attention_heads(attention)}
+
+    def attention_figures(self, prompt: str, layer: int, head: int) -> dict:
+        return self._attention_figures(self.runner.run(attention_patterns, prompt, layer), head)
+
+    def contrast_steps(self, clean: str, corrupted: str, answer: str, wrong: str, persist: bool = False, progress=None):
+        """Contrast Pairs, in two steps: first the approximate preview (attribution patching) with
+        both prompts' logit lens, then exact activation patching beside it, their agreement, and DLA.
+        Each step gives every output: status, summary, lens, "exact <sweep>", "approximate <sweep>",
+        agreement, scatter, download."""
+        approximate = self.runner.run(attribution_patching, clean, corrupted, answer, wrong, persist=persist)
+        lenses = {
+            f"clean: ...{plots.escape_token(clean[-40:])}": (
+                self.runner.run(logit_lens, clean, answer, persist=persist),
+                self.runner.run(logit_lens, clean, wrong, persist=persist),
+            ),
+            f"corrupted: ...{plots.escape_token(corrupted[-40:])}": (
+                self.runner.run(logit_lens, corrupted, answer, persist=persist),
+                self.runner.run(logit_lens, corrupted, wrong, persist=persist),
+            ),
+        }
+        lens = plots.contrast_lens(lenses)
+        values = (
+            f"**logit({literal(repr(answer))}) − logit({literal(repr(wrong))})**: clean **{approximate.clean_value:+.3f}**, "
+            f"corrupted **{approximate.corrupted_value:+.3f}**, swing **{approximate.swing:+.3f}**. "
+            "Patching scores: 1 = clean behaviour restored, 0 = no effect."
+        )
+        if approximate.swing_warning:
+            values += f"\n\n⚠️ **Small swing.** {approximate.swing_warning}"
+        yield {
+            "status": "**Running:** showing the **approximate preview** (attribution patching, right); exact activation patching is running…",
+            "summary": values,
+            "lens": lens,
+            **{f"exact {name}": None for name in SWEEPS},
+            **{f"approximate {name}": plots.patching_heatmap(approximate, name) for name in SWEEPS},
+            "agreement": None,
+            "scatter": None,
+            "download": None,
+        }
+        report = None if progress is None else (lambda fraction, desc: progress(fraction, desc=desc))
+        exact = self.runner.run(activation_patching, clean, corrupted, answer, wrong, progress=report, persist=persist)
+        stats = agreement(exact, approximate)
+        rows = "\n".join(
+            f"| {name} | {three_places(s['pearson_r'])} | {three_places(s['slope'])} | {s['top_k_overlap']}/{s['top_k']} |" for name, s in stats.items()
+        )
+        summary = (
+            f"{values}\n\nPearson r (head patching vs head DLA) = **{three_places(exact.pearson_r)}**. "
+            "Exact activation patching (left) is the result; attribution patching (right) is its linear "
+            "approximation. How well they agree (slope: approximate ≈ slope × exact, 1 = the right size):\n\n"
+            "| sweep | Pearson r | slope | top-10 overlap |\n|---|---:|---:|---:|\n" + rows
+        )
+        data = {"exact": exact.to_dict(), "approximate": approximate.to_dict(), "agreement": stats}
+        limits = {name: plots.shared_limit(getattr(exact, name), getattr(approximate, name)) for name in SWEEPS}
+        yield {  # exact and approximate side by side on one colour scale per sweep, so sizes compare
+            "status": "**Done:** exact activation patching (left) beside its approximation (right), on one colour scale per sweep.",
+            "summary": summary,
+            "lens": lens,
+            **{f"exact {name}": plots.patching_heatmap(exact, name, limits[name]) for name in SWEEPS},
+            **{f"approximate {name}": plots.patching_heatmap(approximate, name, limits[name]) for name in SWEEPS},
+            "agreement": plots.approximation_vs_exact(exact, approximate, stats),
+            "scatter": plots.dla_vs_patching(exact),
+            "download": self._download("contrast-pair", data),
+        }
+
+    def contrast(self, clean: str, corrupted: str, answer: str, wrong: str, persist: bool = False, progress=None) -> dict:
+        """Contrast Pairs' final outputs (what /contrast returns to gradio_client)."""
+        *_, final = self.contrast_steps(clean, corrupted, answer, wrong, persist=persist, progress=progress)
+        return final
+
+    def circuit_map(self, seq_len: int, batch: int, seed: int, persist: bool = False, progress=None) -> dict:
+        """Circuit Map: head scores on repeated random sequences, heads above the threshold."""
+        report = None if progress is None else (lambda fraction, desc: progress(fraction, desc=desc))
+        result = self.runner.run(induction_scores, whole(seq_len), whole(batch), whole(seed), progress=report, persist=persist)
+        return {
+            "induction": plots.induction_heatmap(result),
+            "previous": plots.induction_heatmap(result, "previous-token"),
+            "duplicate": plots.induction_heatmap(result, "duplicate-token"),
+            "layer_max": plots.induction_layer_max(result),
+            "loss": plots.loss_by_position(result),
+            "heads": [[f"L{h['layer']}H{h['head']}", round(h["score"], 4)] for h in result.induction_heads],
+            "download": self._download("circuit-map", result.to_dict()),
+        }
+
+
+def example_rows(model: Model) -> dict[str, tuple[list[str], list[list]]]:
+    """Each tab's examples as (labels, input rows), fitted to the model (layer, context length)."""
+    longest = max_seq_len(model)
+    explorer = [
+        ex | {"layer": min(ex["layer"], model.cfg.n_layers - 1), "head": min(ex.get("head", 0), model.cfg.n_heads - 1)}
+        for ex in EXAMPLES["explorer"]
+    ]
+    circuit = [  # an example longer than the model's context is shown shortened, and says so
+        ex if ex["seq_len"] <= longest else ex | {"seq_len": longest, "name": f"{ex['name']} (seq_len {longest}: this model's context)"}
+        for ex in EXAMPLES["circuit_map"]
+    ]
+    return {
+        "explorer": ([ex["name"] for ex in explorer], [[ex["prompt"], ex["target"], ex["competing"], ex["layer"], ex.get("head", 0)] for ex in explorer]),
+        "contrast": ([ex["name"] for ex in EXAMPLES["contrast"]], [[ex["clean"], ex["corrupted"], ex["answer"], ex["wrong"]] for ex in EXAMPLES["contrast"]]),
+        "circuit_map": ([ex["name"] for ex in circuit], [[ex["seq_len"], ex["batch"], ex["seed"]] for ex in circuit]),
+    }
+
+
+def warm_examples(handlers: Handlers, say=None) -> None:
+    """Compute every example once (or load it from disk), so clicking one answers at once.
+    `say(line)`, if given, hears one line per example: which, and whether it was computed or cached."""
+    rows = example_rows(handlers.runner.model)
+    work = [
+        (name, handler, row)
+        for tab, handler in (("explorer", handlers.explore), ("contrast", handlers.contrast), ("circuit_map", handlers.circuit_map))
+        for name, row in zip(*rows[tab])
+    ]
+    for i, (name, handler, row) in enumerate(work, 1):
+        computed, start = handlers.runner.computed, time.perf_counter()
+        handler(*row, persist=True)
+        if say is not None:
+            how = "from the cache" if handlers.runner.computed == computed else f"computed in {time.perf_counter() - start:.1f} s"
+            say(f"warming examples {i}/{len(work)}: {name} ({how})")
