@@ -8,7 +8,6 @@ that the README quotes. Timing lives here, never in tests.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
@@ -22,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from benchmarks.common import arguments  # noqa: E402
 from core import (  # noqa: E402
     activation_patching,
     attention_patterns,
@@ -47,11 +47,7 @@ def median_seconds(fn, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = arguments()
     with tempfile.TemporaryDirectory() as directory:
         start = time.perf_counter()
         model = load_model(save_random_gpt2(directory))

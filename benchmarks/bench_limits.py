@@ -16,13 +16,10 @@ each request, as the server does), then the process's resident memory with the m
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -32,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from benchmarks.bench_patching import matmul_gflops  # noqa: E402
+from benchmarks.common import arguments, peak_memory, rss_bytes  # noqa: E402
 from core import LIMITS, load_model, save_random_gpt2  # noqa: E402
 from core.induction import max_seq_len  # noqa: E402
 from core.runner import Runner, release_freed_memory  # noqa: E402
@@ -40,29 +38,12 @@ from ui.handlers import Handlers  # noqa: E402
 TEXT = " The quick brown fox jumps over the lazy dog while the old man reads a book about the history of Rome."
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def measure(fn) -> tuple[float, int]:
-    """(seconds, peak resident memory above the resident memory just before the call)."""
+    """(seconds, peak resident memory above the resident memory just before the call), freed memory
+    handed back to the OS first, as the server does before each computation."""
     release_freed_memory()
-    base, peak, done = rss_bytes(), [0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], rss_bytes())
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    start = time.perf_counter()
-    fn()
-    seconds = time.perf_counter() - start
-    done.set()
-    sampler.join()
-    return seconds, max(0, max(peak[0], rss_bytes()) - base)
+    _, seconds, peak = peak_memory(fn)
+    return seconds, peak
 
 
 def prompt_of(model, n_tokens: int, first_word: str = " Once") -> str:
@@ -74,11 +55,7 @@ def prompt_of(model, n_tokens: int, first_word: str = " Once") -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = arguments()
     with tempfile.TemporaryDirectory() as directory:
         model = load_model(save_random_gpt2(Path(directory) / "model"))
         loaded = rss_bytes()

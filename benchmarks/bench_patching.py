@@ -16,13 +16,11 @@ uses the token pair whose logit difference the prompts move most (printed).
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformer_lens import patching as tl_patching  # noqa: E402
 
+from benchmarks.common import arguments, peak_memory, rss_bytes  # noqa: E402
 from core import LIMITS, SWEEPS, activation_patching, load_model, save_random_gpt2  # noqa: E402
 from core.model import to_tokens  # noqa: E402
 from examples import IOI_CLEAN, IOI_CORRUPTED  # noqa: E402
@@ -43,33 +42,6 @@ TL_SWEEPS = {
     "mlp_out": tl_patching.get_act_patch_mlp_out,
     "head_out": tl_patching.get_act_patch_attn_head_out_all_pos,
 }
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-BASE_RSS = [0]  # resident memory with the model loaded, before any patching (set in main)
-
-
-def peak_extra_memory(fn):
-    """(result, seconds, peak resident memory above BASE_RSS during the call, sampled every 2 ms)."""
-    base, peak, done = BASE_RSS[0] or rss_bytes(), [0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], rss_bytes())
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    start = time.perf_counter()
-    result = fn()
-    seconds = time.perf_counter() - start
-    done.set()
-    sampler.join()
-    return result, seconds, max(0, max(peak[0], rss_bytes()) - base)
 
 
 def matmul_gflops(d_model: int, d_mlp: int, rows: int = 2048, repeats: int = 7) -> float:
@@ -121,11 +93,7 @@ def minimum_flops(n_layers: int, d: int, d_mlp: int, n_heads: int, n_pos: int, s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = arguments()
     with tempfile.TemporaryDirectory() as directory:
         model = load_model(save_random_gpt2(directory))
         clean_tokens, corrupted_tokens = to_tokens(model, IOI_CLEAN), to_tokens(model, IOI_CORRUPTED)
@@ -134,11 +102,11 @@ def main() -> None:
         answer, wrong = model.tokenizer.decode([int(shift.argmax())]), model.tokenizer.decode([int(shift.argmin())])
         mary, john = model.to_single_token(" Mary"), model.to_single_token(" John")
         run = lambda: activation_patching(model, IOI_CLEAN, IOI_CORRUPTED, answer, wrong)  # noqa: E731
-        BASE_RSS[0] = rss_bytes()
+        base = rss_bytes()  # with the model loaded, before any patching
         run()  # warm-up (builds the engine once per model)
         times, peaks = [], []
         for _ in range(args.repeats):
-            ours, seconds, peak = peak_extra_memory(run)
+            ours, seconds, peak = peak_memory(run, base)
             times.append(seconds)
             peaks.append(peak)
         ours_s = statistics.median(times)
@@ -189,7 +157,7 @@ def main() -> None:
             ids = model.tokenizer.encode("Once" + words, add_special_tokens=False)[: n - 1]
             clean = model.tokenizer.decode(ids)
             corrupted = "When" + clean[len("Once"):]
-            _, seconds, peak = peak_extra_memory(lambda: activation_patching(model, clean, corrupted, " the", " a"))
+            _, seconds, peak = peak_memory(lambda: activation_patching(model, clean, corrupted, " the", " a"), base)
             floor = minimum_flops(cfg.n_layers, cfg.d_model, cfg.d_mlp, cfg.n_heads, n, 1) / (gflops * 1e9)
             print(f"| {n} | {seconds:.2f} s | {floor:.2f} s | {peak / 2**20:.0f} MiB |", flush=True)
 
