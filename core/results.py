@@ -1,7 +1,10 @@
 """Result dataclasses: arrays plus the labels aligned to each axis, and `to_dict()` for JSON.
 
 Arrays are NumPy (float64 for values) so results are detached from the model and
-serialise exactly; `to_dict()` returns plain lists, floats and strings only.
+serialise exactly. `to_dict()` is derived, never written per class: it gives the names in the
+class's `JSON` (default: its fields, in order; a class may leave fields out or add derived
+properties), each as plain data (arrays as nested lists, float64 or, for integer arrays, int;
+fields declared `float` as Python floats). The API returns exactly that.
 """
 
 from __future__ import annotations
@@ -9,34 +12,45 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 from core.config import DEFAULTS
 
 
-def _floats(array: np.ndarray | None):
-    return None if array is None else np.asarray(array, dtype=np.float64).tolist()
+def _plain_value(value, declared: str | None):
+    """One value as JSON-ready data: arrays as lists (int for integer dtypes, else float64), NumPy
+    scalars as Python numbers, a value declared `float` as a float."""
+    if isinstance(value, np.ndarray):
+        return value.astype(np.int64 if np.issubdtype(value.dtype, np.integer) else np.float64).tolist()
+    if declared == "float" and value is not None:
+        return float(value)
+    return value.item() if isinstance(value, np.generic) else value
 
 
-def _ints(array: np.ndarray | None):
-    return None if array is None else np.asarray(array, dtype=np.int64).tolist()
+class _Result:
+    """What every result shares: `to_dict()` derived from `JSON` (field and property names)."""
+
+    JSON: ClassVar[tuple[str, ...] | None] = None  # None: every field, in order
+
+    def to_dict(self) -> dict:
+        declared = {field.name: field.type for field in dataclasses.fields(self)}
+        names = self.JSON if self.JSON is not None else tuple(declared)
+        return {name: _plain_value(getattr(self, name), declared.get(name)) for name in names}
 
 
 @dataclass(frozen=True)
-class Predictions:
+class Predictions(_Result):
     """Top-k next tokens at the final position."""
 
     tokens: list[str]  # the prompt's tokens, BOS first
     top_tokens: list[str]  # [k], most likely first
     top_probs: np.ndarray  # [k]
 
-    def to_dict(self) -> dict:
-        return {"tokens": self.tokens, "top_tokens": self.top_tokens, "top_probs": _floats(self.top_probs)}
-
 
 @dataclass(frozen=True)
-class LogitLensResult:
+class LogitLensResult(_Result):
     """Final LayerNorm + unembedding applied to the residual stream at each checkpoint."""
 
     tokens: list[str]  # [pos]
@@ -47,20 +61,9 @@ class LogitLensResult:
     target_probs: np.ndarray | None  # [layer, pos] P(target)
     target_ranks: np.ndarray | None  # [layer, pos] 0 = top-1
 
-    def to_dict(self) -> dict:
-        return {
-            "tokens": self.tokens,
-            "layers": self.layers,
-            "top_tokens": self.top_tokens,
-            "top_probs": _floats(self.top_probs),
-            "target": self.target,
-            "target_probs": _floats(self.target_probs),
-            "target_ranks": _ints(self.target_ranks),
-        }
-
 
 @dataclass(frozen=True)
-class DLAResult:
+class DLAResult(_Result):
     """Direct logit attribution of logit(target) [- logit(competing)] at the final position."""
 
     tokens: list[str]  # [pos]
@@ -74,39 +77,24 @@ class DLAResult:
     bias: float  # everything else: attention output biases and the unembedding bias
     ln_scaled: bool  # True: each part divided by the final LayerNorm scale, so parts sum to value
 
+    JSON = ("tokens", "target", "competing", "value", "heads", "mlps", "embed", "pos_embed", "bias", "total")
+
     @property
     def total(self) -> float:
         return float(self.heads.sum() + self.mlps.sum() + self.embed + self.pos_embed + self.bias)
 
-    def to_dict(self) -> dict:
-        return {
-            "tokens": self.tokens,
-            "target": self.target,
-            "competing": self.competing,
-            "value": float(self.value),
-            "heads": _floats(self.heads),
-            "mlps": _floats(self.mlps),
-            "embed": float(self.embed),
-            "pos_embed": float(self.pos_embed),
-            "bias": float(self.bias),
-            "total": self.total,
-        }
-
 
 @dataclass(frozen=True)
-class AttentionResult:
+class AttentionResult(_Result):
     """Every head's attention pattern in one layer."""
 
     tokens: list[str]  # [pos]
     layer: int
     patterns: np.ndarray  # [head, dest, src], rows sum to 1
 
-    def to_dict(self) -> dict:
-        return {"tokens": self.tokens, "layer": self.layer, "patterns": _floats(self.patterns)}
-
 
 @dataclass(frozen=True)
-class InductionResult:
+class InductionResult(_Result):
     """Head scores on random token sequences repeated twice (BOS in front)."""
 
     seq_len: int
@@ -118,6 +106,8 @@ class InductionResult:
     loss_by_position: np.ndarray  # [2 * seq_len] next-token loss, mean over the batch
     threshold: float  # heads scoring above it are listed as induction heads
 
+    JSON = ("scores", "prev_token_scores", "duplicate_token_scores", "loss_by_position", "threshold", "induction_heads")
+
     @property
     def induction_heads(self) -> list[dict]:
         layers, heads = np.nonzero(self.scores > self.threshold)
@@ -126,19 +116,15 @@ class InductionResult:
         ]
         return sorted(found, key=lambda item: -item["score"])
 
-    def to_dict(self) -> dict:
-        return {
-            "scores": _floats(self.scores),
-            "prev_token_scores": _floats(self.prev_token_scores),
-            "duplicate_token_scores": _floats(self.duplicate_token_scores),
-            "loss_by_position": _floats(self.loss_by_position),
-            "threshold": float(self.threshold),
-            "induction_heads": self.induction_heads,
-        }
+
+_SCORES_JSON = (
+    "clean_tokens", "corrupted_tokens", "clean_value", "corrupted_value", "swing", "min_swing", "swing_warning",
+    "resid_pre", "attn_out", "mlp_out", "head_out",
+)
 
 
 @dataclass(frozen=True)
-class _PatchingScores:
+class _PatchingScores(_Result):
     """What exact and approximate patching share: the pair, its metric, and one score per component,
     normalised so that 0 = corrupted and 1 = clean."""
 
@@ -159,6 +145,11 @@ class _PatchingScores:
         return float(self.clean_value - self.corrupted_value)
 
     @property
+    def min_swing(self) -> float:
+        """The swing below which `swing_warning` speaks (DEFAULTS.min_swing)."""
+        return DEFAULTS.min_swing
+
+    @property
     def swing_warning(self) -> str | None:
         """A sentence when the swing is too small for normalised scores to mean much (|swing| below
         DEFAULTS.min_swing logits: the answer's odds against the wrong token change less than e-fold)."""
@@ -171,27 +162,14 @@ class _PatchingScores:
             "read them as noise. Pick a pair whose prompts change the answer (IOI pairs swing several logits on GPT-2)."
         )
 
-    def _scores_dict(self) -> dict:
-        return {
-            "clean_tokens": self.clean_tokens,
-            "corrupted_tokens": self.corrupted_tokens,
-            "clean_value": float(self.clean_value),
-            "corrupted_value": float(self.corrupted_value),
-            "swing": self.swing,
-            "min_swing": DEFAULTS.min_swing,
-            "swing_warning": self.swing_warning,
-            "resid_pre": _floats(self.resid_pre),
-            "attn_out": _floats(self.attn_out),
-            "mlp_out": _floats(self.mlp_out),
-            "head_out": _floats(self.head_out),
-        }
-
 
 @dataclass(frozen=True)
 class PatchingResult(_PatchingScores):
     """Activation patching, clean -> corrupted, exact."""
 
     head_dla: np.ndarray  # [layer, head] DLA of the same logit difference on the clean prompt
+
+    JSON = (*_SCORES_JSON, "head_dla", "pearson_r")
 
     @property
     def pearson_r(self) -> float | None:
@@ -201,9 +179,6 @@ class PatchingResult(_PatchingScores):
             return None
         return float(np.corrcoef(x, y)[0, 1])
 
-    def to_dict(self) -> dict:
-        return {**self._scores_dict(), "head_dla": _floats(self.head_dla), "pearson_r": self.pearson_r}
-
 
 @dataclass(frozen=True)
 class ApproximatePatchingResult(_PatchingScores):
@@ -211,9 +186,9 @@ class ApproximatePatchingResult(_PatchingScores):
     normalisation. Exact patching (PatchingResult) is the truth."""
 
     method: str = "attribution patching (linear approximation: gradient x activation difference)"
+    approximate: ClassVar[bool] = True  # in the JSON, so a client can never take it for /patching's exact scores
 
-    def to_dict(self) -> dict:
-        return {"approximate": True, "method": self.method, **self._scores_dict()}
+    JSON = ("approximate", "method", *_SCORES_JSON)
 
 
 # --- storing results on disk: data only, never code ------------------------------------
