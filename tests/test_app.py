@@ -6,6 +6,7 @@ import concurrent.futures
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -58,9 +59,21 @@ JSON_ENDPOINTS = {
 }
 
 
+def readme_endpoint_table() -> dict[str, list[str]]:
+    """README's JSON endpoint table: api_name -> the output keys its row names, in order."""
+    rows = [line.split(" | ") for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines() if line.startswith("| `/")]
+    return {row[0].strip("| `"): [key for key in re.findall(r"`(\w+)`", row[2]) if key != "true"] for row in rows}
+
+
 def test_every_endpoint_is_documented(client):
+    """The server's public endpoints, README's endpoint table (names and output keys, in order) and the
+    load benchmark's endpoint list all agree."""
     endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
     assert set(JSON_ENDPOINTS) | {"/explore", "/contrast", "/circuit_map"} == set(endpoints)
+    assert readme_endpoint_table() == JSON_ENDPOINTS
+    from benchmarks.bench_load import ENDPOINTS
+
+    assert sorted(ENDPOINTS) == sorted(endpoints)
 
 
 CALLS = [
