@@ -32,6 +32,11 @@ from examples import EXAMPLES
 from ui.common import literal, three_places, whole
 
 
+def _reporter(progress):
+    """Core's progress callback, `report(fraction, description)`, for a gr.Progress (or None)."""
+    return None if progress is None else (lambda fraction, desc: progress(fraction, desc=desc))
+
+
 class Handlers:
     """Thin handlers: widgets in, core results through the runner, figures/JSON out."""
 
@@ -155,7 +160,7 @@ class Handlers:
             "scatter": None,
             "download": None,
         }
-        report = None if progress is None else (lambda fraction, desc: progress(fraction, desc=desc))
+        report = _reporter(progress)
         exact = self.runner.run(activation_patching, clean, corrupted, answer, wrong, progress=report, persist=persist)
         stats = agreement(exact, approximate)
         rows = "\n".join(
@@ -187,7 +192,7 @@ class Handlers:
 
     def circuit_map(self, seq_len: int, batch: int, seed: int, persist: bool = False, progress=None) -> dict:
         """Circuit Map: head scores on repeated random sequences, heads above the threshold."""
-        report = None if progress is None else (lambda fraction, desc: progress(fraction, desc=desc))
+        report = _reporter(progress)
         result = self.runner.run(induction_scores, whole(seq_len), whole(batch), whole(seed), progress=report, persist=persist)
         return {
             "induction": plots.induction_heatmap(result),
