@@ -33,8 +33,10 @@ import ui.circuit_map  # noqa: E402
 import ui.contrast  # noqa: E402
 import ui.explorer  # noqa: E402
 import ui.handlers  # noqa: E402
+import ui.more  # noqa: E402
 from core import DEFAULTS, LIMITS, ModelLoadError  # noqa: E402
 from core.model import Model, describe_source, load_with_fallback, model_label  # noqa: E402
+from core.registry import Technique, techniques  # noqa: E402
 from core.runner import Runner, write_whole  # noqa: E402
 
 THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
@@ -45,6 +47,11 @@ CSS = """
   #contrast-summary th, #contrast-summary td { padding: 4px 6px !important; word-break: normal; }
 }
 """
+TABS = {  # the designed tabs, by the name a technique's `tab` gives: (id, builder)
+    "Prompt Explorer": ("explorer", ui.explorer.build),
+    "Contrast Pairs": ("contrast", ui.contrast.build),
+    "Circuit Map": ("circuit_map", ui.circuit_map.build),
+}
 MAX_UPLOAD = "1kb"  # the app has no upload widget: Gradio's upload route takes nothing bigger
 
 
@@ -55,11 +62,18 @@ def launch_options() -> dict:
 
 
 def build_demo(
-    model: Model | None = None, runner: Runner | None = None, warm: bool = True, notice: str | None = None, say=None
+    model: Model | None = None,
+    runner: Runner | None = None,
+    warm: bool = True,
+    notice: str | None = None,
+    say=None,
+    registry: dict[str, Technique] | None = None,
 ) -> gr.Blocks:
     """The whole app around `model` (default: the configured model, or the demo model when it cannot
     be loaded). `warm` precomputes every example; `notice` is shown at the top of the page;
-    `say(line)` hears start-up progress."""
+    `say(line)` hears start-up progress; `registry`: the techniques (default: every one in core)."""
+    registry = techniques() if registry is None else registry
+    untabbed = {name: t for name, t in registry.items() if t.tab is None}
     if model is None and runner is None:
         model, notice = load_with_fallback(Settings.from_env().model)
     runner = runner or Runner(model)
@@ -81,13 +95,13 @@ def build_demo(
         if downloads_off:
             gr.Markdown(f"⚠️ JSON downloads are off: {downloads_off} Every result is still shown.", elem_id="downloads-notice")
         with gr.Tabs():
-            with gr.Tab("Prompt Explorer", id="explorer"):
-                ui.explorer.build(handlers, model)
-            with gr.Tab("Contrast Pairs", id="contrast"):
-                ui.contrast.build(handlers, model)
-            with gr.Tab("Circuit Map", id="circuit_map"):
-                ui.circuit_map.build(handlers, model)
-        ui.api.build(handlers)
+            for name, (tab_id, build) in TABS.items():
+                with gr.Tab(name, id=tab_id):
+                    build(handlers, model)
+            if untabbed:
+                with gr.Tab("More techniques", id="more"):
+                    ui.more.build(handlers, model, untabbed)
+        ui.api.build(runner, registry)
     # api_open=False: every call goes through the queue and its lanes (gradio_client uses the queue
     # too); Gradio would otherwise leave /gradio_api/run/<name> open, which skips both.
     demo.queue(default_concurrency_limit=1, max_size=LIMITS.max_queue_size, api_open=False)

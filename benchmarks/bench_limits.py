@@ -7,7 +7,7 @@ Each of the ten endpoints (JSON API and UI events) gets the largest input core/c
 a 128-token prompt (BOS included) for the Prompt Explorer's techniques, a 32-token contrast pair
 that differs at its first word (so every position is patched) for Contrast Pairs, and
 batch x (2 x seq_len + 1) = 2,046 tokens at GPT-2's full context (seq_len 511, batch 2) for the
-Circuit Map. It runs through the app's own handlers (`app.Handlers`: the runner, the figures and
+Circuit Map. It runs through the app's own handlers and JSON endpoints (`ui.handlers`, `ui.api`: the runner, the figures and
 the JSON download, everything but HTTP), with the results cache off so every repeat computes.
 Prints the median seconds of `--repeats` runs and the peak resident memory above what the process
 held just before the request (sampled every 2 ms; freed memory is handed back to the OS before
@@ -32,7 +32,9 @@ from benchmarks.bench_patching import matmul_gflops  # noqa: E402
 from benchmarks.common import arguments, peak_memory, rss_bytes  # noqa: E402
 from core import LIMITS, load_model, save_random_gpt2  # noqa: E402
 from core.induction import max_seq_len  # noqa: E402
+from core.registry import techniques  # noqa: E402
 from core.runner import Runner, release_freed_memory  # noqa: E402
+from ui.api import endpoint as json_endpoint  # noqa: E402
 from ui.handlers import Handlers  # noqa: E402
 
 TEXT = " The quick brown fox jumps over the lazy dog while the old man reads a book about the history of Rome."
@@ -59,7 +61,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         model = load_model(save_random_gpt2(Path(directory) / "model"))
         loaded = rss_bytes()
-        h = Handlers(Runner(model, cache_dir=None, max_entries=0), directory)  # no cache: every repeat computes
+        runner = Runner(model, cache_dir=None, max_entries=0)  # no cache: every repeat computes
+        h = Handlers(runner, directory)
+        api = {name: json_endpoint(t, runner) for name, t in techniques().items()}  # the JSON endpoints, as the server runs them
         prompt = prompt_of(model, LIMITS.max_prompt_tokens)
         clean = prompt_of(model, LIMITS.max_patching_tokens)
         corrupted = prompt_of(model, LIMITS.max_patching_tokens, " When")  # differs at its first word
@@ -68,15 +72,15 @@ def main() -> None:
         layer = model.cfg.n_layers - 1
         pair = (clean, corrupted, " the", " a")
         requests = [
-            ("/predict", f"{LIMITS.max_prompt_tokens} tokens, k {LIMITS.max_top_k}", lambda: h.predict(prompt, LIMITS.max_top_k)),
-            ("/logit_lens", f"{LIMITS.max_prompt_tokens} tokens, a target", lambda: h.logit_lens(prompt, " the")),
-            ("/dla", f"{LIMITS.max_prompt_tokens} tokens, target - competing", lambda: h.dla(prompt, " the", " a")),
-            ("/attention", f"{LIMITS.max_prompt_tokens} tokens", lambda: h.attention(prompt, layer)),
+            ("/predict", f"{LIMITS.max_prompt_tokens} tokens, k {LIMITS.max_top_k}", lambda: api["predict"](prompt, LIMITS.max_top_k)),
+            ("/logit_lens", f"{LIMITS.max_prompt_tokens} tokens, a target", lambda: api["logit_lens"](prompt, " the")),
+            ("/dla", f"{LIMITS.max_prompt_tokens} tokens, target - competing", lambda: api["dla"](prompt, " the", " a")),
+            ("/attention", f"{LIMITS.max_prompt_tokens} tokens", lambda: api["attention"](prompt, layer)),
             ("/explore (Prompt Explorer)", f"{LIMITS.max_prompt_tokens} tokens, all four + figures", lambda: h.explore(prompt, " the", " a", layer, 0)),
-            ("/patching", f"{LIMITS.max_patching_tokens}-token pair, every position", lambda: h.patching(*pair)),
-            ("/attribution_patching", f"{LIMITS.max_patching_tokens}-token pair", lambda: h.attribution_patching(*pair)),
+            ("/patching", f"{LIMITS.max_patching_tokens}-token pair, every position", lambda: api["patching"](*pair)),
+            ("/attribution_patching", f"{LIMITS.max_patching_tokens}-token pair", lambda: api["attribution_patching"](*pair)),
             ("/contrast (Contrast Pairs)", f"{LIMITS.max_patching_tokens}-token pair, both + lenses + figures", lambda: h.contrast(*pair)),
-            ("/induction", f"seq_len {seq_len}, batch {batch}", lambda: h.induction(seq_len, batch, 0)),
+            ("/induction", f"seq_len {seq_len}, batch {batch}", lambda: api["induction"](seq_len, batch, 0)),
             ("/circuit_map (Circuit Map)", f"seq_len {seq_len}, batch {batch} + figures", lambda: h.circuit_map(seq_len, batch, 0)),
         ]
         print(

@@ -35,9 +35,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from gradio_client import Client  # noqa: E402
 
+from core.registry import techniques  # noqa: E402
 from demo_model import corpus  # noqa: E402
 
-ENDPOINTS = ["/predict", "/logit_lens", "/dla", "/attention", "/explore", "/induction", "/circuit_map", "/patching", "/attribution_patching", "/contrast"]
+TECHNIQUES = techniques()
+ENDPOINTS = [*(f"/{name}" for name in TECHNIQUES), "/explore", "/circuit_map", "/contrast"]  # every technique's, and the tabs' events
 
 
 def make_requests(n: int, seed: int, n_layers: int) -> list[tuple[str, tuple]]:
@@ -64,7 +66,10 @@ def make_requests(n: int, seed: int, n_layers: int) -> list[tuple[str, tuple]]:
             "/patching": (clean, corrupted, f" {io}", f" {other}"),
             "/attribution_patching": (clean, corrupted, f" {io}", f" {other}"),
             "/contrast": (clean, corrupted, f" {io}", f" {other}"),
-        }[endpoint]
+        }.get(endpoint)
+        if args is None:  # a technique this list does not know yet: its declared example
+            t = TECHNIQUES[endpoint[1:]]
+            args = tuple(t.example[spec.name] for spec in t.inputs)
         out.append((endpoint, args))
     return out
 

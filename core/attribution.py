@@ -15,8 +15,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from core import plots
 from core.model import Model, run_cached, single_token_id, str_tokens, to_tokens
+from core.registry import PROMPT, Input, Technique
 from core.results import DLAResult
+from examples import IOI_CLEAN
 
 
 def logit_direction(model: Model, target_id: int, competing_id: int | None) -> Float[Tensor, " d_model"]:
@@ -105,3 +108,21 @@ def direct_logit_attribution(
         bias=float(parts[-1]) + unembed_bias(model, target_id, competing_id),
         ln_scaled=scale_by_ln,
     )
+
+
+TECHNIQUE = Technique(
+    name="dla",
+    run=direct_logit_attribution,
+    result=DLAResult,
+    summary="Direct logit attribution of logit(target) [- logit(competing)] at the final position.",
+    inputs=(
+        PROMPT,
+        Input("target", "token", "the token whose logit is split into parts"),
+        Input("competing", "token", "a token whose logit is subtracted (optional)", default=""),
+    ),
+    lane="light",
+    example={"prompt": IOI_CLEAN, "target": " Mary", "competing": " John"},
+    figures=(plots.dla_heads, plots.dla_components),
+    input_errors=input_errors,
+    tab="Prompt Explorer",
+)

@@ -11,11 +11,15 @@ output at all positions). They are an APPROXIMATION: exact patching stays the tr
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
+from core import plots
 from core.model import Model, run_cached, str_tokens
-from core.patching import SWEEP_HOOKS, SWEEPS, Progress, _answer_ids, _check_pair, _check_swing, _logit_diff
+from core.patching import PAIR, PAIR_EXAMPLE, SWEEP_HOOKS, SWEEPS, Progress, _answer_ids, _check_pair, _check_swing, _logit_diff, input_errors
+from core.registry import Technique
 from core.results import ApproximatePatchingResult, PatchingResult
 
 
@@ -87,3 +91,18 @@ def agreement(exact: PatchingResult, approximate: ApproximatePatchingResult, top
         shared = set(np.argsort(-np.abs(x), kind="stable")[:k]) & set(np.argsort(-np.abs(y), kind="stable")[:k])
         out[name] = {"pearson_r": r, "slope": slope, "top_k": k, "top_k_overlap": len(shared)}
     return out
+
+
+TECHNIQUE = Technique(
+    name="attribution_patching",
+    run=attribution_patching,
+    result=ApproximatePatchingResult,
+    summary='Attribution patching: an APPROXIMATION of /patching (same keys, plus "approximate": true).',
+    inputs=PAIR,
+    lane="heavy",
+    example=PAIR_EXAMPLE,
+    figures=tuple(functools.partial(plots.patching_heatmap, sweep=name) for name in SWEEPS),
+    input_errors=input_errors,
+    tab="Contrast Pairs",
+    progress=True,
+)

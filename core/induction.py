@@ -17,9 +17,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from core import plots
 from core.config import DEFAULTS, LIMITS
 from core.model import Model, check_int
 from core.patching import Progress
+from core.registry import Input, Technique
 from core.results import InductionResult
 
 
@@ -123,3 +125,22 @@ def induction_scores(
         loss_by_position=(loss_sum / batch).numpy(),
         threshold=float(threshold),
     )
+
+
+TECHNIQUE = Technique(
+    name="induction",
+    run=induction_scores,
+    result=InductionResult,
+    summary="Induction, previous-token and duplicate-token scores per head on repeated random tokens.",
+    inputs=(
+        Input("seq_len", "int", "random tokens per copy", default=DEFAULTS.induction_seq_len),
+        Input("batch", "int", "random sequences averaged over", default=DEFAULTS.induction_batch),
+        Input("seed", "int", "the random sequences' seed", default=DEFAULTS.induction_seed),
+    ),
+    lane="heavy",
+    example={"seq_len": 10, "batch": 3, "seed": 4},
+    figures=(plots.induction_heatmap, plots.induction_layer_max, plots.loss_by_position),
+    input_errors=input_errors,
+    tab="Circuit Map",
+    progress=True,
+)

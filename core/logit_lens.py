@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import torch
 
+from core import plots
 from core.model import Model, run_cached, single_token_id, str_tokens, to_tokens
+from core.registry import PROMPT, Input, Technique
 from core.results import LogitLensResult
+from examples import EIFFEL
 
 _RESID_HOOKS = ("hook_resid_pre", "hook_resid_post")
 
@@ -46,3 +49,16 @@ def logit_lens(model: Model, prompt: str, target: str | None = None) -> LogitLen
         target_probs=torch.stack(target_probs).cpu().numpy() if target_id is not None else None,
         target_ranks=torch.stack(target_ranks).cpu().numpy() if target_id is not None else None,
     )
+
+
+TECHNIQUE = Technique(
+    name="logit_lens",
+    run=logit_lens,
+    result=LogitLensResult,
+    summary="Logit lens: top-1 token/probability per (checkpoint, position); P and rank of target if given.",
+    inputs=(PROMPT, Input("target", "token", "a token to follow through the layers (optional)", default="")),
+    lane="light",
+    example={"prompt": EIFFEL, "target": " Paris"},
+    figures=(plots.logit_lens_heatmap, plots.logit_lens_final),
+    tab="Prompt Explorer",
+)

@@ -15,6 +15,7 @@ through hooks, many patches per batched forward pass (`patch_sweep`).
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -23,11 +24,14 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from core import plots
 from core.attribution import direct_logit_attribution
 from core.config import DEFAULTS, LIMITS
 from core.fast_patching import Engine, exact_sweeps
 from core.model import Model, run_cached, single_token_id, str_tokens, to_tokens
+from core.registry import Input, Technique
 from core.results import PatchingResult
+from examples import IOI_CLEAN, IOI_CORRUPTED
 
 Progress = Callable[[float, str], None]
 
@@ -44,6 +48,15 @@ SWEEPS: dict[str, Sweep] = {
     "mlp_out": Sweep("hook_mlp_out", "pos"),
     "head_out": Sweep("attn.hook_z", "head"),
 }
+
+
+PAIR = (
+    Input("clean_prompt", "prompt", "the prompt whose behaviour patching restores"),
+    Input("corrupted_prompt", "prompt", "the same number of tokens, changed so the answer changes"),
+    Input("answer", "token", "the clean prompt's answer, e.g. ' Mary'"),
+    Input("wrong_answer", "token", "the answer the corruption favours, e.g. ' John'"),
+)
+PAIR_EXAMPLE = {"clean_prompt": IOI_CLEAN, "corrupted_prompt": IOI_CORRUPTED, "answer": " Mary", "wrong_answer": " John"}
 
 
 SWEEP_HOOKS = tuple(sweep.hook for sweep in SWEEPS.values())  # every hook a sweep patches
@@ -245,3 +258,18 @@ def activation_patching(
         head_dla=head_dla,
         **scores,
     )
+
+
+TECHNIQUE = Technique(
+    name="patching",
+    run=activation_patching,
+    result=PatchingResult,
+    summary="Activation patching, exact (resid_pre, attn_out, mlp_out by layer x pos; head_out by layer x head).",
+    inputs=PAIR,
+    lane="heavy",
+    example=PAIR_EXAMPLE,
+    figures=(*(functools.partial(plots.patching_heatmap, sweep=name) for name in SWEEPS), plots.dla_vs_patching),
+    input_errors=input_errors,
+    tab="Contrast Pairs",
+    progress=True,
+)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from core import plots
 from core.config import DEFAULTS, LIMITS
 from core.model import Model, check_int, str_tokens, to_tokens
+from core.registry import PROMPT, Input, Technique
 from core.results import Predictions
+from examples import EIFFEL
 
 
 def predict(model: Model, prompt: str, k: int = DEFAULTS.top_k) -> Predictions:
@@ -21,3 +24,16 @@ def predict(model: Model, prompt: str, k: int = DEFAULTS.top_k) -> Predictions:
         top_tokens=[model.tokenizer.decode([int(i)]) for i in top.indices],
         top_probs=top.values.cpu().numpy(),
     )
+
+
+TECHNIQUE = Technique(
+    name="predict",
+    run=predict,
+    result=Predictions,
+    summary="Top-k next tokens with probabilities at the final position.",
+    inputs=(PROMPT, Input("k", "int", "how many tokens to list", default=DEFAULTS.top_k)),
+    lane="light",
+    example={"prompt": EIFFEL, "k": 5},
+    figures=(plots.top_predictions,),
+    tab="Prompt Explorer",
+)

@@ -34,10 +34,14 @@ class _Result:
 
     JSON: ClassVar[tuple[str, ...] | None] = None  # None: every field, in order
 
+    @classmethod
+    def json_keys(cls) -> tuple[str, ...]:
+        """The keys of to_dict(), in order (what the technique's endpoint returns)."""
+        return cls.JSON if cls.JSON is not None else tuple(field.name for field in dataclasses.fields(cls))
+
     def to_dict(self) -> dict:
         declared = {field.name: field.type for field in dataclasses.fields(self)}
-        names = self.JSON if self.JSON is not None else tuple(declared)
-        return {name: _plain_value(getattr(self, name), declared.get(name)) for name in names}
+        return {name: _plain_value(getattr(self, name), declared.get(name)) for name in self.json_keys()}
 
 
 @dataclass(frozen=True)
@@ -193,10 +197,13 @@ class ApproximatePatchingResult(_PatchingScores):
 
 # --- storing results on disk: data only, never code ------------------------------------
 
-RESULT_TYPES = {
-    cls.__name__: cls
-    for cls in (Predictions, LogitLensResult, DLAResult, AttentionResult, InductionResult, PatchingResult, ApproximatePatchingResult)
-}
+def result_types() -> dict[str, type]:
+    """Every registered technique's result type, by class name: what the disk cache may hold."""
+    from core.registry import techniques  # the registry reads the technique modules, which import this one
+
+    return {t.result.__name__: t.result for t in techniques().values()}
+
+
 _ARRAY_DTYPES = ("float64", "float32", "int64", "int32", "bool")  # what a stored array may be
 _PLAIN = (str, int, float, bool, type(None))
 
@@ -204,7 +211,7 @@ _PLAIN = (str, int, float, bool, type(None))
 def dumps(result) -> bytes:
     """A result as JSON that `loads` reads back exactly (floats by repr, arrays with dtype and shape).
     JSON cannot carry code, so a file planted in the cache can at worst be refused, never executed."""
-    if type(result).__name__ not in RESULT_TYPES:
+    if type(result).__name__ not in result_types():
         raise TypeError(f"not a result type: {type(result).__name__}")
     fields = {}
     for field in dataclasses.fields(result):
@@ -227,7 +234,7 @@ def loads(data: bytes):
     a known type, exactly its fields, arrays of an allowed dtype whose data fits their shape)."""
     try:
         stored = json.loads(data.decode("utf-8"))
-        cls = RESULT_TYPES[stored["type"]]
+        cls = result_types()[stored["type"]]
         fields = stored["fields"]
         names = [field.name for field in dataclasses.fields(cls)]
         if not isinstance(fields, dict) or sorted(fields) != sorted(names):

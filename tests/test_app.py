@@ -22,11 +22,7 @@ import app
 from core import (
     SWEEPS,
     activation_patching,
-    attention_patterns,
-    attribution_patching,
-    direct_logit_attribution,
     induction_scores,
-    logit_lens,
     plots,
     predict,
 )
@@ -34,6 +30,7 @@ from core.attribution import input_errors as explorer_errors
 from core.config import Limits
 from core.induction import input_errors as induction_errors
 from core.patching import input_errors as pair_errors
+from core.registry import techniques
 from core.results import dumps
 from core.runner import Runner
 from tests.conftest import IOI_CLEAN, IOI_CORRUPTED, free_port  # noqa: F401  (free_port: used by other test modules too)
@@ -42,59 +39,47 @@ from ui.handlers import Handlers
 
 ROOT = Path(__file__).resolve().parent.parent
 SHORT_CLEAN, SHORT_CORRUPTED = "When John and Mary went to the store", "When John and Paul went to the store"
-JSON_ENDPOINTS = {
-    "/predict": ["tokens", "top_tokens", "top_probs"],
-    "/logit_lens": ["tokens", "layers", "top_tokens", "top_probs", "target", "target_probs", "target_ranks"],
-    "/dla": ["tokens", "target", "competing", "value", "heads", "mlps", "embed", "pos_embed", "bias", "total"],
-    "/attention": ["tokens", "layer", "patterns"],
-    "/induction": ["scores", "prev_token_scores", "duplicate_token_scores", "loss_by_position", "threshold", "induction_heads"],
-    "/patching": [
-        "clean_tokens", "corrupted_tokens", "clean_value", "corrupted_value", "swing", "min_swing", "swing_warning",
-        "resid_pre", "attn_out", "mlp_out", "head_out", "head_dla", "pearson_r",
-    ],
-    "/attribution_patching": [
-        "approximate", "method", "clean_tokens", "corrupted_tokens", "clean_value", "corrupted_value",
-        "swing", "min_swing", "swing_warning", "resid_pre", "attn_out", "mlp_out", "head_out",
-    ],
-}
+TECHNIQUES = techniques()
+JSON_ENDPOINTS = {f"/{name}": list(t.result.json_keys()) for name, t in TECHNIQUES.items()}  # one per technique (core.registry)
+UI_ENDPOINTS = {"/explore", "/contrast", "/circuit_map"}
 
 
-def readme_endpoint_table() -> dict[str, list[str]]:
-    """README's JSON endpoint table: api_name -> the output keys its row names, in order."""
+def readme_endpoint_table() -> dict[str, tuple[str, list[str]]]:
+    """README's JSON endpoint table: api_name -> (its inputs as written, the output keys it names, in order)."""
     rows = [line.split(" | ") for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines() if line.startswith("| `/")]
-    return {row[0].strip("| `"): [key for key in re.findall(r"`(\w+)`", row[2]) if key != "true"] for row in rows}
+    return {row[0].strip("| `"): (row[1], [key for key in re.findall(r"`(\w+)`", row[2]) if key != "true"]) for row in rows}
+
+
+def declared_inputs(name: str) -> str:
+    """A technique's inputs as README's table writes them: `prompt, k=10`."""
+    return ", ".join(spec.name if spec.required else f"{spec.name}={json.dumps(spec.default)}" for spec in TECHNIQUES[name].inputs)
 
 
 def test_every_endpoint_is_documented(client):
-    """The server's public endpoints, README's endpoint table (names and output keys, in order) and the
-    load benchmark's endpoint list all agree."""
+    """The server's public endpoints, README's endpoint table (names, inputs and output keys, in order) and
+    the load benchmark's endpoint list all agree with the registry."""
     endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
-    assert set(JSON_ENDPOINTS) | {"/explore", "/contrast", "/circuit_map"} == set(endpoints)
-    assert readme_endpoint_table() == JSON_ENDPOINTS
+    assert set(JSON_ENDPOINTS) | UI_ENDPOINTS == set(endpoints)
+    assert readme_endpoint_table() == {endpoint: (declared_inputs(endpoint[1:]), keys) for endpoint, keys in JSON_ENDPOINTS.items()}
     from benchmarks.bench_load import ENDPOINTS
 
     assert sorted(ENDPOINTS) == sorted(endpoints)
 
 
-CALLS = [
-    ("/predict", (IOI_CLEAN, 5), lambda m: predict(m, IOI_CLEAN, 5)),
-    ("/logit_lens", (IOI_CLEAN, " Mary"), lambda m: logit_lens(m, IOI_CLEAN, " Mary")),
-    ("/logit_lens", (IOI_CLEAN, ""), lambda m: logit_lens(m, IOI_CLEAN)),
-    ("/dla", (IOI_CLEAN, " Mary", " John"), lambda m: direct_logit_attribution(m, IOI_CLEAN, " Mary", " John")),
-    ("/dla", (IOI_CLEAN, " Mary", ""), lambda m: direct_logit_attribution(m, IOI_CLEAN, " Mary")),
-    ("/attention", (IOI_CLEAN, 1), lambda m: attention_patterns(m, IOI_CLEAN, 1)),
-    ("/induction", (10, 3, 4), lambda m: induction_scores(m, 10, 3, 4)),
-    (
-        "/patching",
-        (IOI_CLEAN, IOI_CORRUPTED, " Mary", " John"),
-        lambda m: activation_patching(m, IOI_CLEAN, IOI_CORRUPTED, " Mary", " John"),
-    ),
-    (
-        "/attribution_patching",
-        (IOI_CLEAN, IOI_CORRUPTED, " Mary", " John"),
-        lambda m: attribution_patching(m, IOI_CLEAN, IOI_CORRUPTED, " Mary", " John"),
-    ),
-]
+def api_calls() -> list[tuple[str, tuple, object]]:
+    """Each technique's example request, and the same with each optional token left blank:
+    (endpoint, the values sent, a function of the model computing the same in core)."""
+    out = []
+    for name, t in TECHNIQUES.items():
+        blanks = [spec.name for spec in t.inputs if spec.kind == "token" and spec.default == ""]
+        for blank in [None, *blanks]:
+            values = t.example | ({blank: ""} if blank else {})
+            sent = tuple(values[spec.name] for spec in t.inputs)
+            out.append((f"/{name}", sent, lambda m, t=t, values=values: t.run(m, *t.arguments(values))))
+    return out
+
+
+CALLS = api_calls()
 
 
 @pytest.mark.parametrize("endpoint, args, compute", CALLS, ids=[f"{c[0]}-{i}" for i, c in enumerate(CALLS)])

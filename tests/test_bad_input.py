@@ -14,14 +14,9 @@ from hypothesis import strategies as st
 
 from core import (
     LIMITS,
-    activation_patching,
-    attention_patterns,
-    attribution_patching,
-    direct_logit_attribution,
-    induction_scores,
     logit_lens,
-    predict,
 )
+from core.registry import techniques
 from tests.conftest import IOI_CLEAN, IOI_CORRUPTED
 
 CLIENT_ERRORS = (AppError, ValidationError)  # ValidationError: the tabs' events check their inputs before running
@@ -30,28 +25,24 @@ SHORT = "When John and Mary went to the store"
 LONG = "When John and Mary went to the store," * 10  # 81 tokens: over the demo model's 64
 MEGABYTE = "x" * 1_000_000
 
-# (endpoint, a good request, {field: position in the args})
-GOOD = {
-    "/predict": (IOI_CLEAN, 5),
-    "/logit_lens": (IOI_CLEAN, " Mary"),
-    "/dla": (IOI_CLEAN, " Mary", " John"),
-    "/attention": (IOI_CLEAN, 1),
-    "/induction": (10, 3, 4),
-    "/patching": (IOI_CLEAN, IOI_CORRUPTED, " Mary", " John"),
-    "/attribution_patching": (IOI_CLEAN, IOI_CORRUPTED, " Mary", " John"),
+TECHNIQUES = techniques()
+UI_GOOD = {  # the tabs' events (the techniques' endpoints come from their declarations, core.registry)
     "/explore": (IOI_CLEAN, " Mary", " John", 1, 2),
     "/contrast": (IOI_CLEAN, IOI_CORRUPTED, " Mary", " John"),
     "/circuit_map": (10, 3, 4),
 }
-PROMPT_ENDPOINTS = ["/predict", "/logit_lens", "/dla", "/attention", "/explore", "/patching", "/attribution_patching", "/contrast"]
-PAIR_ENDPOINTS = ["/patching", "/attribution_patching", "/contrast"]
-TOKEN_FIELDS = {  # endpoint -> positions of single-token inputs
-    "/logit_lens": [1], "/dla": [1, 2], "/explore": [1, 2], "/patching": [2, 3], "/attribution_patching": [2, 3], "/contrast": [2, 3],
+UI_INPUTS = {  # the tabs' inputs as (name, kind), as the registry declares a technique's
+    "/explore": (("prompt", "prompt"), ("target", "token"), ("competing", "token"), ("layer", "int"), ("head", "int")),
+    "/contrast": (("clean", "prompt"), ("corrupted", "prompt"), ("answer", "token"), ("wrong", "token")),
+    "/circuit_map": (("seq_len", "int"), ("batch", "int"), ("seed", "int")),
 }
-INT_FIELDS = {  # endpoint -> {position: name}
-    "/predict": {1: "k"}, "/attention": {1: "layer"}, "/explore": {3: "layer", 4: "head"},
-    "/induction": {0: "seq_len", 1: "batch", 2: "seed"}, "/circuit_map": {0: "seq_len", 1: "batch", 2: "seed"},
-}
+GOOD = {f"/{name}": tuple(t.example[spec.name] for spec in t.inputs) for name, t in TECHNIQUES.items()} | UI_GOOD
+INPUTS = {f"/{name}": tuple((spec.name, spec.kind) for spec in t.inputs) for name, t in TECHNIQUES.items()} | UI_INPUTS
+KINDS = {endpoint: tuple(kind for _, kind in inputs) for endpoint, inputs in INPUTS.items()}
+PROMPT_ENDPOINTS = [e for e, kinds in KINDS.items() if "prompt" in kinds]
+PAIR_ENDPOINTS = [e for e, kinds in KINDS.items() if kinds.count("prompt") == 2]
+TOKEN_FIELDS = {e: [i for i, kind in enumerate(kinds) if kind == "token"] for e, kinds in KINDS.items() if "token" in kinds}
+INT_FIELDS = {e: {i: name for i, (name, kind) in enumerate(inputs) if kind == "int"} for e, inputs in INPUTS.items() if "int" in KINDS[e]}
 
 
 def with_arg(endpoint: str, position: int, value) -> tuple:
@@ -106,11 +97,11 @@ def cases():
         "k": "between 1 and 100", "layer": "between 0 and 4", "head": "between 0 and 3",
         "seq_len": "between 2 and 31", "batch": "between 1 and 64", "seed": "between 0 and 4294967295",
     }
-    out_of_range = {"k": [0, 101], "layer": [-1, 5], "head": [-1, 4], "seq_len": [1, 32], "batch": [0, 65], "seed": [-1, 2**40]}
+    out_of_range = {"k": [0, 101, -5], "layer": [-1, 5, -5], "head": [-1, 4, -5], "seq_len": [1, 32, -5], "batch": [0, 65, -5], "seed": [-1, 2**40, -5]}
     for endpoint, fields in INT_FIELDS.items():
         for position, name in fields.items():
-            for value in [*out_of_range[name], -5, 2.5, "3", "abc", None, [1]]:
-                out.append((endpoint, with_arg(endpoint, position, value), f"{name} must be .*{ranges[name]}"))
+            for value in [*out_of_range.get(name, []), 2.5, "3", "abc", None, [1]]:  # a number's range is its technique's to state
+                out.append((endpoint, with_arg(endpoint, position, value), f"{name} must be .*{ranges.get(name, '')}"))
     return out
 
 
@@ -162,14 +153,10 @@ JSON_ANY = st.one_of(
     TEXT, st.integers(-10, 10**6), st.floats(allow_nan=False, allow_infinity=False), st.none(), st.booleans(), st.lists(st.integers(), max_size=2)
 )
 JSON_INT = st.one_of(st.integers(-5, 70), st.floats(-5, 70), JSON_ANY)  # what JSON can carry (no NaN / inf)
-CORE_CALLS = {
-    "predict": (predict, [TEXT, INT]),
-    "logit_lens": (logit_lens, [TEXT, st.one_of(TEXT, st.none())]),
-    "dla": (direct_logit_attribution, [TEXT, TEXT, st.one_of(TEXT, st.none())]),
-    "attention": (attention_patterns, [TEXT, INT]),
-    "induction": (induction_scores, [INT, st.one_of(st.integers(-2, 5), ANY), INT]),
-    "patching": (activation_patching, [TEXT, TEXT, TEXT, TEXT]),
-    "attribution_patching": (attribution_patching, [TEXT, TEXT, TEXT, TEXT]),
+CORE_KINDS = {"prompt": TEXT, "token": TEXT, "int": INT}
+CORE_CALLS = {  # each technique's inputs, fuzzed by kind; an optional token may also be None
+    name: (t.run, [st.one_of(CORE_KINDS[spec.kind], st.none()) if spec.default == "" else CORE_KINDS[spec.kind] for spec in t.inputs])
+    for name, t in TECHNIQUES.items()
 }
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
@@ -190,10 +177,9 @@ def test_fuzz_core_raises_only_clear_value_errors(demo_model, name):
 
 
 A, I = JSON_ANY, JSON_INT
+API_KINDS = {"prompt": A, "token": A, "int": I}  # anything JSON can carry; a pair's prompts are text (so most requests reach the model)
 API_ARGS = {
-    "/predict": [A, A], "/logit_lens": [A, A], "/dla": [A, A, A], "/attention": [A, I], "/induction": [I, I, I],
-    "/patching": [TEXT, TEXT, A, A], "/attribution_patching": [TEXT, TEXT, A, A],
-    "/explore": [A, A, A, I, I], "/contrast": [TEXT, TEXT, A, A], "/circuit_map": [I, I, I],
+    endpoint: [TEXT if kind == "prompt" and endpoint in PAIR_ENDPOINTS else API_KINDS[kind] for kind in kinds] for endpoint, kinds in KINDS.items()
 }
 
 

@@ -11,21 +11,13 @@ import time
 import numpy as np
 import pytest
 
-from core import activation_patching, attention_patterns, attribution_patching, direct_logit_attribution, induction_scores, logit_lens, predict
-from core.results import RESULT_TYPES, dumps, loads
+from core import logit_lens, predict
+from core.registry import techniques
+from core.results import dumps, loads, result_types
 from core.runner import Runner
-from tests.conftest import IOI_CLEAN, IOI_CORRUPTED
+from tests.conftest import IOI_CLEAN
 
-CALLS = [
-    (predict, (IOI_CLEAN, 3)),
-    (logit_lens, (IOI_CLEAN, " Mary")),
-    (logit_lens, (IOI_CLEAN,)),
-    (direct_logit_attribution, (IOI_CLEAN, " Mary", " John")),
-    (attention_patterns, (IOI_CLEAN, 1)),
-    (induction_scores, (6, 2, 0)),
-    (activation_patching, (IOI_CLEAN, IOI_CORRUPTED, " Mary", " John")),
-    (attribution_patching, (IOI_CLEAN, IOI_CORRUPTED, " Mary", " John")),
-]
+CALLS = [(t.run, t.arguments()) for t in techniques().values()] + [(logit_lens, (IOI_CLEAN,))]  # every technique, and a lens without a target
 
 
 def same(a, b) -> bool:
@@ -48,7 +40,7 @@ def results(tiny_model):
 
 
 def test_every_result_type_reads_back_exactly(results):
-    assert {type(r).__name__ for r in results} == set(RESULT_TYPES)
+    assert {type(r).__name__ for r in results} == set(result_types())
     for result in results:
         assert same(loads(dumps(result)), result), type(result).__name__
 
@@ -94,7 +86,7 @@ def test_garbage_flipped_and_truncated_files_are_misses(tiny_model, results, tmp
         except ValueError:
             refused += 1
             continue
-        assert type(loaded).__name__ in RESULT_TYPES  # a flip inside a number can still be a valid result
+        assert type(loaded).__name__ in result_types()  # a flip inside a number can still be a valid result
     assert refused > len(damaged) // 2
 
     cache = tmp_path / "cache"

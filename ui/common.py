@@ -16,6 +16,7 @@ import serving
 # short). Both still take turns on the model itself (Runner's lock: hooks live on the model).
 LIGHT = dict(concurrency_id="light", concurrency_limit=1)  # predictions, logit lens, DLA, attention
 HEAVY = dict(concurrency_id="heavy", concurrency_limit=1)  # patching (both kinds), induction
+LANES = {"light": LIGHT, "heavy": HEAVY}  # a technique's declared lane (core.registry) -> its queue
 RAW = dict(preprocess=False)  # widgets hand over what was sent; core validates it with a clear message
 
 

@@ -27,6 +27,7 @@ from core import (
 )
 from core.induction import max_seq_len
 from core.model import Model
+from core.registry import Technique
 from core.runner import Runner, write_whole
 from examples import EXAMPLES
 from ui.common import literal, three_places, whole
@@ -67,38 +68,6 @@ class Handlers:
             old.unlink(missing_ok=True)
         return str(path)
 
-    # --- JSON API (gradio_client) ---------------------------------------------------
-
-    def predict(self, prompt: str, k: int = DEFAULTS.top_k) -> dict:
-        """Top-k next tokens with probabilities at the final position."""
-        return self.runner.run(predict, prompt, k).to_dict()
-
-    def logit_lens(self, prompt: str, target: str = "") -> dict:
-        """Logit lens: top-1 token/probability per (checkpoint, position); P and rank of target if given."""
-        return self.runner.run(logit_lens, prompt, target or None).to_dict()
-
-    def dla(self, prompt: str, target: str, competing: str = "") -> dict:
-        """Direct logit attribution of logit(target) [- logit(competing)] at the final position."""
-        return self.runner.run(direct_logit_attribution, prompt, target, competing or None).to_dict()
-
-    def attention(self, prompt: str, layer: int) -> dict:
-        """Every head's attention pattern [head][dest][src] in one layer."""
-        return self.runner.run(attention_patterns, prompt, layer).to_dict()
-
-    def induction(
-        self, seq_len: int = DEFAULTS.induction_seq_len, batch: int = DEFAULTS.induction_batch, seed: int = DEFAULTS.induction_seed
-    ) -> dict:
-        """Induction, previous-token and duplicate-token scores per head on repeated random tokens."""
-        return self.runner.run(induction_scores, seq_len, batch, seed).to_dict()
-
-    def patching(self, clean_prompt: str, corrupted_prompt: str, answer: str, wrong_answer: str) -> dict:
-        """Activation patching, exact (resid_pre, attn_out, mlp_out by layer x pos; head_out by layer x head)."""
-        return self.runner.run(activation_patching, clean_prompt, corrupted_prompt, answer, wrong_answer).to_dict()
-
-    def attribution_patching(self, clean_prompt: str, corrupted_prompt: str, answer: str, wrong_answer: str) -> dict:
-        """Attribution patching: an APPROXIMATION of /patching (same keys, plus "approximate": true)."""
-        return self.runner.run(attribution_patching, clean_prompt, corrupted_prompt, answer, wrong_answer).to_dict()
-
     # --- UI events (outputs keyed by name) --------------------------------------------
 
     def explore(self, prompt: str, target: str, competing: str, layer: int, head: int = 0, persist: bool = False) -> dict:
@@ -118,6 +87,13 @@ class Handlers:
             **self._attention_figures(attention, head),
             "download": self._download("prompt-explorer", data),
         }
+
+    def technique(self, technique: Technique, *values, progress=None) -> dict:
+        """Any registered technique with its declared figures ("figure 0", "figure 1", ...) and its JSON."""
+        progress = {"progress": _reporter(progress)} if technique.progress else {}
+        result = self.runner.run(technique.run, *technique.arguments(values), **progress)
+        figures = {f"figure {i}": draw(result) for i, draw in enumerate(technique.figures)}
+        return figures | {"download": self._download(technique.name, result.to_dict())}
 
     @staticmethod
     def _attention_figures(attention, head) -> dict:

@@ -1,0 +1,101 @@
+"""Every technique, declared once, in its own module: `TECHNIQUE = Technique(...)` at the end of
+`core/<technique>.py`. The JSON API, the app's "More techniques" tab, the test suite's endpoint
+lists and the load benchmark read this registry, and a test holds README's endpoint table to it,
+so a new technique is one core module plus one test file (plus README prose):
+
+    TECHNIQUE = Technique(
+        name="predict",                                   # the endpoint: /predict
+        run=predict,                                      # run(model, *inputs) -> result
+        result=Predictions,                               # its JSON keys are the endpoint's output keys
+        summary="Top-k next tokens with probabilities at the final position.",
+        inputs=(PROMPT, Input("k", "int", "how many predictions", default=DEFAULTS.top_k)),
+        lane="light",
+        figures=(plots.top_predictions,),                 # result -> Figure
+        example={"prompt": EIFFEL, "k": 5},               # a good request (tests, benchmarks)
+        tab="Prompt Explorer",                            # a designed tab shows it; None: "More techniques"
+    )
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from functools import cache
+from typing import Any, Callable, Literal, Sequence
+
+REQUIRED = object()  # an input the caller must give
+
+# What each kind of input is: its JSON type, and what a blank optional value means.
+KINDS: dict[str, type] = {
+    "prompt": str,  # text checked as a prompt (length, vocabulary), tokenized with BOS
+    "token": str,  # one token of the model's vocabulary, e.g. " Paris"
+    "int": int,  # a whole number; the technique checks its range
+}
+
+
+@dataclass(frozen=True)
+class Input:
+    name: str  # the parameter name clients use (gradio_client keyword), and the field a message is shown on
+    kind: Literal["prompt", "token", "int"]
+    doc: str  # what it is, for a person: the API page and the form's label
+    default: Any = REQUIRED  # what the API uses when the caller leaves it out; "" for an optional token
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    @property
+    def type(self) -> type:
+        return KINDS[self.kind]
+
+    def to_core(self, value):
+        """The value as the technique takes it: a blank optional token is "not given" (None)."""
+        return (value or None) if self.kind == "token" and self.default == "" else value
+
+
+PROMPT = Input("prompt", "prompt", "the prompt; the model reads it with BOS in front")
+
+
+@dataclass(frozen=True)
+class Technique:
+    name: str  # snake_case; the JSON endpoint is /<name>
+    run: Callable  # run(model, *inputs, progress=None?) -> result
+    result: type  # a core.results class: its json_keys() are the endpoint's output keys
+    summary: str  # one sentence: the API page and README's endpoint table
+    inputs: tuple[Input, ...]
+    lane: Literal["light", "heavy"]  # light: seconds at most; heavy: patching-sized work (its own queue)
+    example: dict[str, Any]  # a good request, by input name (tests call it; the load benchmark sends it)
+    figures: tuple[Callable, ...] = ()  # result -> plotly Figure, in the order shown
+    input_errors: Callable | None = None  # input_errors(model, *inputs) -> {input name: message}; tokenizing only
+    tab: str | None = None  # the designed tab that shows it; None: the generic "More techniques" tab
+    progress: bool = False  # run() takes progress=report(fraction, description) and stops at its steps
+
+    def arguments(self, values: Sequence | dict[str, Any] | None = None) -> tuple:
+        """run()'s arguments after the model, from `values` in input order or by input name (default:
+        the example), defaults filled in, a blank optional token as None."""
+        values = self.example if values is None else values
+        if not isinstance(values, dict):
+            values = dict(zip((spec.name for spec in self.inputs), values))
+        missing = [spec.name for spec in self.inputs if spec.required and spec.name not in values]
+        if missing:
+            raise ValueError(f"{self.name} needs {', '.join(missing)}: it takes {', '.join(spec.name for spec in self.inputs)}.")
+        return tuple(spec.to_core(values[spec.name] if spec.name in values else spec.default) for spec in self.inputs)
+
+
+@cache
+def techniques() -> dict[str, Technique]:
+    """Every `TECHNIQUE` declared in a `core` module, by name: light ones first, then by module name."""
+    import core
+
+    found = []
+    for info in sorted(pkgutil.iter_modules(core.__path__), key=lambda m: m.name):
+        technique = getattr(importlib.import_module(f"core.{info.name}"), "TECHNIQUE", None)
+        if isinstance(technique, Technique):
+            found.append(technique)
+    found.sort(key=lambda t: t.lane != "light")
+    names = [t.name for t in found]
+    duplicated = {n for n in names if names.count(n) > 1}
+    if duplicated:
+        raise RuntimeError(f"Two techniques declare the same name: {sorted(duplicated)}")
+    return {t.name: t for t in found}
