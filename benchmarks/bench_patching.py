@@ -36,12 +36,7 @@ from core import LIMITS, SWEEPS, activation_patching, load_model, save_random_gp
 from core.model import to_tokens  # noqa: E402
 from examples import IOI_CLEAN, IOI_CORRUPTED  # noqa: E402
 
-TL_SWEEPS = {
-    "resid_pre": tl_patching.get_act_patch_resid_pre,
-    "attn_out": tl_patching.get_act_patch_attn_out,
-    "mlp_out": tl_patching.get_act_patch_mlp_out,
-    "head_out": tl_patching.get_act_patch_attn_head_out_all_pos,
-}
+TL_SWEEPS = {name: getattr(tl_patching, sweep.reference) for name, sweep in SWEEPS.items()}  # the same semantics
 
 
 def matmul_gflops(d_model: int, d_mlp: int, rows: int = 2048, repeats: int = 7) -> float:

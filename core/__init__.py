@@ -10,13 +10,13 @@
 from core import plots
 from core.attention import attention_patterns
 from core.attribution import direct_logit_attribution
-from core.attribution_patching import agreement, attribution_patching
 from core.config import DEFAULTS, LIMITS, Defaults, Limits
+from core.contrast import SWEEPS, ContrastPair, LogitDiff
 from core.factories import save_random_gpt2
 from core.induction import induction_scores, repeated_random_tokens
 from core.logit_lens import logit_lens
 from core.model import ModelLoadError, load_model, load_with_fallback, single_token_id, to_tokens
-from core.patching import SWEEPS, activation_patching
+from core.patching import activation_patching, agreement, attribution_patching
 from core.predictions import predict
 from core.results import (
     ApproximatePatchingResult,
@@ -33,6 +33,8 @@ __all__ = [
     "LIMITS",
     "SWEEPS",
     "ApproximatePatchingResult",
+    "ContrastPair",
+    "LogitDiff",
     "AttentionResult",
     "DLAResult",
     "Defaults",

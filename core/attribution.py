@@ -12,24 +12,13 @@ from __future__ import annotations
 
 import einops
 import torch
-from jaxtyping import Float
-from torch import Tensor
 
 from core import plots
+from core.contrast import LogitDiff
 from core.model import Model, run_cached, single_token_id, str_tokens, to_tokens
 from core.registry import PROMPT, Input, Technique
 from core.results import DLAResult
 from examples import IOI_CLEAN
-
-
-def logit_direction(model: Model, target_id: int, competing_id: int | None) -> Float[Tensor, " d_model"]:
-    direction = model.W_U[:, target_id]
-    return direction if competing_id is None else direction - model.W_U[:, competing_id]
-
-
-def unembed_bias(model: Model, target_id: int, competing_id: int | None) -> float:
-    bias = model.b_U[target_id]
-    return float(bias if competing_id is None else bias - model.b_U[competing_id])
 
 
 def _check_different(target: str, target_id: int, competing_id: int | None) -> None:
@@ -81,10 +70,10 @@ def direct_logit_attribution(
     needed = {"hook_embed", "hook_pos_embed", f"blocks.{n_layers - 1}.hook_resid_post", "ln_final.hook_scale"}
     needed |= {f"blocks.{layer}.{hook}" for layer in range(n_layers) for hook in ("attn.hook_z", "hook_mlp_out")}
     logits, cache = run_cached(model, tokens, needed.__contains__)
+    metric = LogitDiff(target_id, competing_id)
     with torch.no_grad():
-        direction = logit_direction(model, target_id, competing_id)
-        final_logits = logits[0, -1]
-        value = final_logits[target_id] - (final_logits[competing_id] if competing_id is not None else 0.0)
+        direction, unembed_bias = metric.direction(model.W_U, model.b_U)
+        value = metric.of_logits(logits)[0]
         heads = cache.stack_head_results(layer=-1, pos_slice=-1)  # [layer*head, batch, d_model]
         mlps = torch.stack([cache["mlp_out", layer][:, -1] for layer in range(n_layers)])
         embed = cache["hook_embed"][:, -1]
@@ -105,7 +94,7 @@ def direct_logit_attribution(
         mlps=parts[n_heads : n_heads + n_layers].numpy(),
         embed=float(parts[-3]),
         pos_embed=float(parts[-2]),
-        bias=float(parts[-1]) + unembed_bias(model, target_id, competing_id),
+        bias=float(parts[-1]) + float(unembed_bias),
         ln_scaled=scale_by_ln,
     )
 

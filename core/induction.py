@@ -20,8 +20,7 @@ from torch import Tensor
 from core import plots
 from core.config import DEFAULTS, LIMITS
 from core.model import Model, check_int
-from core.patching import Progress
-from core.registry import Input, Technique
+from core.registry import Input, Progress, Technique
 from core.results import InductionResult
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import plotly.express as px
 import plotly.graph_objects as go
 
+from core.contrast import SWEEPS
 from core.model import check_int
 from core.results import (
     ApproximatePatchingResult,
@@ -413,20 +414,6 @@ def loss_by_position(result: InductionResult) -> go.Figure:
 
 # --- activation patching --------------------------------------------------------------
 
-SWEEP_NAMES = {  # short names for titles; the detail line says which activation
-    "resid_pre": "Residual stream",
-    "attn_out": "Attention output",
-    "mlp_out": "MLP output",
-    "head_out": "Head output",
-}
-_SWEEP_DETAILS = {
-    "resid_pre": "resid_pre by layer and position",
-    "attn_out": "attn_out by layer and position",
-    "mlp_out": "mlp_out by layer and position",
-    "head_out": "each head at all positions",
-}
-
-
 def shared_limit(*scores: np.ndarray) -> float:
     """One symmetric colour limit for several heatmaps shown side by side: their largest |score|."""
     return max(float(np.abs(s).max()) for s in scores) or 1.0
@@ -439,7 +426,7 @@ def patching_heatmap(result: PatchingResult | ApproximatePatchingResult, sweep: 
     scores = getattr(result, sweep)
     n_layers = scores.shape[0]
     approximate = isinstance(result, ApproximatePatchingResult)
-    if sweep == "head_out":
+    if SWEEPS[sweep].axis == "head":
         x, x_title, hover = head_labels(scores.shape[1]), "head", "%{y}%{x}"
     else:
         x, x_title, hover = token_labels(result.clean_tokens), "position: clean token", "layer %{y}<br>position %{x}"
@@ -453,7 +440,7 @@ def patching_heatmap(result: PatchingResult | ApproximatePatchingResult, sweep: 
         scores,
         x=x,
         y=layer_labels(n_layers),
-        title=_title(method, f"{SWEEP_NAMES[sweep]} ({_SWEEP_DETAILS[sweep]}): {measure}"),  # short main line: fits a phone
+        title=_title(method, f"{SWEEPS[sweep].title} ({SWEEPS[sweep].detail}): {measure}"),  # short main line: fits a phone
         hover=hover,
         signed=True,
         x_title=x_title,
@@ -467,7 +454,7 @@ def component_names(result: PatchingResult | ApproximatePatchingResult, sweep: s
     """One name per score of a sweep, in `getattr(result, sweep).ravel()` order:
     "L9H9" for heads, "L3 pos 5: ␣Mary" for positions."""
     n_layers, n_columns = getattr(result, sweep).shape
-    if sweep == "head_out":
+    if SWEEPS[sweep].axis == "head":
         return [f"L{layer}H{head}" for layer in range(n_layers) for head in range(n_columns)]
     tokens = token_labels(result.clean_tokens)
     return [f"L{layer} pos {tokens[pos]}" for layer in range(n_layers) for pos in range(n_columns)]

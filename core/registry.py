@@ -1,6 +1,7 @@
 """Every technique, declared once, in its own module: `TECHNIQUE = Technique(...)` at the end of
-`core/<technique>.py`. The JSON API, the app's "More techniques" tab, the test suite's endpoint
-lists and the load benchmark read this registry, and a test holds README's endpoint table to it,
+`core/<technique>.py` (or of a module in a package under core/, such as core/patching/). The JSON
+API, the app's "More techniques" tab, the test suite's endpoint lists and the load benchmark read
+this registry, and a test holds README's endpoint table to it,
 so a new technique is one core module plus one test file (plus README prose):
 
     TECHNIQUE = Technique(
@@ -25,6 +26,7 @@ from functools import cache
 from typing import Any, Callable, Literal, Sequence
 
 REQUIRED = object()  # an input the caller must give
+Progress = Callable[[float, str], None]  # progress(fraction done, what is running): a technique's step boundary
 
 # What each kind of input is: its JSON type, and what a blank optional value means.
 KINDS: dict[str, type] = {
@@ -85,12 +87,12 @@ class Technique:
 
 @cache
 def techniques() -> dict[str, Technique]:
-    """Every `TECHNIQUE` declared in a `core` module, by name: light ones first, then by module name."""
+    """Every `TECHNIQUE` declared in a module under `core`, by name: light ones first, then by module name."""
     import core
 
     found = []
-    for info in sorted(pkgutil.iter_modules(core.__path__), key=lambda m: m.name):
-        technique = getattr(importlib.import_module(f"core.{info.name}"), "TECHNIQUE", None)
+    for info in sorted(pkgutil.walk_packages(core.__path__, "core."), key=lambda m: m.name):
+        technique = getattr(importlib.import_module(info.name), "TECHNIQUE", None)
         if isinstance(technique, Technique):
             found.append(technique)
     found.sort(key=lambda t: t.lane != "light")

@@ -17,6 +17,7 @@ from typing import ClassVar
 import numpy as np
 
 from core.config import DEFAULTS
+from core.contrast import SWEEPS
 
 
 def _plain_value(value, declared: str | None):
@@ -121,10 +122,7 @@ class InductionResult(_Result):
         return sorted(found, key=lambda item: -item["score"])
 
 
-_SCORES_JSON = (
-    "clean_tokens", "corrupted_tokens", "clean_value", "corrupted_value", "swing", "min_swing", "swing_warning",
-    "resid_pre", "attn_out", "mlp_out", "head_out",
-)
+_SCORES_JSON = ("clean_tokens", "corrupted_tokens", "clean_value", "corrupted_value", "swing", "min_swing", "swing_warning", *SWEEPS)
 
 
 @dataclass(frozen=True)
@@ -138,6 +136,7 @@ class _PatchingScores(_Result):
     wrong_answer: str
     clean_value: float  # logit(answer) - logit(wrong) on the clean prompt
     corrupted_value: float  # the same on the corrupted prompt
+    # one array per sweep (core.contrast.SWEEPS, which a check below holds these fields to)
     resid_pre: np.ndarray  # [layer, pos]
     attn_out: np.ndarray  # [layer, pos]
     mlp_out: np.ndarray  # [layer, pos]
@@ -165,6 +164,11 @@ class _PatchingScores(_Result):
             "by the swing, so small effects and numerical noise show up as large scores (above 1 or below 0): "
             "read them as noise. Pick a pair whose prompts change the answer (IOI pairs swing several logits on GPT-2)."
         )
+
+
+_SWEEP_FIELDS = [f.name for f in dataclasses.fields(_PatchingScores) if f.type == "np.ndarray"]
+if _SWEEP_FIELDS != list(SWEEPS):  # the sweep table and the results' fields are one list
+    raise TypeError(f"patching results hold {_SWEEP_FIELDS}, but core.contrast.SWEEPS lists {list(SWEEPS)}")
 
 
 @dataclass(frozen=True)

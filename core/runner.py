@@ -57,8 +57,8 @@ def code_fingerprint() -> str:
 
     digest = hashlib.blake2b(digest_size=16)
     digest.update(f"torch {torch.__version__} transformer-lens {version('transformer-lens')}".encode())
-    for path in sorted(CORE_DIR.glob("*.py")):
-        digest.update(path.name.encode())
+    for path in sorted(CORE_DIR.rglob("*.py")):  # core/patching/ too
+        digest.update(path.relative_to(CORE_DIR).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
 

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 
 from core import (  # noqa: E402
     DEFAULTS,
+    SWEEPS,
     ModelLoadError,
     activation_patching,
     attention_patterns,
@@ -81,7 +82,7 @@ def main() -> None:
         "induction_layer_max": plots.induction_layer_max(induction),
         "loss_by_position": plots.loss_by_position(induction),
         "dla_vs_patching": plots.dla_vs_patching(patching),
-        **{f"patching_{name}": plots.patching_heatmap(patching, name) for name in ("resid_pre", "attn_out", "mlp_out", "head_out")},
+        **{f"patching_{name}": plots.patching_heatmap(patching, name) for name in SWEEPS},
     }
     for name, figure in figures.items():
         figure.write_html(out / f"{name}.html", include_plotlyjs="directory")  # plotly.min.js beside them: works offline

@@ -28,8 +28,8 @@ from core import (
 )
 from core.attribution import input_errors as explorer_errors
 from core.config import Limits
+from core.contrast import input_errors as pair_errors
 from core.induction import input_errors as induction_errors
-from core.patching import input_errors as pair_errors
 from core.registry import techniques
 from core.results import dumps
 from core.runner import Runner
@@ -155,7 +155,7 @@ def test_ui_events_return_figures_and_a_download(client):
     assert "Done" in status and "clean" in summary and "swing" in summary and "top-10 overlap" in summary
     assert len(figures) == 11 and all(figures)  # lens, 4 exact, 4 approximate, their agreement, DLA vs patching
     saved = json.loads(Path(download).read_text(encoding="utf-8"))
-    assert saved["approximate"]["approximate"] is True and set(saved["agreement"]) == {"resid_pre", "attn_out", "mlp_out", "head_out"}
+    assert saved["approximate"]["approximate"] is True and list(saved["agreement"]) == list(SWEEPS)
     *figures, heads, download = client.predict(8, 2, 0, api_name="/circuit_map")
     assert len(figures) == 5 and Path(download).exists()
 

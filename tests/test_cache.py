@@ -117,3 +117,18 @@ def test_stale_partial_files_are_removed_and_a_full_disk_leaves_none(tiny_model,
     monkeypatch.setattr("pathlib.Path.write_bytes", disk_full)
     result = runner.run(predict, IOI_CLEAN, 2, persist=True)  # computed and served; only not stored
     assert result.top_tokens and sorted(p.name for p in cache.iterdir()) == ["b.456.tmp"]
+
+
+def test_the_code_fingerprint_covers_every_source_file_under_core(tmp_path, monkeypatch):
+    """Cached results are keyed by core's source: an edit anywhere under core/ (core/patching/ too) is a new key."""
+    import shutil
+
+    from core import runner
+
+    copy = tmp_path / "core"
+    shutil.copytree(runner.CORE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(runner, "CORE_DIR", copy)
+    before = runner.code_fingerprint.__wrapped__()
+    engine = copy / "patching" / "fast.py"
+    engine.write_text(engine.read_text() + "\n# edited\n")
+    assert runner.code_fingerprint.__wrapped__() != before

@@ -11,18 +11,13 @@ import pytest
 import torch
 from transformer_lens import patching as tl_patching
 
-from core import SWEEPS, activation_patching, attention_patterns, direct_logit_attribution, logit_lens, patching
-from core.attribution_patching import agreement, attribution_patching
-from core.fast_patching import Engine
+from core import SWEEPS, activation_patching, agreement, attention_patterns, attribution_patching, direct_logit_attribution, logit_lens
 from core.model import to_tokens
+from core.patching import exact
+from core.patching.fast import Engine
 from tests.conftest import IOI_CLEAN, IOI_CORRUPTED
 
-TL_SWEEPS = {
-    "resid_pre": tl_patching.get_act_patch_resid_pre,
-    "attn_out": tl_patching.get_act_patch_attn_out,
-    "mlp_out": tl_patching.get_act_patch_mlp_out,
-    "head_out": tl_patching.get_act_patch_attn_head_out_all_pos,
-}
+TL_SWEEPS = {name: getattr(tl_patching, sweep.reference) for name, sweep in SWEEPS.items()}  # the same semantics, one forward pass per patch
 # (model fixture, clean, corrupted): differing at one position, at several, right after BOS, at the end
 PAIRS = [
     ("gpt2_shaped", "When John and Mary went to the store", "When John and Paul went to the store"),
@@ -61,7 +56,7 @@ def transformer_lens_patching(model, clean, corrupted, answer, wrong, clean_valu
 def test_patching_equals_transformer_lens(request, fixture, clean, corrupted):
     model = request.getfixturevalue(fixture)
     answer, wrong = _best_conditioned_answers(model, clean, corrupted)
-    assert patching._engine(model) is not None  # the fast path is what is being checked
+    assert exact.fast_engine(model) is not None  # the fast path is what is being checked
     ours = activation_patching(model, clean, corrupted, answer, wrong)
     reference = transformer_lens_patching(model, clean, corrupted, answer, wrong, ours.clean_value, ours.corrupted_value)
     for name, expected in reference.items():
@@ -72,17 +67,16 @@ def test_patching_equals_transformer_lens(request, fixture, clean, corrupted):
     # causal attention: positions before the first differing token are the same in both runs
     first_difference = next(i for i, (a, b) in enumerate(zip(ours.clean_tokens, ours.corrupted_tokens)) if a != b)
     assert first_difference > 0
-    for name in ("resid_pre", "attn_out", "mlp_out"):
+    for name in (name for name, sweep in SWEEPS.items() if sweep.axis == "pos"):
         assert np.all(getattr(ours, name)[:, :first_difference] == 0.0)
 
 
-def test_fast_path_equals_the_hook_engine_at_any_chunk_size(gpt2_shaped, monkeypatch):
+def test_fast_path_equals_the_hook_engine_at_any_chunk_size(gpt2_shaped):
     clean, corrupted = "The cat sat on the mat", "The dog sat on the rug"
     answer, wrong = _best_conditioned_answers(gpt2_shaped, clean, corrupted)
     fast = activation_patching(gpt2_shaped, clean, corrupted, answer, wrong)
     chunked = activation_patching(gpt2_shaped, clean, corrupted, answer, wrong, rows_per_pass=7)  # many small chunks
-    monkeypatch.setattr(patching, "_engine", lambda model: None)
-    hooks = activation_patching(gpt2_shaped, clean, corrupted, answer, wrong)
+    hooks = activation_patching(gpt2_shaped, clean, corrupted, answer, wrong, engine="hooks")
     for name in SWEEPS:
         np.testing.assert_allclose(getattr(chunked, name), getattr(fast, name), atol=1e-5)
         np.testing.assert_allclose(getattr(hooks, name), getattr(fast, name), atol=1e-4)
@@ -93,9 +87,9 @@ def test_a_fast_engine_that_disagrees_with_the_model_is_never_used(demo_model, m
     truth = activation_patching(demo_model, clean, corrupted, " Mary", " John")
     broken = Engine(demo_model)
     broken.b_U = broken.b_U + torch.arange(broken.b_U.shape[0], dtype=broken.b_U.dtype)  # shifts the metric
-    monkeypatch.setitem(patching._ENGINES, demo_model, broken)
+    monkeypatch.setitem(exact._ENGINES, demo_model, broken)
     result = activation_patching(demo_model, clean, corrupted, " Mary", " John")
-    assert patching._ENGINES[demo_model] is None  # dropped for this model from now on
+    assert exact._ENGINES[demo_model] is None  # dropped for this model from now on
     assert not broken.verified
     for name in SWEEPS:
         np.testing.assert_allclose(getattr(result, name), getattr(truth, name), atol=1e-4)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import gradio as gr
 
 from core import SWEEPS
+from core.contrast import input_errors
 from core.model import Model
-from core.patching import input_errors
 from ui.common import ABOUT, HEAVY, RAW, SPACE_HINT, WIDE, about, by_component, examples, user_errors, validator
 from ui.handlers import Handlers, example_rows
 

@@ -13,8 +13,9 @@ A GPT-2-style model is re-expressed in plain tensor algebra from its (folded) we
   is one row block of the same matrix products.
 
 `Engine.supports(model)` says whether a model fits (GPT-2 family: learned absolute positions,
-LayerNorm, sequential attention then MLP); `core.patching` falls back to hooks otherwise, and
+LayerNorm, sequential attention then MLP); `core.patching.exact` falls back to hooks otherwise, and
 before trusting an engine checks its unpatched runs against the model's own forward pass.
+`FastRun` is one contrast pair on the engine, with the same interface as the hook engine's `HookRun`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from core.config import DEFAULTS
+from core.contrast import SWEEPS, ContrastPair
 from core.model import Model
+from core.registry import Progress
 
 ACTIVATIONS = {  # gelu_new and gelu_fast are both the tanh approximation of GELU (GPT-2's)
     "gelu_new": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
@@ -63,7 +66,7 @@ class Engine:
         self.scale = 1.0 / math.sqrt(cfg.d_head)
         self.act = ACTIVATIONS[cfg.act_fn]
         self.device = model.W_E.device
-        self.verified = False  # set once its unpatched runs are seen to match the model's own (core.patching)
+        self.verified = False  # set once its unpatched runs are seen to match the model's own (core.patching.exact)
         with torch.no_grad():
             self.W_E, self.W_pos = model.W_E.detach(), model.W_pos.detach()
             self.W_O, self.b_O = model.W_O.detach(), model.b_O.detach()
@@ -108,9 +111,6 @@ class Engine:
 
     def _ln(self, x: Tensor, params: tuple[Tensor, Tensor]) -> Tensor:
         return torch.nn.functional.layer_norm(x, x.shape[-1:], params[0], params[1], self.eps)
-
-    def metric_direction(self, answer_id: int, wrong_id: int) -> tuple[Tensor, Tensor]:
-        return self.W_U[:, answer_id] - self.W_U[:, wrong_id], self.b_U[answer_id] - self.b_U[wrong_id]
 
     def _metric(self, final_resid: Float[Tensor, "... d_model"], direction) -> Tensor:
         return self._ln(final_resid, self.ln_final) @ direction[0] + direction[1]
@@ -251,62 +251,62 @@ class Job:
 
 def sweep_jobs(engine: Engine, clean: Trace, corrupted: Trace, start: int) -> Iterator[tuple[str, tuple[int, int], Job]]:
     """(sweep, (layer, index), job) for every patch that can change anything: positions from
-    `start` (the first that differs) for the by-position sweeps, every head for head_out.
+    `start` (the first that differs) for the by-position sweeps, every head for the by-head one.
     A generator, so only the jobs of the chunk being computed are ever in memory."""
     n_pos = corrupted.resid_pre.shape[1]
+    # where a patch enters block `layer` (Sweep.enters): the layer its job starts at, the stage, the stream it changes
+    entry = {
+        "pre": lambda layer: (layer, Job.PRE, corrupted.resid_pre[layer]),
+        "mid": lambda layer: (layer, Job.MID, corrupted.resid_mid[layer]),
+        "post": lambda layer: (layer + 1, Job.PRE, corrupted.resid_pre[layer + 1]),
+    }
 
-    def job(layer: int, stage: int, base: Tensor, row: int, change: Tensor, value=None) -> Job | None:
-        """The residual stream `base` (all positions) plus `change` from `row` on (or `value` at `row`);
-        None when the patch changes nothing (its score is then exactly the corrupted metric)."""
+    def job(sweep, layer: int, row: int, change: Tensor, value=None) -> Job | None:
+        """The residual stream where `sweep` enters `layer`, plus `change` from `row` on (or `value` at
+        `row`); None when the patch changes nothing (its score is then exactly the corrupted metric)."""
         if not torch.any(change != 0):
             return None
+        at, stage, base = entry[sweep.enters](layer)
         resid = base[start:].clone()
         if value is None:
             resid[row : row + len(change)] += change
         else:
             resid[row] = value
-        return Job(layer, stage, resid, row)
+        return Job(at, stage, resid, row)
 
+    by_pos = [sweep for sweep in SWEEPS.values() if sweep.axis == "pos"]
+    by_head = [sweep for sweep in SWEEPS.values() if sweep.axis == "head"]
     for layer in range(engine.n_layers):
         for pos in range(start, n_pos):
-            row = pos - start
-            clean_resid = clean.resid_pre[layer, pos]
-            patches = {
-                "resid_pre": job(layer, Job.PRE, corrupted.resid_pre[layer], row, (clean_resid - corrupted.resid_pre[layer, pos])[None], clean_resid),
-                "attn_out": job(layer, Job.MID, corrupted.resid_mid[layer], row, (clean.attn_out[layer, pos] - corrupted.attn_out[layer, pos])[None]),
-                "mlp_out": job(layer + 1, Job.PRE, corrupted.resid_pre[layer + 1], row, (clean.mlp_out[layer, pos] - corrupted.mlp_out[layer, pos])[None]),
-            }
-            yield from ((name, (layer, pos), patch) for name, patch in patches.items() if patch is not None)
-        z_change = clean.z[layer, start:] - corrupted.z[layer, start:]  # [pos, head, d_head]
-        head_writes = torch.einsum("phd,hdm->hpm", z_change, engine.W_O[layer])
-        for head in range(engine.n_heads):
-            patch = job(layer, Job.MID, corrupted.resid_mid[layer], 0, head_writes[head])
-            if patch is not None:
-                yield "head_out", (layer, head), patch
+            for sweep in by_pos:  # the Trace holds each by-position sweep's activation under its name
+                ours, theirs = getattr(clean, sweep.name)[layer, pos], getattr(corrupted, sweep.name)[layer, pos]
+                patch = job(sweep, layer, pos - start, (ours - theirs)[None], ours if sweep.replaces_stream else None)
+                if patch is not None:
+                    yield sweep.name, (layer, pos), patch
+        for sweep in by_head:  # a head's output at all positions: its z through its slice of W_O
+            z_change = clean.z[layer, start:] - corrupted.z[layer, start:]  # [pos, head, d_head]
+            head_writes = torch.einsum("phd,hdm->hpm", z_change, engine.W_O[layer])
+            for head in range(engine.n_heads):
+                patch = job(sweep, layer, 0, head_writes[head])
+                if patch is not None:
+                    yield sweep.name, (layer, head), patch
 
 
 def exact_sweeps(
-    engine: Engine,
-    clean: Trace,
-    corrupted: Trace,
-    clean_tokens: Int[Tensor, " pos"],
-    corrupted_tokens: Int[Tensor, " pos"],
-    direction,
-    max_rows: int,
-    progress=None,
+    engine: Engine, clean: Trace, corrupted: Trace, start: int, direction, max_rows: int, progress: Progress | None = None
 ) -> dict[str, Float[Tensor, "layer index"]]:
-    """Raw metrics (not normalised) of every single-component patch of the four sweeps.
-    `max_rows` bounds the patched positions evaluated together (memory)."""
+    """Raw metrics (not normalised) of every single-component patch of every sweep; positions before
+    `start` (the first that differs) keep the corrupted metric. `max_rows` bounds the patched
+    positions evaluated together (memory)."""
     with torch.no_grad():
-        differs = (clean_tokens != corrupted_tokens).nonzero()
-        n_pos = corrupted_tokens.shape[-1]
-        start = int(differs[0]) if len(differs) else n_pos
-        sizes = {"resid_pre": n_pos, "attn_out": n_pos, "mlp_out": n_pos, "head_out": engine.n_heads}
-        raw = {name: torch.full((engine.n_layers, size), corrupted.metric, dtype=torch.float64) for name, size in sizes.items()}
-        if start == n_pos:
-            return raw
+        n_pos = corrupted.resid_pre.shape[1]
+        raw = {
+            name: torch.full((engine.n_layers, sweep.size(n_pos, engine.n_heads)), corrupted.metric, dtype=torch.float64)
+            for name, sweep in SWEEPS.items()
+        }
         jobs = sweep_jobs(engine, clean, corrupted, start)
-        total = engine.n_layers * (3 * (n_pos - start) + engine.n_heads)  # at most
+        per_layer = sum((n_pos - start) if sweep.axis == "pos" else engine.n_heads for sweep in SWEEPS.values())
+        total = engine.n_layers * per_layer  # at most
         chunk = max(1, max_rows // (n_pos - start))
         if progress is not None and getattr(progress, "shown", True):  # smaller passes: the progress shown advances in real steps
             chunk = max(1, min(chunk, -(-total // DEFAULTS.progress_steps)))
@@ -319,3 +319,21 @@ def exact_sweeps(
                 raw[name][index] = value
             done += len(part)
     return raw
+
+
+class FastRun:
+    """One contrast pair on the fast engine: both prompts traced once, then every patch from the traces."""
+
+    def __init__(self, engine: Engine, pair: ContrastPair):
+        self.engine, self.pair = engine, pair
+        self.direction = pair.metric.direction(engine.W_U, engine.b_U)
+        with torch.no_grad():
+            self.clean = engine.trace(pair.clean_tokens[0], self.direction)
+            self.corrupted = engine.trace(pair.corrupted_tokens[0], self.direction)
+        self.clean_value, self.corrupted_value = self.clean.metric, self.corrupted.metric
+
+    def sweeps(self, progress: Progress | None = None, rows_per_pass: int = DEFAULTS.patch_rows_per_pass) -> dict[str, Float[Tensor, "layer index"]]:
+        return exact_sweeps(self.engine, self.clean, self.corrupted, self.pair.first_difference, self.direction, rows_per_pass, progress)
+
+    def head_dla(self):
+        return self.engine.head_dla(self.clean, self.direction).double().cpu().numpy()

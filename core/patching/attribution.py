@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from core import plots
+from core.contrast import ON_A_PAIR, SWEEP_HOOKS, SWEEPS, ContrastPair, check_swing
 from core.model import Model, run_cached, str_tokens
-from core.patching import PAIR, PAIR_EXAMPLE, SWEEP_HOOKS, SWEEPS, Progress, _answer_ids, _check_pair, _check_swing, _logit_diff, input_errors
-from core.registry import Technique
+from core.registry import Progress, Technique
 from core.results import ApproximatePatchingResult, PatchingResult
 
 
@@ -29,13 +29,12 @@ def attribution_patching(
     """`progress(fraction, description)`, if given, hears each of its three steps (clean run, corrupted
     run with its backward pass, scores) as it begins."""
     report = progress or (lambda fraction, description: None)
-    clean_tokens, corrupted_tokens = _check_pair(model, clean_prompt, corrupted_prompt)
-    answer_id, wrong_id = _answer_ids(model, answer, wrong_answer)
+    pair = ContrastPair.of(model, clean_prompt, corrupted_prompt, answer, wrong_answer)
     report(0.0, "attribution patching: clean run")
     with torch.no_grad():
-        clean_logits, clean_cache = run_cached(model, clean_tokens, lambda name: name.endswith(SWEEP_HOOKS))
+        clean_logits, clean_cache = run_cached(model, pair.clean_tokens, lambda name: name.endswith(SWEEP_HOOKS))
     report(1 / 3, "attribution patching: corrupted run and gradients")
-    clean_value = float(_logit_diff(clean_logits, answer_id, wrong_id)[0])
+    clean_value = float(pair.metric.of_logits(clean_logits)[0])
     corrupted_acts: dict[tuple[str, int], torch.Tensor] = {}
 
     def keep(name: str):
@@ -48,12 +47,12 @@ def attribution_patching(
     n_layers = model.cfg.n_layers
     fwd_hooks = [(f"blocks.{layer}.{sweep.hook}", keep(name)) for name, sweep in SWEEPS.items() for layer in range(n_layers)]
     with torch.enable_grad():
-        logits = model.run_with_hooks(corrupted_tokens, fwd_hooks=fwd_hooks)
-        metric = _logit_diff(logits, answer_id, wrong_id)[0]
+        logits = model.run_with_hooks(pair.corrupted_tokens, fwd_hooks=fwd_hooks)
+        metric = pair.metric.of_logits(logits)[0]
         keys = list(corrupted_acts)
         grads = dict(zip(keys, torch.autograd.grad(metric, [corrupted_acts[k] for k in keys])))
     corrupted_value = float(metric.detach())
-    _check_swing(clean_value, corrupted_value)
+    check_swing(clean_value, corrupted_value)
     swing = clean_value - corrupted_value
     report(2 / 3, "attribution patching: scores")
     scores = {}
@@ -66,8 +65,8 @@ def attribution_patching(
                 rows.append(product.sum((0, 2)) if sweep.axis == "head" else product.sum(-1))
             scores[name] = (torch.stack(rows).cpu() / swing).numpy()
     return ApproximatePatchingResult(
-        clean_tokens=str_tokens(model, clean_tokens),
-        corrupted_tokens=str_tokens(model, corrupted_tokens),
+        clean_tokens=str_tokens(model, pair.clean_tokens),
+        corrupted_tokens=str_tokens(model, pair.corrupted_tokens),
         answer=answer,
         wrong_answer=wrong_answer,
         clean_value=clean_value,
@@ -98,11 +97,6 @@ TECHNIQUE = Technique(
     run=attribution_patching,
     result=ApproximatePatchingResult,
     summary='Attribution patching: an APPROXIMATION of /patching (same keys, plus "approximate": true).',
-    inputs=PAIR,
-    lane="heavy",
-    example=PAIR_EXAMPLE,
     figures=tuple(functools.partial(plots.patching_heatmap, sweep=name) for name in SWEEPS),
-    input_errors=input_errors,
-    tab="Contrast Pairs",
-    progress=True,
+    **ON_A_PAIR,
 )

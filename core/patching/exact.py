@@ -1,0 +1,94 @@
+"""Activation patching on a contrast pair (Meng et al., 2022; Wang et al., 2022), exact.
+
+Clean activations are patched into the corrupted run one component at a time (the sweeps of
+`core.contrast.SWEEPS`, with exactly the semantics of `transformer_lens.patching`), and the metric is
+normalised, (patched - corrupted) / (clean - corrupted): 0 = no effect, 1 = clean behaviour restored.
+
+Two engines give the same numbers through one interface (a run of one pair: its two unpatched values,
+every sweep's raw metrics, head DLA). For GPT-2-style models the fast engine (`core.patching.fast`)
+computes only what each patch can change; every other model, and any model whose fast engine
+disagrees with its own forward pass, goes through hooks (`core.patching.hooks`).
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from typing import Literal
+
+from core import plots
+from core.config import DEFAULTS
+from core.contrast import ON_A_PAIR, SWEEPS, ContrastPair, check_swing, normalised
+from core.model import Model, str_tokens
+from core.patching.fast import Engine, FastRun
+from core.patching.hooks import HookRun
+from core.registry import Progress, Technique
+from core.results import PatchingResult
+
+_ENGINES: "weakref.WeakKeyDictionary[Model, Engine | None]" = weakref.WeakKeyDictionary()
+
+
+def fast_engine(model: Model) -> Engine | None:
+    """The model's fast engine, built once; None if its architecture is not supported, or once it has
+    disagreed with the model."""
+    if model not in _ENGINES:
+        _ENGINES[model] = Engine(model) if Engine.supports(model) else None
+    return _ENGINES[model]
+
+
+def run_pair(model: Model, pair: ContrastPair, engine: Literal["auto", "hooks"] = "auto") -> FastRun | HookRun:
+    """One pair on the fast engine where the model allows it, else through hooks. The first time on a
+    model, the fast engine's unpatched values must match the model's own forward pass
+    (DEFAULTS.fast_path_tolerance); if they do not, its numbers are never used for that model."""
+    found = fast_engine(model) if engine == "auto" else None
+    if found is None:
+        return HookRun(model, pair)
+    run = FastRun(found, pair)
+    if not found.verified:
+        reference = HookRun(model, pair)
+        values = ((run.clean_value, reference.clean_value), (run.corrupted_value, reference.corrupted_value))
+        if all(abs(ours - theirs) <= DEFAULTS.fast_path_tolerance * (1 + abs(theirs)) for ours, theirs in values):
+            found.verified = True
+        else:  # an architecture detail the engine does not model
+            _ENGINES[model] = None
+            return reference
+    return run
+
+
+def activation_patching(
+    model: Model,
+    clean_prompt: str,
+    corrupted_prompt: str,
+    answer: str,
+    wrong_answer: str,
+    progress: Progress | None = None,
+    rows_per_pass: int = DEFAULTS.patch_rows_per_pass,
+    engine: Literal["auto", "hooks"] = "auto",
+) -> PatchingResult:
+    """All four sweeps, normalised, plus head DLA of the same logit difference on the clean prompt.
+    The fast engine evaluates `rows_per_pass` patched positions per pass (memory, not results);
+    `engine="hooks"` runs the hook engine whatever the model."""
+    pair = ContrastPair.of(model, clean_prompt, corrupted_prompt, answer, wrong_answer)
+    run = run_pair(model, pair, engine)
+    check_swing(run.clean_value, run.corrupted_value)
+    raw = run.sweeps(progress, rows_per_pass)
+    return PatchingResult(
+        clean_tokens=str_tokens(model, pair.clean_tokens),
+        corrupted_tokens=str_tokens(model, pair.corrupted_tokens),
+        answer=answer,
+        wrong_answer=wrong_answer,
+        clean_value=run.clean_value,
+        corrupted_value=run.corrupted_value,
+        head_dla=run.head_dla(),
+        **{name: normalised(raw[name], run.clean_value, run.corrupted_value) for name in SWEEPS},
+    )
+
+
+TECHNIQUE = Technique(
+    name="patching",
+    run=activation_patching,
+    result=PatchingResult,
+    summary="Activation patching, exact (resid_pre, attn_out, mlp_out by layer x pos; head_out by layer x head).",
+    figures=(*(functools.partial(plots.patching_heatmap, sweep=name) for name in SWEEPS), plots.dla_vs_patching),
+    **ON_A_PAIR,
+)
