@@ -1,6 +1,7 @@
 """CircuitBreaker: the Gradio app's entry point (a Space runs this file). It loads the model, puts
 the page together from its rooms in `ui/` (one module per tab, the JSON API, the handlers they
-share), closes what a public server must close (`serving.py`), and runs it.
+share), closes what a public server must close (`serving/`: the runner that shares one model, the
+queue's guards, the drain), and runs it.
 
     python app.py [--model NAME_OR_DIR] [--host HOST] [--port PORT] [--share]
 
@@ -37,7 +38,7 @@ import ui.more  # noqa: E402
 from core import DEFAULTS, LIMITS, ModelLoadError  # noqa: E402
 from core.model import Model, describe_source, load_with_fallback, model_label  # noqa: E402
 from core.registry import Technique, techniques  # noqa: E402
-from core.runner import Runner, write_whole  # noqa: E402
+from serving.runner import Runner, write_whole  # noqa: E402
 
 THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 CSS = """

@@ -26,8 +26,8 @@ from gradio_client import Client  # noqa: E402
 
 import app  # noqa: E402
 from core import load_model, save_random_gpt2  # noqa: E402
-from core.runner import Runner  # noqa: E402
 from examples import EXAMPLES  # noqa: E402
+from serving.runner import Runner  # noqa: E402
 
 
 def seconds(fn) -> tuple[float, object]:

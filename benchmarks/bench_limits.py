@@ -33,7 +33,7 @@ from benchmarks.common import arguments, peak_memory, rss_bytes  # noqa: E402
 from core import LIMITS, load_model, save_random_gpt2  # noqa: E402
 from core.induction import max_seq_len  # noqa: E402
 from core.registry import techniques  # noqa: E402
-from core.runner import Runner, release_freed_memory  # noqa: E402
+from serving.runner import Runner, release_freed_memory  # noqa: E402
 from ui.api import endpoint as json_endpoint  # noqa: E402
 from ui.handlers import Handlers  # noqa: E402
 

@@ -3,22 +3,32 @@
 from __future__ import annotations
 
 from core import plots
-from core.model import Model, check_int, run_cached, str_tokens, to_tokens
+from core.model import Model, PromptReader, PromptRun, check_int, read_prompt, str_tokens
 from core.registry import PROMPT, Input, Technique
 from core.results import AttentionResult
 from examples import IOI_CLEAN
 
 
-def attention_patterns(model: Model, prompt: str, layer: int) -> AttentionResult:
+def _hook(layer: int) -> str:
+    return f"blocks.{layer}.attn.hook_pattern"
+
+
+def _prepare(model: Model, layer: int):
     layer = check_int(layer, "layer", 0, model.cfg.n_layers - 1)
-    tokens = to_tokens(model, prompt)
-    hook = f"blocks.{layer}.attn.hook_pattern"
-    _, cache = run_cached(model, tokens, lambda name: name == hook)
-    return AttentionResult(
-        tokens=str_tokens(model, tokens),
-        layer=layer,
-        patterns=cache[hook][0].double().cpu().numpy(),
-    )
+    return (lambda name: name == _hook(layer)), layer
+
+
+def _read(model: Model, run: PromptRun, layer: int) -> AttentionResult:
+    return AttentionResult(tokens=str_tokens(model, run.tokens), layer=layer, patterns=run.cache[_hook(layer)][0].double().cpu().numpy())
+
+
+READER = PromptReader(_prepare, _read)
+
+
+def attention_patterns(model: Model, prompt: str, layer: int) -> AttentionResult:
+    _prepare(model, layer)  # the layer is checked before the prompt
+    (result,) = read_prompt(model, prompt, (READER, (layer,)))
+    return result
 
 
 TECHNIQUE = Technique(
@@ -31,4 +41,5 @@ TECHNIQUE = Technique(
     example={"prompt": IOI_CLEAN, "layer": 1},
     figures=(plots.attention_heads,),
     tab="Prompt Explorer",
+    reads_prompt=READER,
 )

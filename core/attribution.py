@@ -15,7 +15,7 @@ import torch
 
 from core import plots
 from core.contrast import LogitDiff
-from core.model import Model, run_cached, single_token_id, str_tokens, to_tokens
+from core.model import Model, PromptReader, PromptRun, read_prompt, single_token_id, str_tokens, to_tokens
 from core.registry import PROMPT, Input, Technique
 from core.results import DLAResult
 from examples import IOI_CLEAN
@@ -61,7 +61,11 @@ def direct_logit_attribution(
     `scale_by_ln=False` gives the raw projections with no LayerNorm scale (as the seed
     notebook reported them); those do not add up to the logit.
     """
-    tokens = to_tokens(model, prompt)
+    (result,) = read_prompt(model, prompt, (READER, (target, competing, scale_by_ln)))
+    return result
+
+
+def _prepare(model: Model, target: str, competing: str | None = None, scale_by_ln: bool = True):
     target_id = single_token_id(model, target, "target")
     competing = competing or None
     competing_id = single_token_id(model, competing, "competing token") if competing is not None else None
@@ -69,11 +73,15 @@ def direct_logit_attribution(
     n_layers = model.cfg.n_layers
     needed = {"hook_embed", "hook_pos_embed", f"blocks.{n_layers - 1}.hook_resid_post", "ln_final.hook_scale"}
     needed |= {f"blocks.{layer}.{hook}" for layer in range(n_layers) for hook in ("attn.hook_z", "hook_mlp_out")}
-    logits, cache = run_cached(model, tokens, needed.__contains__)
-    metric = LogitDiff(target_id, competing_id)
+    return needed.__contains__, (target, competing, LogitDiff(target_id, competing_id), scale_by_ln)
+
+
+def _read(model: Model, run: PromptRun, prepared: tuple[str, str | None, LogitDiff, bool]) -> DLAResult:
+    target, competing, metric, scale_by_ln = prepared
+    cache, n_layers = run.cache, model.cfg.n_layers
     with torch.no_grad():
         direction, unembed_bias = metric.direction(model.W_U, model.b_U)
-        value = metric.of_logits(logits)[0]
+        value = metric.of_logits(run.logits)[0]
         heads = cache.stack_head_results(layer=-1, pos_slice=-1)  # [layer*head, batch, d_model]
         mlps = torch.stack([cache["mlp_out", layer][:, -1] for layer in range(n_layers)])
         embed = cache["hook_embed"][:, -1]
@@ -86,7 +94,7 @@ def direct_logit_attribution(
         parts = (stack[:, 0] @ direction).double().cpu()
     n_heads = n_layers * model.cfg.n_heads
     return DLAResult(
-        tokens=str_tokens(model, tokens),
+        tokens=str_tokens(model, run.tokens),
         target=target,
         competing=competing,
         value=float(value),
@@ -97,6 +105,9 @@ def direct_logit_attribution(
         bias=float(parts[-1]) + float(unembed_bias),
         ln_scaled=scale_by_ln,
     )
+
+
+READER = PromptReader(_prepare, _read)
 
 
 TECHNIQUE = Technique(
@@ -114,4 +125,5 @@ TECHNIQUE = Technique(
     figures=(plots.dla_heads, plots.dla_components),
     input_errors=input_errors,
     tab="Prompt Explorer",
+    reads_prompt=READER,
 )

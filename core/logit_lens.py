@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from core import plots
-from core.model import Model, run_cached, single_token_id, str_tokens, to_tokens
+from core.model import Model, PromptReader, PromptRun, read_prompt, single_token_id, str_tokens
 from core.registry import PROMPT, Input, Technique
 from core.results import LogitLensResult
 from examples import EIFFEL
@@ -19,12 +19,15 @@ from examples import EIFFEL
 _RESID_HOOKS = ("hook_resid_pre", "hook_resid_post")
 
 
-def logit_lens(model: Model, prompt: str, target: str | None = None) -> LogitLensResult:
-    """Top-1 token and probability at every (checkpoint, position); P and rank of `target`."""
-    tokens = to_tokens(model, prompt)
+def _prepare(model: Model, target: str | None):
     target = target or None
     target_id = single_token_id(model, target, "target") if target is not None else None
-    _, cache = run_cached(model, tokens, lambda name: name.endswith(_RESID_HOOKS))
+    return (lambda name: name.endswith(_RESID_HOOKS)), (target, target_id)
+
+
+def _read(model: Model, run: PromptRun, prepared: tuple[str | None, int | None]) -> LogitLensResult:
+    target, target_id = prepared
+    cache = run.cache
     with torch.no_grad():
         resid, labels = cache.accumulated_resid(incl_mid=False, return_labels=True)
         normed = cache.apply_ln_to_stack(resid, layer=model.cfg.n_layers, recompute_ln=True)
@@ -41,7 +44,7 @@ def logit_lens(model: Model, prompt: str, target: str | None = None) -> LogitLen
                 target_ranks.append((logits > target_logit).sum(dim=-1))
     decode = model.tokenizer.decode
     return LogitLensResult(
-        tokens=str_tokens(model, tokens),
+        tokens=str_tokens(model, run.tokens),
         layers=list(labels),
         top_tokens=[[decode([int(i)]) for i in row] for row in top_ids],
         top_probs=torch.stack(top_probs).cpu().numpy(),
@@ -49,6 +52,15 @@ def logit_lens(model: Model, prompt: str, target: str | None = None) -> LogitLen
         target_probs=torch.stack(target_probs).cpu().numpy() if target_id is not None else None,
         target_ranks=torch.stack(target_ranks).cpu().numpy() if target_id is not None else None,
     )
+
+
+READER = PromptReader(_prepare, _read)
+
+
+def logit_lens(model: Model, prompt: str, target: str | None = None) -> LogitLensResult:
+    """Top-1 token and probability at every (checkpoint, position); P and rank of `target`."""
+    (result,) = read_prompt(model, prompt, (READER, (target,)))
+    return result
 
 
 TECHNIQUE = Technique(
@@ -61,4 +73,5 @@ TECHNIQUE = Technique(
     example={"prompt": EIFFEL, "target": " Paris"},
     figures=(plots.logit_lens_heatmap, plots.logit_lens_final),
     tab="Prompt Explorer",
+    reads_prompt=READER,
 )

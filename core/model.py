@@ -12,11 +12,14 @@ from __future__ import annotations
 import functools
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
+from transformer_lens import ActivationCache
 from transformer_lens.model_bridge import TransformerBridge
 
 from core.config import DEFAULTS, LIMITS
@@ -287,3 +290,36 @@ def run_cached(model: Model, tokens: Tensor, names):
     """One forward pass caching only the hooks a technique needs: (logits, ActivationCache)."""
     with torch.no_grad():
         return model.run_with_cache(tokens, names_filter=names)
+
+
+Names = Callable[[str], bool]  # which hooks a forward pass caches
+NO_HOOKS: Names = lambda name: False  # noqa: E731  (a technique that reads only the logits)
+
+
+@dataclass(frozen=True)
+class PromptRun:
+    """One forward pass over one prompt: its tokens, logits, and the activations its readers asked for."""
+
+    tokens: Int[Tensor, "1 pos"]
+    logits: Float[Tensor, "1 pos vocab"]
+    cache: ActivationCache
+
+
+@dataclass(frozen=True)
+class PromptReader:
+    """How a technique reads one forward pass over a prompt, so that several can share one pass.
+    `prepare(model, *inputs)` checks the technique's other inputs and returns (the hooks it reads,
+    what `read` needs); `read(model, run, prepared)` computes its result from the `PromptRun`."""
+
+    prepare: Callable[..., tuple[Names, Any]]
+    read: Callable[[Model, PromptRun, Any], Any]
+
+
+def read_prompt(model: Model, prompt: str, *requests: tuple[PromptReader, tuple]) -> list:
+    """One forward pass over `prompt` answers every (reader, inputs) request, in order; it caches the
+    union of the hooks they read. The prompt is checked first, then each request's inputs."""
+    tokens = to_tokens(model, prompt)
+    prepared = [reader.prepare(model, *inputs) for reader, inputs in requests]
+    logits, cache = run_cached(model, tokens, lambda name: any(names(name) for names, _ in prepared))
+    run = PromptRun(tokens, logits, cache)
+    return [reader.read(model, run, value) for (reader, _), (_, value) in zip(requests, prepared)]

@@ -6,24 +6,33 @@ import torch
 
 from core import plots
 from core.config import DEFAULTS, LIMITS
-from core.model import Model, check_int, str_tokens, to_tokens
+from core.model import NO_HOOKS, Model, PromptReader, PromptRun, check_int, read_prompt, str_tokens
 from core.registry import PROMPT, Input, Technique
 from core.results import Predictions
 from examples import EIFFEL
 
 
-def predict(model: Model, prompt: str, k: int = DEFAULTS.top_k) -> Predictions:
-    k = check_int(k, "k", 1, min(LIMITS.max_top_k, model.cfg.d_vocab))
-    tokens = to_tokens(model, prompt)
-    with torch.no_grad():
-        logits = model(tokens)[0, -1]
-    probs = torch.softmax(logits.double(), dim=-1)
+def _prepare(model: Model, k: int):
+    return NO_HOOKS, check_int(k, "k", 1, min(LIMITS.max_top_k, model.cfg.d_vocab))
+
+
+def _read(model: Model, run: PromptRun, k: int) -> Predictions:
+    probs = torch.softmax(run.logits[0, -1].double(), dim=-1)
     top = probs.topk(k)
     return Predictions(
-        tokens=str_tokens(model, tokens),
+        tokens=str_tokens(model, run.tokens),
         top_tokens=[model.tokenizer.decode([int(i)]) for i in top.indices],
         top_probs=top.values.cpu().numpy(),
     )
+
+
+READER = PromptReader(_prepare, _read)
+
+
+def predict(model: Model, prompt: str, k: int = DEFAULTS.top_k) -> Predictions:
+    _prepare(model, k)  # k is checked before the prompt
+    (result,) = read_prompt(model, prompt, (READER, (k,)))
+    return result
 
 
 TECHNIQUE = Technique(
@@ -36,4 +45,5 @@ TECHNIQUE = Technique(
     example={"prompt": EIFFEL, "k": 5},
     figures=(plots.top_predictions,),
     tab="Prompt Explorer",
+    reads_prompt=READER,
 )

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any, Callable, Literal, Sequence
 
+from core.model import PromptReader
+
 REQUIRED = object()  # an input the caller must give
 Progress = Callable[[float, str], None]  # progress(fraction done, what is running): a technique's step boundary
 
@@ -72,6 +74,8 @@ class Technique:
     input_errors: Callable | None = None  # input_errors(model, *inputs) -> {input name: message}; tokenizing only
     tab: str | None = None  # the designed tab that shows it; None: the generic "More techniques" tab
     progress: bool = False  # run() takes progress=report(fraction, description) and stops at its steps
+    reads_prompt: PromptReader | None = None  # it reads one forward pass over its prompt (the first input), so
+    # several such techniques can share one pass: read_prompt(model, prompt, (t.reads_prompt, other inputs), ...)
 
     def arguments(self, values: Sequence | dict[str, Any] | None = None) -> tuple:
         """run()'s arguments after the model, from `values` in input order or by input name (default:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
+from jaxtyping import Float, Int
 
 from core.config import DEFAULTS
 from core.contrast import SWEEPS
@@ -51,7 +52,7 @@ class Predictions(_Result):
 
     tokens: list[str]  # the prompt's tokens, BOS first
     top_tokens: list[str]  # [k], most likely first
-    top_probs: np.ndarray  # [k]
+    top_probs: Float[np.ndarray, " k"]  # most likely first
 
 
 @dataclass(frozen=True)
@@ -61,10 +62,10 @@ class LogitLensResult(_Result):
     tokens: list[str]  # [pos]
     layers: list[str]  # [layer] checkpoint labels: 0_pre .. {L-1}_pre, final_post
     top_tokens: list[list[str]]  # [layer][pos] top-1 token
-    top_probs: np.ndarray  # [layer, pos] its probability
+    top_probs: Float[np.ndarray, "layer pos"]  # the top-1 token's probability
     target: str | None  # the tracked token, if any
-    target_probs: np.ndarray | None  # [layer, pos] P(target)
-    target_ranks: np.ndarray | None  # [layer, pos] 0 = top-1
+    target_probs: Float[np.ndarray, "layer pos"] | None  # P(target)
+    target_ranks: Int[np.ndarray, "layer pos"] | None  # 0 = top-1
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,8 @@ class DLAResult(_Result):
     target: str
     competing: str | None  # None: attribute the target logit alone
     value: float  # the model's actual logit (difference)
-    heads: np.ndarray  # [layer, head]
-    mlps: np.ndarray  # [layer]
+    heads: Float[np.ndarray, "layer head"]
+    mlps: Float[np.ndarray, " layer"]
     embed: float  # token embedding
     pos_embed: float  # positional embedding
     bias: float  # everything else: attention output biases and the unembedding bias
@@ -95,7 +96,7 @@ class AttentionResult(_Result):
 
     tokens: list[str]  # [pos]
     layer: int
-    patterns: np.ndarray  # [head, dest, src], rows sum to 1
+    patterns: Float[np.ndarray, "head dest_pos src_pos"]  # rows sum to 1
 
 
 @dataclass(frozen=True)
@@ -105,10 +106,10 @@ class InductionResult(_Result):
     seq_len: int
     batch: int
     seed: int
-    scores: np.ndarray  # [layer, head] induction: mean attention on the 1 - seq_len stripe
-    prev_token_scores: np.ndarray  # [layer, head] mean attention to the previous position
-    duplicate_token_scores: np.ndarray  # [layer, head] mean attention to the token's first copy
-    loss_by_position: np.ndarray  # [2 * seq_len] next-token loss, mean over the batch
+    scores: Float[np.ndarray, "layer head"]  # induction: mean attention on the 1 - seq_len stripe
+    prev_token_scores: Float[np.ndarray, "layer head"]  # mean attention to the previous position
+    duplicate_token_scores: Float[np.ndarray, "layer head"]  # mean attention to the token's first copy
+    loss_by_position: Float[np.ndarray, " pos"]  # next-token loss at each position after BOS (2 x seq_len), mean over the batch
     threshold: float  # heads scoring above it are listed as induction heads
 
     JSON = ("scores", "prev_token_scores", "duplicate_token_scores", "loss_by_position", "threshold", "induction_heads")
@@ -137,10 +138,10 @@ class _PatchingScores(_Result):
     clean_value: float  # logit(answer) - logit(wrong) on the clean prompt
     corrupted_value: float  # the same on the corrupted prompt
     # one array per sweep (core.contrast.SWEEPS, which a check below holds these fields to)
-    resid_pre: np.ndarray  # [layer, pos]
-    attn_out: np.ndarray  # [layer, pos]
-    mlp_out: np.ndarray  # [layer, pos]
-    head_out: np.ndarray  # [layer, head], each head's output at all positions
+    resid_pre: Float[np.ndarray, "layer pos"]
+    attn_out: Float[np.ndarray, "layer pos"]
+    mlp_out: Float[np.ndarray, "layer pos"]
+    head_out: Float[np.ndarray, "layer head"]  # each head's output at all positions
 
     @property
     def swing(self) -> float:
@@ -166,7 +167,7 @@ class _PatchingScores(_Result):
         )
 
 
-_SWEEP_FIELDS = [f.name for f in dataclasses.fields(_PatchingScores) if f.type == "np.ndarray"]
+_SWEEP_FIELDS = [f.name for f in dataclasses.fields(_PatchingScores) if "np.ndarray" in f.type]
 if _SWEEP_FIELDS != list(SWEEPS):  # the sweep table and the results' fields are one list
     raise TypeError(f"patching results hold {_SWEEP_FIELDS}, but core.contrast.SWEEPS lists {list(SWEEPS)}")
 
@@ -175,7 +176,7 @@ if _SWEEP_FIELDS != list(SWEEPS):  # the sweep table and the results' fields are
 class PatchingResult(_PatchingScores):
     """Activation patching, clean -> corrupted, exact."""
 
-    head_dla: np.ndarray  # [layer, head] DLA of the same logit difference on the clean prompt
+    head_dla: Float[np.ndarray, "layer head"]  # DLA of the same logit difference on the clean prompt
 
     JSON = (*_SCORES_JSON, "head_dla", "pearson_r")
 

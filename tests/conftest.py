@@ -58,7 +58,7 @@ def free_port() -> int:
 def server(demo_model, tmp_path_factory):
     """The app on the bundled demo model (a real Gradio server), so API tests exercise real circuits."""
     import app
-    from core.runner import Runner
+    from serving.runner import Runner
 
     demo = app.build_demo(runner=Runner(demo_model, cache_dir=tmp_path_factory.mktemp("cache")))
     port = free_port()

@@ -32,7 +32,7 @@ from core.contrast import input_errors as pair_errors
 from core.induction import input_errors as induction_errors
 from core.registry import techniques
 from core.results import dumps
-from core.runner import Runner
+from serving.runner import Runner
 from tests.conftest import IOI_CLEAN, IOI_CORRUPTED, free_port  # noqa: F401  (free_port: used by other test modules too)
 from ui.common import validator
 from ui.handlers import Handlers
@@ -230,7 +230,7 @@ def test_persistent_cache_survives_a_restart_and_is_keyed_by_model_and_code(tiny
     assert Runner(tiny_model, cache_dir=tmp_path).run(predict, IOI_CLEAN, 3, persist=True).top_tokens[0] == "served from disk"
     # another model, or changed code, must never see that entry
     assert Runner(gpt2_shaped, cache_dir=tmp_path).run(predict, IOI_CLEAN, 3, persist=True).top_tokens[0] != "served from disk"
-    monkeypatch.setattr("core.runner.code_fingerprint", lambda: "edited code")
+    monkeypatch.setattr("serving.runner.code_fingerprint", lambda: "edited code")
     assert Runner(tiny_model, cache_dir=tmp_path).run(predict, IOI_CLEAN, 3, persist=True).top_tokens[0] != "served from disk"
 
 

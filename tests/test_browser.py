@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 import app
-from core.runner import Runner
+from serving.runner import Runner
 from tests.conftest import IOI_CLEAN
 from tests.test_app import free_port
 

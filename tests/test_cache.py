@@ -14,7 +14,7 @@ import pytest
 from core import logit_lens, predict
 from core.registry import techniques
 from core.results import dumps, loads, result_types
-from core.runner import Runner
+from serving.runner import Runner
 from tests.conftest import IOI_CLEAN
 
 CALLS = [(t.run, t.arguments()) for t in techniques().values()] + [(logit_lens, (IOI_CLEAN,))]  # every technique, and a lens without a target
@@ -123,7 +123,7 @@ def test_the_code_fingerprint_covers_every_source_file_under_core(tmp_path, monk
     """Cached results are keyed by core's source: an edit anywhere under core/ (core/patching/ too) is a new key."""
     import shutil
 
-    from core import runner
+    from serving import runner
 
     copy = tmp_path / "core"
     shutil.copytree(runner.CORE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))

@@ -12,7 +12,7 @@ from gradio_client import Client
 
 import serving
 from core import activation_patching, attribution_patching, induction_scores, predict
-from core.runner import Abandoned, Runner
+from serving.runner import Abandoned, Runner
 from tests.conftest import IOI_CLEAN, IOI_CORRUPTED, free_port
 
 WAIT_S = 60  # generous bounds for liveness only (these tests assert what happened, never how fast)

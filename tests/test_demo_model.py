@@ -11,9 +11,9 @@ import pytest
 
 from core import ModelLoadError, single_token_id, to_tokens
 from core.model import DEMO_DIR, load_with_fallback
-from core.runner import Runner
 from demo_model.measure import REPRODUCED, check, measure
 from demo_model.train import TrainConfig, build_tokenizer, make_batch, train, training_loss
+from serving.runner import Runner
 from ui.handlers import Handlers, example_rows, warm_examples
 
 ROOT = Path(__file__).resolve().parent.parent

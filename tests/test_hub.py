@@ -19,7 +19,7 @@ import pytest
 from gradio_client import Client
 
 from core import load_model, predict, save_random_gpt2
-from core.runner import code_fingerprint
+from serving.runner import code_fingerprint
 from tests.conftest import EIFFEL, free_port
 from tests.hub_standin import HubStandIn
 

@@ -43,7 +43,7 @@ def test_a_model_from_the_hub_cache_keeps_its_hub_name_and_its_cached_results(mo
     its key depends on the weights and code, not on where the weights were read from."""
     import shutil
 
-    from core.runner import model_fingerprint
+    from serving.runner import model_fingerprint
 
     source = save_random_gpt2(tmp_path / "source", n_layers=1, n_heads=2, d_model=16, n_ctx=16, seed=3)
     snapshot = tmp_path / "hub" / "models--circuitbreaker-test--cached" / "snapshots" / ("a" * 40)

@@ -16,10 +16,10 @@ from gradio_client.exceptions import AppError
 
 import app
 from core import plots
-from core.model import Model, str_tokens, to_tokens
+from core.model import Model, read_prompt, str_tokens, to_tokens
 from core.registry import PROMPT, Input, Technique, techniques
 from core.results import _Result
-from core.runner import Runner
+from serving.runner import Runner
 from tests.conftest import IOI_CLEAN, free_port
 from ui.api import endpoint
 from ui.handlers import Handlers
@@ -51,6 +51,18 @@ def test_arguments_fill_defaults_and_name_what_is_missing():
     assert dla.arguments(("Hi", " a")) == ("Hi", " a", None)
     with pytest.raises(ValueError, match="dla needs target: it takes prompt, target, competing"):
         dla.arguments({"prompt": "Hi"})
+
+
+def test_the_prompt_explorer_techniques_share_one_forward_pass(demo_model, monkeypatch):
+    """Techniques that read one pass over a prompt answer together from one run, exactly as alone."""
+    readers = [t for t in TECHNIQUES.values() if t.reads_prompt is not None]
+    assert {t.name for t in readers} >= {"predict", "logit_lens", "dla", "attention"}
+    alone = [t.run(demo_model, IOI_CLEAN, *t.arguments()[1:]).to_dict() for t in readers]
+    passes = []
+    forward = demo_model.run_with_cache
+    monkeypatch.setattr(demo_model, "run_with_cache", lambda *args, **kwargs: passes.append(1) or forward(*args, **kwargs))
+    together = read_prompt(demo_model, IOI_CLEAN, *[(t.reads_prompt, t.arguments()[1:]) for t in readers])
+    assert len(passes) == 1 and [result.to_dict() for result in together] == alone
 
 
 # --- a toy technique, declared here only ----------------------------------------------------

@@ -20,7 +20,7 @@ from gradio_client import Client
 import app
 import serving
 from core import LIMITS
-from core.runner import Runner
+from serving.runner import Runner
 from tests.conftest import IOI_CLEAN, IOI_CORRUPTED, free_port
 from ui.common import listed_only, literal
 from ui.handlers import Handlers, example_rows

@@ -10,7 +10,7 @@ from typing import Callable
 import gradio as gr
 
 from core.registry import Technique, techniques
-from core.runner import Runner
+from serving.runner import Runner
 from ui.common import LANES, user_errors
 
 

@@ -28,8 +28,8 @@ from core import (
 from core.induction import max_seq_len
 from core.model import Model
 from core.registry import Technique
-from core.runner import Runner, write_whole
 from examples import EXAMPLES
+from serving.runner import Runner, write_whole
 from ui.common import literal, three_places, whole
 
 

@@ -1,5 +1,6 @@
-"""Serving the app to the public safely: what Gradio 6 leaves open, closed around it. No science here
-and no layout: app.py wires the page and calls these.
+"""Serving the app to the public safely: what Gradio 6 leaves open, closed around it, and (in
+`serving.runner`) one model shared by every user. No science here and no layout: app.py wires the
+page and calls these.
 
 - `event_wanted()`: whether the Gradio event this thread works for still has someone waiting
   (the runner stops cancelled work at its next step).

@@ -32,7 +32,7 @@ from core.config import LIMITS, Limits
 from core.model import Model
 from core.results import dumps, loads, result_types
 
-CORE_DIR = Path(__file__).resolve().parent
+CORE_DIR = Path(__file__).resolve().parent.parent / "core"  # the source that computes results
 DEFAULT_CACHE_DIR = Path(os.environ.get("CIRCUITBREAKER_CACHE_DIR", Path.home() / ".cache" / "circuitbreaker"))
 UNCACHED_KWARGS = ("progress",)  # arguments that do not change the result
 
