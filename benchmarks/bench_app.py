@@ -1,6 +1,6 @@
 """How fast the app starts and answers, on a GPT-2 Small-shaped model (random weights), 2 threads.
 
-    python benchmarks/bench_app.py
+    python -m benchmarks.bench_app
 
 Measures: build_demo with an empty example cache (first start: every example computed),
 build_demo again with the cache on disk (a restart), and through gradio_client the latency
@@ -12,14 +12,11 @@ from __future__ import annotations
 import os
 import socket
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 from gradio_client import Client  # noqa: E402

@@ -1,6 +1,6 @@
 """Time every core technique on a GPT-2 Small-shaped model (random weights, GPT-2's tokenizer).
 
-    python benchmarks/bench_core.py [--threads 2] [--repeats 3]
+    python -m benchmarks.bench_core [--threads 2] [--repeats 3]
 
 Prints a markdown table (median wall-clock seconds over --repeats runs, after one warm-up)
 that the README quotes. Timing lives here, never in tests.
@@ -11,13 +11,10 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 

@@ -1,7 +1,7 @@
 """The largest request each endpoint allows, on a GPT-2 Small-shaped model: how long it takes and how
 much memory it needs (the README's "Limits" quote this).
 
-    python benchmarks/bench_limits.py [--threads 2] [--repeats 3]
+    python -m benchmarks.bench_limits [--threads 2] [--repeats 3]
 
 Each of the ten endpoints (JSON API and UI events) gets the largest input core/config.py allows:
 a 128-token prompt (BOS included) for the Prompt Explorer's techniques, a 32-token contrast pair
@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Many users at once: the real app in its own process, N gradio_client users, every endpoint.
 
-    python benchmarks/bench_load.py load [--model demo|gpt2-shaped] [--users 1 4 16] [--requests 60]
-    python benchmarks/bench_load.py soak [--model demo] [--requests 500] [--users 4]
+    python -m benchmarks.bench_load load [--model demo|gpt2-shaped] [--users 1 4 16] [--requests 60]
+    python -m benchmarks.bench_load soak [--model demo] [--requests 500] [--users 4]
 
 load: a fixed, seeded list of distinct requests spread over all ten endpoints (JSON API and UI
 events) is answered once by one user (the serial answers), then, on a freshly started server
@@ -30,7 +30,6 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from gradio_client import Client  # noqa: E402

@@ -1,6 +1,6 @@
 """Exact activation patching: ours against `transformer_lens.patching`, side by side, one run.
 
-    python benchmarks/bench_patching.py [--threads 2] [--repeats 3]
+    python -m benchmarks.bench_patching [--threads 2] [--repeats 3]
 
 GPT-2 Small-shaped model (random weights, GPT-2's real tokenizer), the seed's IOI pair, the
 four sweeps (resid_pre, attn_out, mlp_out by layer x position; head_out by layer x head).
@@ -19,13 +19,10 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

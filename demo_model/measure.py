@@ -1,6 +1,6 @@
 """What the demo model learned, measured with `core` exactly as the app measures it.
 
-    python demo_model/measure.py [MODEL_DIR]
+    python -m demo_model.measure [MODEL_DIR]
 
 Used by the training script, by the tests (the committed model and a retrained one must both
 pass `check`), and for the README's numbers.
@@ -15,12 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from core import activation_patching, induction_scores, load_model, predict  # noqa: E402
-from core.model import single_token_id, to_tokens  # noqa: E402
-from demo_model import corpus  # noqa: E402
-from examples import EIFFEL, EXAMPLES  # noqa: E402
+from core import activation_patching, induction_scores, load_model, predict
+from core.model import single_token_id, to_tokens
+from demo_model import corpus
+from examples import EIFFEL, EXAMPLES
 
 INDUCTION = dict(seq_len=20, batch=20, seed=0)
 

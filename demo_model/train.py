@@ -1,6 +1,6 @@
 """Train CircuitBreaker's demo model: a small GPT-2 on a synthetic corpus, deterministic by seed.
 
-    python demo_model/train.py [--out demo_model/weights] [--steps N] [--seed 0] [--threads 1]
+    python -m demo_model.train [--out demo_model/weights] [--steps N] [--seed 0] [--threads 1]
 
 The corpus mixes IOI sentences (Wang et al. templates, both name orders), landmark facts
 ("The Eiffel Tower is located in the city of Paris.") and random words repeated twice (so
@@ -14,16 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from demo_model import corpus  # noqa: E402
+from demo_model import corpus
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 BOS, UNK = "<|endoftext|>", "<|unk|>"

@@ -1,21 +1,20 @@
 """Every technique from `core`, as a notebook user would call it.
 
-    python examples/quickstart.py                 # GPT-2 Small (needs internet once)
-    python examples/quickstart.py --model demo    # the small demo model bundled with CircuitBreaker (offline)
-    python examples/quickstart.py --model DIR     # a local Hugging Face model directory
+    python -m examples.quickstart                 # GPT-2 Small (needs internet once)
+    python -m examples.quickstart --model demo    # the small demo model bundled with CircuitBreaker (offline)
+    python -m examples.quickstart --model DIR     # a local Hugging Face model directory
 
-Prints the numbers and writes one HTML file per figure to --out (default: figures/).
+Run from the repository root (as a module, it imports `core` from there). Prints the numbers and
+writes one HTML file per figure to --out (default: figures/).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere: `core` is beside examples/
 
 from core import (  # noqa: E402
     DEFAULTS,

@@ -42,8 +42,8 @@ def test_client_example_runs_against_the_demo_model(server):
 
 
 def test_quickstart_runs_on_the_demo_model_and_its_figures_work_offline(tmp_path):
-    assert "demo" in run_python(["examples/quickstart.py", "--help"]).stdout
-    output = run_python(["examples/quickstart.py", "--model", "demo", "--out", str(tmp_path)]).stdout
+    assert "demo" in run_python(["-m", "examples.quickstart", "--help"]).stdout
+    output = run_python(["-m", "examples.quickstart", "--model", "demo", "--out", str(tmp_path)]).stdout
     assert "Induction heads" in output and f"Wrote 13 figures to {tmp_path}" in output
     pages = sorted(tmp_path.glob("*.html"))
     assert len(pages) == 13 and (tmp_path / "plotly.min.js").stat().st_size > 1_000_000
