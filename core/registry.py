@@ -1,6 +1,6 @@
 """Every technique, declared once, in its own module: `TECHNIQUE = Technique(...)` at the end of
 `core/<technique>.py` (or of a module in a package under core/, such as core/patching/). The JSON
-API, the app's "More techniques" tab, the test suite's endpoint lists and the load benchmark read
+API, the app's "More" tab, the test suite's endpoint lists and the load benchmark read
 this registry, and a test holds README's endpoint table to it,
 so a new technique is one core module plus one test file (plus README prose):
 
@@ -13,7 +13,7 @@ so a new technique is one core module plus one test file (plus README prose):
         lane="light",
         figures=(plots.top_predictions,),                 # result -> Figure
         example={"prompt": EIFFEL, "k": 5},               # a good request (tests, benchmarks)
-        tab="Prompt Explorer",                            # a designed tab shows it; None: "More techniques"
+        tab="Prompt Explorer",                            # a designed tab shows it; None: the "More" tab
     )
 """
 
@@ -72,7 +72,7 @@ class Technique:
     example: dict[str, Any]  # a good request, by input name (tests call it; the load benchmark sends it)
     figures: tuple[Callable, ...] = ()  # result -> plotly Figure, in the order shown
     input_errors: Callable | None = None  # input_errors(model, *inputs) -> {input name: message}; tokenizing only
-    tab: str | None = None  # the designed tab that shows it; None: the generic "More techniques" tab
+    tab: str | None = None  # the designed tab that shows it; None: the generic "More" tab
     progress: bool = False  # run() takes progress=report(fraction, description) and stops at its steps
     reads_prompt: PromptReader | None = None  # it reads one forward pass over its prompt (the first input), so
     # several such techniques can share one pass: read_prompt(model, prompt, (t.reads_prompt, other inputs), ...)

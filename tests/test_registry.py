@@ -1,5 +1,5 @@
 """The technique registry (core.registry): every declaration is whole and consistent, and a technique
-declared once reaches the JSON API and the app's "More techniques" tab with nothing else written:
+declared once reaches the JSON API and the app's "More" tab with nothing else written:
 shown here with a toy technique that lives only in this file."""
 
 from __future__ import annotations
@@ -119,10 +119,10 @@ def test_a_declared_technique_gets_its_endpoint_and_a_form_in_more_techniques(to
     assert client.predict(prompt="When John", api_name="/token_norms") == token_norms(demo_model, "When John").to_dict()  # scale: its default
     with pytest.raises(AppError, match="prompt is empty"):  # core's sentence, as for every endpoint
         client.predict("", api_name="/token_norms")
-    assert "More techniques" in str(demo.config) and "technique-token_norms" in str(demo.config)
+    assert "more-techniques" in str(demo.config) and "technique-token_norms" in str(demo.config)
     shown = Handlers(Runner(demo_model, cache_dir=None), str(tmp_path)).technique(TOY, IOI_CLEAN, 2)  # the form's Run button
     assert list(shown) == ["figure 0", "download"] and plots.main_title(shown["figure 0"]) == "Embedding norm by position"
 
 
 def test_the_app_has_a_more_techniques_tab_only_when_a_technique_has_no_designed_tab(client):
-    assert ("More techniques" in str(client.config)) == any(t.tab is None for t in TECHNIQUES.values())
+    assert ("more-techniques" in str(client.config)) == any(t.tab is None for t in TECHNIQUES.values())

@@ -1,4 +1,4 @@
-"""The "More techniques" tab: every technique that no designed tab shows (`tab=None` in its
+"""The "More" tab (more techniques): every technique that no designed tab shows (`tab=None` in its
 declaration, core.registry), each as a form made from its declared inputs, a Run button, and its
 declared figures. A new technique appears here, and in the JSON API, from its core module alone."""
 
@@ -22,7 +22,10 @@ def field(spec: Input, value) -> gr.components.Component:
 
 
 def build(h: Handlers, model: Model, registry: dict[str, Technique]) -> None:
-    gr.Markdown("Techniques without a tab of their own: each runs on its own inputs; its JSON endpoint is listed under \"Use via API\".")
+    gr.Markdown(
+        "**More techniques**: those without a tab of their own. Each runs on its own inputs; its JSON endpoint is listed under \"Use via API\".",
+        elem_id="more-techniques",
+    )
     for technique in registry.values():
         with gr.Group(elem_id=f"technique-{technique.name}"):
             gr.Markdown(f"### {technique.name}\n{technique.summary}")
