@@ -42,6 +42,8 @@ class Limits:
     max_token_chars: int = 100  # a target / answer token longer than this cannot be one token
     max_top_k: int = 100  # largest k a caller may ask for
     max_induction_batch: int = 64  # Circuit Map: sequences per request
+    max_task_pairs: int = 256  # contrast pairs in one task (built in or the user's)
+    max_task_chars: int = 100_000  # the user's pairs as text (256 pairs of ~300 characters with room to spare)
     max_induction_tokens: int = 2048  # Circuit Map: batch x (2 x seq_len + 1) tokens per request (two passes at full context)
     max_downloads: int = 256  # JSON downloads kept on disk (oldest removed first)
     max_request_bytes: int = 2_000_000  # bodies over this are refused unread (a pasted megabyte still gets its sentence; queue: 64 x 2 MB)

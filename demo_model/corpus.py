@@ -1,4 +1,5 @@
-"""The demo model's synthetic world: IOI sentences, landmark facts, repeated random words.
+"""The demo model's synthetic world: IOI sentences, landmark facts, repeated random words. The
+names, places, objects, templates and landmarks are the built-in tasks' (`core.tasks`).
 
 Everything here is data plus small generators; `train.py` turns it into a model.
 """
@@ -7,44 +8,8 @@ from __future__ import annotations
 
 import random
 
+from core.tasks import FACT_TEMPLATES, IOI_TEMPLATES, LANDMARKS, NAMES, OBJECTS, PLACES, ioi_prompt  # noqa: F401  (the same world as the tasks)
 from examples import EXAMPLES, SEED_PAIR
-
-NAMES = [
-    "John", "Mary", "Tom", "James", "Dan", "Sarah", "Paul", "Lisa",
-    "Anne", "Kate", "Mark", "Emma", "Alex", "Rose", "Sam", "Jane",
-]
-PLACES = ["store", "park", "school", "hospital", "bank", "office", "garden", "station", "restaurant", "beach"]
-OBJECTS = ["bottle of milk", "ball", "drink", "book", "coin", "gift", "letter", "bag", "ring", "key"]
-
-# Wang et al. (2022) templates, written with the subject {B} first (BABA: the indirect object {A}
-# is the name that appears once). ABBA swaps the first two names.
-IOI_TEMPLATES = [
-    "When {B} and {A} went to the {PLACE}, {B} gave a {OBJECT} to",
-    "Then, {B} and {A} went to the {PLACE}. {B} gave a {OBJECT} to",
-    "When {B} and {A} got a {OBJECT} at the {PLACE}, {B} decided to give it to",
-    "After {B} and {A} went to the {PLACE}, {B} gave a {OBJECT} to",
-    "While {B} and {A} were working at the {PLACE}, {B} gave a {OBJECT} to",
-    "Then, {B} and {A} had a lot of fun at the {PLACE}. {B} gave a {OBJECT} to",
-    "Friends {B} and {A} found a {OBJECT} at the {PLACE}. {B} gave it to",
-    "Afterwards, {B} and {A} went to the {PLACE}. {B} gave a {OBJECT} to",
-]
-
-LANDMARKS = {
-    "Eiffel Tower": "Paris",
-    "Colosseum": "Rome",
-    "Big Ben": "London",
-    "Brandenburg Gate": "Berlin",
-    "Sagrada Familia": "Barcelona",
-    "Tokyo Tower": "Tokyo",
-    "Rijksmuseum": "Amsterdam",
-    "Prado Museum": "Madrid",
-}
-FACT_TEMPLATES = [
-    "The {L} is located in the city of {C}.",
-    "The {L} is in {C}.",
-    "The {L} can be found in {C}.",
-    "Tourists visit the {L} in {C}.",
-]
 
 # The seed IOI contrast pair: S2 swapped for the indirect object; answer " Mary", wrong " John".
 # measure.py patches it for the README's numbers and train.py's log probes the same pair.
@@ -53,13 +18,6 @@ SEED_ANSWER, SEED_WRONG = SEED_PAIR["answer"], SEED_PAIR["wrong"]
 
 # extra words so that the repeated-text example and free-form prompts have a vocabulary
 FILLER = "The quick brown fox jumps over the lazy dog. A cat sat on a mat and a bird sang in a tree."
-
-
-def ioi_prompt(template: str, io: str, subject: str, place: str, obj: str, order: str) -> str:
-    """The prompt (without the answer). order "BABA": subject first; "ABBA": indirect object first."""
-    first, second = (subject, io) if order == "BABA" else (io, subject)
-    filled = template.replace("{B} and {A}", f"{first} and {second}", 1)
-    return filled.format(B=subject, A=io, PLACE=place, OBJECT=obj)
 
 
 def all_ioi_prompts() -> list[tuple[str, str, str]]:

@@ -1,0 +1,327 @@
+"""Tasks: a claim about a model is a claim about a distribution of prompts, not one sentence. A task
+is a named list of contrast pairs (clean, corrupted, answer, wrong) that share the logit-difference
+metric of `core.contrast`. Built in, seeded, any N up to the limit:
+
+- `ioi`: Wang et al. (2022)'s templates in both name orders (BABA: the subject first; ABBA), names,
+  places and objects from fixed lists, kept to the ones that are single tokens for the model (so every
+  prompt of a template has one token length). Corruption `s2` (the second subject mention replaced by
+  the indirect object, as the app's seed pair) or `abc` (Wang et al.'s ABC distribution: all three
+  names replaced by three other names).
+- `induction`: a sequence of random words repeated (the answer continues the repeat) against the same
+  second half after an unrepeated first half (answer: the repeat's continuation; wrong: the
+  corrupted first half's last word).
+- `facts`: a landmark's city ("The Eiffel Tower is located in the city of" -> " Paris") against another
+  landmark of the same token length (wrong: that landmark's city).
+
+The lists below are also the demo model's training world (`demo_model/corpus.py` reads them), so
+every built-in task applies to the demo model's vocabulary as well as to GPT-2's.
+
+The user's own pairs come as text: one pair per line (`clean | corrupted | answer | wrong`), CSV or
+JSON Lines; every problem is reported with its line number.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import random
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+from jaxtyping import Float
+
+from core.config import DEFAULTS, LIMITS
+from core.contrast import ContrastPair
+from core.model import Model, check_int, single_token_id, to_tokens
+
+NAMES = [
+    "John", "Mary", "Tom", "James", "Dan", "Sarah", "Paul", "Lisa",
+    "Anne", "Kate", "Mark", "Emma", "Alex", "Rose", "Sam", "Jane",
+]
+PLACES = ["store", "park", "school", "hospital", "bank", "office", "garden", "station", "restaurant", "beach"]
+OBJECTS = ["bottle of milk", "ball", "drink", "book", "coin", "gift", "letter", "bag", "ring", "key"]
+
+# Wang et al. (2022) templates, written with the subject {B} first (BABA: the indirect object {A}
+# is the name that appears once). ABBA swaps the first two names.
+IOI_TEMPLATES = [
+    "When {B} and {A} went to the {PLACE}, {B} gave a {OBJECT} to",
+    "Then, {B} and {A} went to the {PLACE}. {B} gave a {OBJECT} to",
+    "When {B} and {A} got a {OBJECT} at the {PLACE}, {B} decided to give it to",
+    "After {B} and {A} went to the {PLACE}, {B} gave a {OBJECT} to",
+    "While {B} and {A} were working at the {PLACE}, {B} gave a {OBJECT} to",
+    "Then, {B} and {A} had a lot of fun at the {PLACE}. {B} gave a {OBJECT} to",
+    "Friends {B} and {A} found a {OBJECT} at the {PLACE}. {B} gave it to",
+    "Afterwards, {B} and {A} went to the {PLACE}. {B} gave a {OBJECT} to",
+]
+
+LANDMARKS = {
+    "Eiffel Tower": "Paris",
+    "Colosseum": "Rome",
+    "Big Ben": "London",
+    "Brandenburg Gate": "Berlin",
+    "Sagrada Familia": "Barcelona",
+    "Tokyo Tower": "Tokyo",
+    "Rijksmuseum": "Amsterdam",
+    "Prado Museum": "Madrid",
+}
+FACT_TEMPLATES = [
+    "The {L} is located in the city of {C}.",
+    "The {L} is in {C}.",
+    "The {L} can be found in {C}.",
+    "Tourists visit the {L} in {C}.",
+]
+
+
+def ioi_prompt(template: str, io: str, subject: str, place: str, obj: str, order: str, s2: str | None = None) -> str:
+    """The prompt (without the answer). order "BABA": subject first; "ABBA": indirect object first.
+    `s2`: the name at the second subject mention (default: the subject)."""
+    first, second = (subject, io) if order == "BABA" else (io, subject)
+    filled = template.replace("{B} and {A}", f"{first} and {second}", 1)
+    return filled.format(B=subject if s2 is None else s2, A=io, PLACE=place, OBJECT=obj)
+
+
+# --- tasks ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairText:
+    """One contrast pair as text: what the user writes on one line."""
+
+    clean: str
+    corrupted: str
+    answer: str
+    wrong: str
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    description: str
+    pairs: tuple[PairText, ...]
+    lines: tuple[int, ...] | None = None  # where each pair came from in the user's text (messages name it)
+
+    def contrast_pairs(self, model: Model) -> list[ContrastPair]:
+        """Every pair checked on `model` (ContrastPair.of); the first problem is a ValueError that says
+        which pair (and line) it is."""
+        out = []
+        for i, pair in enumerate(self.pairs):
+            try:
+                out.append(ContrastPair.of(model, pair.clean, pair.corrupted, pair.answer, pair.wrong))
+            except ValueError as err:
+                where = f"line {self.lines[i]}" if self.lines else f"pair {i + 1}"
+                raise ValueError(f"{self.name}, {where}: {err}") from None
+        return out
+
+
+def _single_tokens(model: Model, words: list[str]) -> list[str]:
+    """The words that are one token for `model` with a leading space (as they appear mid-sentence)."""
+    kept = []
+    for word in words:
+        try:
+            single_token_id(model, f" {word}")
+        except ValueError:
+            continue
+        kept.append(word)
+    return kept
+
+
+def _fits(model: Model, text: str) -> bool:
+    """Whether every word of `text` is in the model's vocabulary (the demo model knows only its world)."""
+    try:
+        to_tokens(model, text)
+    except ValueError:
+        return False
+    return True
+
+
+def ioi_task(model: Model, n: int, seed: int = 0, corruption: Literal["s2", "abc"] = "s2") -> Task:
+    names, places = _single_tokens(model, NAMES), _single_tokens(model, PLACES)
+    objects = _single_tokens(model, OBJECTS)
+    if len(names) < 5 or not places or not objects:
+        raise ValueError("This model's vocabulary lacks the IOI task's names, places or objects as single tokens: the IOI task does not apply to it.")
+    rng = random.Random(seed)
+    pairs = []
+    for i in range(n):
+        template, place, obj = rng.choice(IOI_TEMPLATES), rng.choice(places), rng.choice(objects)
+        io, subject, *others = rng.sample(names, 5)
+        order = ("BABA", "ABBA")[i % 2]  # both orders, alternating: a balanced task
+        clean = ioi_prompt(template, io, subject, place, obj, order)
+        if corruption == "s2":
+            corrupted = ioi_prompt(template, io, subject, place, obj, order, s2=io)
+        else:  # three other names throughout
+            corrupted = ioi_prompt(template, others[0], others[1], place, obj, order, s2=others[2])
+        pairs.append(PairText(clean, corrupted, f" {io}", f" {subject}"))
+    described = "the second subject mention replaced by the indirect object" if corruption == "s2" else "all three names replaced by other names (ABC)"
+    return Task(f"ioi ({corruption})", f"Indirect object identification, Wang et al. templates, BABA and ABBA; corrupted: {described}.", tuple(pairs))
+
+
+def induction_task(model: Model, n: int, seed: int = 0, length: int = 5) -> Task:
+    words = _single_tokens(model, NAMES + PLACES)
+    if len(words) < 2 * length:
+        raise ValueError("This model's vocabulary has too few single-token words for the induction task: it does not apply to it.")
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        chosen = rng.sample(words, 2 * length)
+        first, other = chosen[:length], chosen[length:]
+        repeat = " " + " ".join(first[:-1])
+        clean = " " + " ".join(first) + repeat
+        corrupted = " " + " ".join(other) + repeat
+        pairs.append(PairText(clean, corrupted, f" {first[-1]}", f" {other[-1]}"))
+    return Task(
+        "induction",
+        f"{length} random words repeated: the answer continues the repeat; corrupted: an unrepeated first half.",
+        tuple(pairs),
+    )
+
+
+def facts_task(model: Model, n: int, seed: int = 0) -> Task:
+    landmarks = {landmark: city for landmark, city in LANDMARKS.items() if _single_tokens(model, [city])}
+    prompts = {  # (template, landmark) -> prompt, for the combinations the model can read
+        (t, landmark): template.split(" {C}")[0].format(L=landmark)
+        for t, template in enumerate(FACT_TEMPLATES)
+        for landmark in landmarks
+    }
+    prompts = {key: text for key, text in prompts.items() if _fits(model, text)}
+    length = {key: to_tokens(model, text).shape[-1] for key, text in prompts.items()}
+    partners = {key: [other for other in prompts if other[0] == key[0] and other != key and length[other] == length[key]] for key in prompts}
+    usable = [key for key in prompts if partners[key]]
+    if not usable:
+        raise ValueError("No two landmarks of the facts task have prompts of one token length for this model: it does not apply to it.")
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        key = rng.choice(usable)
+        other = rng.choice(partners[key])
+        pairs.append(PairText(prompts[key], prompts[other], f" {landmarks[key[1]]}", f" {landmarks[other[1]]}"))
+    return Task("facts", "A landmark's city; corrupted: another landmark (same token length), wrong: its city.", tuple(pairs))
+
+
+BUILT_IN: dict[str, Callable[..., Task]] = {
+    "ioi": ioi_task,
+    "ioi_abc": lambda model, n, seed=0: ioi_task(model, n, seed, corruption="abc"),
+    "induction": induction_task,
+    "facts": facts_task,
+}
+
+
+def built_in_task(model: Model, name: str, n: int, seed: int = 0) -> Task:
+    """A built-in task of `n` pairs, drawn with `seed` (the same seed gives the same pairs)."""
+    if name not in BUILT_IN:
+        raise ValueError(f"There is no task {name!r}: the built-in tasks are {', '.join(BUILT_IN)}.")
+    n = check_int(n, "n", 1, LIMITS.max_task_pairs)
+    seed = check_int(seed, "seed", 0, 2**32 - 1)
+    return BUILT_IN[name](model, n, seed)
+
+
+# --- the user's own pairs -------------------------------------------------------------------
+
+FIELDS = ("clean", "corrupted", "answer", "wrong")
+
+
+def _lines(text: str, name: str) -> list[tuple[int, str]]:
+    if not isinstance(text, str):
+        raise ValueError(f"The pairs must be text, got {type(text).__name__}.")
+    if len(text) > LIMITS.max_task_chars:
+        raise ValueError(f"The pairs are {len(text):,} characters long; the limit is {LIMITS.max_task_chars:,}: use fewer pairs.")
+    lines = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:
+        raise ValueError(f"{name} has no pairs: write one per line, clean | corrupted | answer | wrong.")
+    if len(lines) > LIMITS.max_task_pairs:
+        raise ValueError(f"{name} has {len(lines):,} pairs; the limit is {LIMITS.max_task_pairs}: use fewer.")
+    return lines
+
+
+def parse_pairs(text: str, format: Literal["lines", "csv", "jsonl"] = "lines", name: str = "Your task") -> Task:
+    """The user's pairs as a task. `lines`: `clean | corrupted | answer | wrong`, one per line; a
+    prompt's surrounding spaces are dropped, an answer keeps the space it starts with after the bar's
+    own, as one space (so `... to | Mary | John` means ' Mary' and ' John', as GPT-2 writes words
+    mid-sentence; `...|Mary|John` means 'Mary' and 'John').
+    `csv`: four columns in that order (a header row naming them is skipped), values as written.
+    `jsonl`: one object per line with the keys clean, corrupted, answer, wrong."""
+    rows: list[tuple[int, PairText]] = []
+    if format == "lines":
+        for number, line in _lines(text, name):
+            fields = line.split("|")
+            if len(fields) != 4:
+                raise ValueError(f"Line {number}: expected 4 fields separated by '|' (clean | corrupted | answer | wrong), got {len(fields)}.")
+            clean, corrupted = fields[0].strip(), fields[1].strip()
+            answer, wrong = (" " + f.strip() if f[:1].isspace() else f.strip() for f in fields[2:])  # "| Mary" -> ' Mary'
+            rows.append((number, PairText(clean, corrupted, answer, wrong)))
+    elif format == "csv":
+        numbered = _lines(text, name)
+        for (number, _), fields in zip(numbered, csv.reader(io.StringIO("\n".join(line for _, line in numbered)))):
+            if [f.strip().lower() for f in fields] == list(FIELDS):
+                continue  # the header
+            if len(fields) != 4:
+                raise ValueError(f"Line {number}: expected 4 columns (clean, corrupted, answer, wrong), got {len(fields)}.")
+            rows.append((number, PairText(*fields)))
+    elif format == "jsonl":
+        for number, line in _lines(text, name):
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"Line {number}: not JSON ({err.msg} at column {err.colno}).") from None
+            if not isinstance(item, dict) or set(item) != set(FIELDS) or not all(isinstance(item[k], str) for k in FIELDS):
+                raise ValueError(f"Line {number}: expected an object with the text fields clean, corrupted, answer and wrong.")
+            rows.append((number, PairText(*(item[k] for k in FIELDS))))
+    else:
+        raise ValueError(f"Unknown format {format!r}: use lines, csv or jsonl.")
+    if not rows:
+        raise ValueError(f"{name} has no pairs (only a header).")
+    return Task(name, "pairs given by the user", tuple(pair for _, pair in rows), tuple(number for number, _ in rows))
+
+
+# --- the task's metric ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskMetric:
+    """The logit difference of every pair, clean and corrupted, and the task's means with their
+    standard errors (sample standard deviation / sqrt(N))."""
+
+    task: str
+    clean_values: Float[np.ndarray, " pair"]
+    corrupted_values: Float[np.ndarray, " pair"]
+
+    @staticmethod
+    def _mean_and_error(values: np.ndarray) -> tuple[float, float | None]:
+        error = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None
+        return float(values.mean()), error
+
+    @property
+    def clean(self) -> tuple[float, float | None]:
+        return self._mean_and_error(self.clean_values)
+
+    @property
+    def corrupted(self) -> tuple[float, float | None]:
+        return self._mean_and_error(self.corrupted_values)
+
+    @property
+    def swing(self) -> tuple[float, float | None]:
+        """The mean clean - corrupted difference (what task-level patching normalises by)."""
+        return self._mean_and_error(self.clean_values - self.corrupted_values)
+
+
+def task_metric(model: Model, task: Task) -> TaskMetric:
+    """Every pair's logit difference on both prompts, pairs of one token length batched together."""
+    pairs = task.contrast_pairs(model)
+    values = {"clean": np.zeros(len(pairs)), "corrupted": np.zeros(len(pairs))}
+    by_length: dict[int, list[int]] = {}
+    for i, pair in enumerate(pairs):
+        by_length.setdefault(pair.clean_tokens.shape[-1], []).append(i)
+    with torch.no_grad():
+        for length, members in by_length.items():
+            rows = max(1, DEFAULTS.tokens_per_forward // length)
+            for start in range(0, len(members), rows):
+                chunk = members[start : start + rows]
+                for side in values:
+                    tokens = torch.cat([getattr(pairs[i], f"{side}_tokens") for i in chunk])
+                    logits = model(tokens)
+                    for row, i in enumerate(chunk):
+                        values[side][i] = float(pairs[i].metric.of_logits(logits[row : row + 1])[0])
+    return TaskMetric(task.name, values["clean"], values["corrupted"])
