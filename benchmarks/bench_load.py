@@ -68,7 +68,7 @@ def make_requests(n: int, seed: int, n_layers: int) -> list[tuple[str, tuple]]:
         }.get(endpoint)
         if args is None:  # a technique this list does not know yet: its declared example
             t = TECHNIQUES[endpoint[1:]]
-            args = tuple(t.example[spec.name] for spec in t.inputs)
+            args = t.request()
         out.append((endpoint, args))
     return out
 

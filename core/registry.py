@@ -77,6 +77,12 @@ class Technique:
     reads_prompt: PromptReader | None = None  # it reads one forward pass over its prompt (the first input), so
     # several such techniques can share one pass: read_prompt(model, prompt, (t.reads_prompt, other inputs), ...)
 
+    def request(self, overrides: dict[str, Any] | None = None) -> tuple:
+        """The example (with `overrides`) as the values an API request sends, in input order, each input
+        the example leaves out at its default (an example names every required input: a test checks)."""
+        values = self.example | (overrides or {})
+        return tuple(values.get(spec.name, spec.default) for spec in self.inputs)
+
     def arguments(self, values: Sequence | dict[str, Any] | None = None) -> tuple:
         """run()'s arguments after the model, from `values` in input order or by input name (default:
         the example), defaults filled in, a blank optional token as None."""

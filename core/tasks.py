@@ -129,15 +129,6 @@ def _single_tokens(model: Model, words: list[str]) -> list[str]:
     return kept
 
 
-def _fits(model: Model, text: str) -> bool:
-    """Whether every word of `text` is in the model's vocabulary (the demo model knows only its world)."""
-    try:
-        to_tokens(model, text)
-    except ValueError:
-        return False
-    return True
-
-
 def ioi_task(model: Model, n: int, seed: int = 0, corruption: Literal["s2", "abc"] = "s2") -> Task:
     names, places = _single_tokens(model, NAMES), _single_tokens(model, PLACES)
     objects = _single_tokens(model, OBJECTS)
@@ -186,8 +177,13 @@ def facts_task(model: Model, n: int, seed: int = 0) -> Task:
         for t, template in enumerate(FACT_TEMPLATES)
         for landmark in landmarks
     }
-    prompts = {key: text for key, text in prompts.items() if _fits(model, text)}
-    length = {key: to_tokens(model, text).shape[-1] for key, text in prompts.items()}
+    length = {}  # token lengths of the prompts the model can read (the demo model knows only its world's words)
+    for key, text in prompts.items():
+        try:
+            length[key] = to_tokens(model, text).shape[-1]
+        except ValueError:
+            continue
+    prompts = {key: prompts[key] for key in length}
     partners = {key: [other for other in prompts if other[0] == key[0] and other != key and length[other] == length[key]] for key in prompts}
     usable = [key for key in prompts if partners[key]]
     if not usable:

@@ -73,9 +73,8 @@ def api_calls() -> list[tuple[str, tuple, object]]:
     for name, t in TECHNIQUES.items():
         blanks = [spec.name for spec in t.inputs if spec.kind == "token" and spec.default == ""]
         for blank in [None, *blanks]:
-            values = t.example | ({blank: ""} if blank else {})
-            sent = tuple(values[spec.name] for spec in t.inputs)
-            out.append((f"/{name}", sent, lambda m, t=t, values=values: t.run(m, *t.arguments(values))))
+            sent = t.request({blank: ""} if blank else {})
+            out.append((f"/{name}", sent, lambda m, t=t, sent=sent: t.run(m, *t.arguments(sent))))
     return out
 
 

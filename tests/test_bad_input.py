@@ -36,7 +36,7 @@ UI_INPUTS = {  # the tabs' inputs as (name, kind), as the registry declares a te
     "/contrast": (("clean", "prompt"), ("corrupted", "prompt"), ("answer", "token"), ("wrong", "token")),
     "/circuit_map": (("seq_len", "int"), ("batch", "int"), ("seed", "int")),
 }
-GOOD = {f"/{name}": tuple(t.example[spec.name] for spec in t.inputs) for name, t in TECHNIQUES.items()} | UI_GOOD
+GOOD = {f"/{name}": t.request() for name, t in TECHNIQUES.items()} | UI_GOOD
 INPUTS = {f"/{name}": tuple((spec.name, spec.kind) for spec in t.inputs) for name, t in TECHNIQUES.items()} | UI_INPUTS
 KINDS = {endpoint: tuple(kind for _, kind in inputs) for endpoint, inputs in INPUTS.items()}
 PROMPT_ENDPOINTS = [e for e, kinds in KINDS.items() if "prompt" in kinds]

@@ -29,7 +29,7 @@ def build(h: Handlers, model: Model, registry: dict[str, Technique]) -> None:
     for technique in registry.values():
         with gr.Group(elem_id=f"technique-{technique.name}"):
             gr.Markdown(f"### {technique.name}\n{technique.summary}")
-            inputs = [field(spec, technique.example.get(spec.name, "" if spec.required else spec.default)) for spec in technique.inputs]
+            inputs = [field(spec, value) for spec, value in zip(technique.inputs, technique.request())]
             run = gr.Button(f"Run {technique.name}", variant="primary")
             out = {f"figure {i}": gr.Plot(show_label=False) for i in range(len(technique.figures))}
             out["download"] = gr.File(label="Download results (JSON)")
