@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -152,25 +152,31 @@ class Engine:
 
     # --- many patched runs at once ------------------------------------------------------
 
-    def patched_metrics(self, corrupted: Trace, start: int, jobs: list[Job], direction) -> Float[Tensor, " job"]:
+    def patched_metrics(self, corrupted: Trace | Sequence[Trace], start: int, jobs: list[Job], direction) -> Float[Tensor, " job"]:
         """The metric of each job's patched run. Every job's residual stream is given for
         positions start.. (rows before a job's `live` position equal the corrupted run's).
+        `corrupted` and `direction`: one pair's, or a sequence of pairs' (of one token length) that
+        each job's `pair` indexes, so the patches of many pairs travel together.
         State: x [job, pos, d_model]; `rows` indexes its live (job, pos) rows in x.view(-1, d_model)."""
-        T = corrupted.resid_pre.shape[1] - start
+        traces = [corrupted] if isinstance(corrupted, Trace) else list(corrupted)
+        directions = [direction] if isinstance(corrupted, Trace) else list(direction)
+        T = traces[0].resid_pre.shape[1] - start
+        pairs = torch.zeros(0, dtype=torch.long, device=self.device)
         order = sorted(range(len(jobs)), key=lambda i: (jobs[i].layer, jobs[i].stage))
-        x = corrupted.resid_pre.new_zeros(0, T, corrupted.resid_pre.shape[-1])
+        x = traces[0].resid_pre.new_zeros(0, T, traces[0].resid_pre.shape[-1])
         live = torch.zeros(0, T, dtype=torch.bool, device=self.device)
         rows = torch.zeros(0, dtype=torch.long, device=self.device)
         added = 0
 
         def join(layer: int, stage: int):
-            nonlocal x, live, rows, added
+            nonlocal x, live, rows, added, pairs
             group = []
             while added < len(order) and (jobs[order[added]].layer, jobs[order[added]].stage) == (layer, stage):
                 group.append(jobs[order[added]])
                 added += 1
             if group:
                 x = torch.cat([x, torch.stack([job.resid for job in group])])
+                pairs = torch.cat([pairs, torch.tensor([job.pair for job in group], dtype=torch.long, device=self.device)])
                 positions = torch.arange(T, device=self.device)
                 live = torch.cat([live, torch.stack([positions >= job.live for job in group])])
                 rows = live.reshape(-1).nonzero().squeeze(1)
@@ -179,14 +185,20 @@ class Engine:
             last = layer == self.n_layers - 1
             join(layer, Job.PRE)
             if len(x):
-                self._attention(layer, x, rows, corrupted, start, last)
+                self._attention(layer, x, rows, traces, pairs, start, last)
             join(layer, Job.MID)
             if len(x):
                 self._mlp(layer, x, rows, last)
         join(self.n_layers, Job.PRE)
         assert added == len(order)
         metrics = torch.empty(len(jobs), dtype=torch.float64)
-        metrics[torch.tensor(order, dtype=torch.long)] = self._metric(x[:, -1], direction).double().cpu()
+        joined = torch.tensor(order, dtype=torch.long)  # x's rows, as indices into `jobs`
+        if len(traces) == 1:
+            metrics[joined] = self._metric(x[:, -1], directions[0]).double().cpu()
+        else:
+            for pair in pairs.unique().tolist():  # each pair's rows with its own answer and wrong token
+                mine = (pairs == pair).nonzero().squeeze(1)
+                metrics[joined[mine.cpu()]] = self._metric(x[mine, -1], directions[pair]).double().cpu()
         return metrics
 
     def _final_rows(self, x: Tensor) -> Tensor:
@@ -194,8 +206,9 @@ class Engine:
         B, T, _ = x.shape
         return torch.arange(B, device=self.device) * T + (T - 1)
 
-    def _attention(self, layer: int, x: Tensor, rows: Tensor, corrupted: Trace, start: int, last: bool) -> None:
-        """Adds the attention output to x in place, at the live rows (only the final ones if `last`)."""
+    def _attention(self, layer: int, x: Tensor, rows: Tensor, traces: list[Trace], pairs: Tensor, start: int, last: bool) -> None:
+        """Adds the attention output to x in place, at the live rows (only the final ones if `last`).
+        Rows that are not live, and positions before `start`, read their pair's corrupted run."""
         B, T, d = x.shape
         H, dh = self.n_heads, self.d_head
         flat = x.view(-1, d)
@@ -209,21 +222,31 @@ class Engine:
             qkv = torch.addmm(b, normed, w)
             q, kv = qkv[:, : H * dh], qkv[:, H * dh :]
             query_rows = rows
-        keys = corrupted.k[layer, start:].expand(B, T, H, dh).reshape(B * T, H * dh).clone()
-        values = corrupted.v[layer, start:].expand(B, T, H, dh).reshape(B * T, H * dh).clone()
+        if len(traces) == 1:  # one pair: its corrupted keys and values broadcast over the jobs
+            k_all, v_all = traces[0].k[layer], traces[0].v[layer]  # [pos, head, d_head]
+            keys = k_all[start:].expand(B, T, H, dh).reshape(B * T, H * dh).clone()
+            values = v_all[start:].expand(B, T, H, dh).reshape(B * T, H * dh).clone()
+        else:  # several pairs: each job reads its own pair's
+            k_all = torch.stack([trace.k[layer] for trace in traces])[pairs]  # [job, pos, head, d_head]
+            v_all = torch.stack([trace.v[layer] for trace in traces])[pairs]
+            keys = k_all[:, start:].reshape(B * T, H * dh).clone()
+            values = v_all[:, start:].reshape(B * T, H * dh).clone()
         keys.index_copy_(0, rows, kv[:, : H * dh].contiguous())
         values.index_copy_(0, rows, kv[:, H * dh :].contiguous())
         queries = x.new_zeros(B * T, H * dh).index_copy_(0, query_rows, q.contiguous()).view(B, T, H, dh)
         keys, values = keys.view(B, T, H, dh), values.view(B, T, H, dh)
-        prefix_k, prefix_v = corrupted.k[layer, :start], corrupted.v[layer, :start]  # [start, head, d_head]
         own = torch.einsum("bqhd,bkhd->bhqk", queries, keys)
-        before = torch.einsum("bqhd,khd->bhqk", queries, prefix_k)
+        if len(traces) == 1:
+            prefix_k, prefix_v = k_all[:start], v_all[:start]  # [start, head, d_head]
+            before = torch.einsum("bqhd,khd->bhqk", queries, prefix_k)
+        else:
+            prefix_k, prefix_v = k_all[:, :start], v_all[:, :start]  # [job, start, head, d_head]
+            before = torch.einsum("bqhd,bkhd->bhqk", queries, prefix_k)
         causal = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
         scores = torch.cat([before, own.masked_fill(~causal, float("-inf"))], -1) * self.scale
         pattern = torch.softmax(scores, -1)
-        z = torch.einsum("bhqk,khd->bqhd", pattern[..., :start], prefix_v) + torch.einsum(
-            "bhqk,bkhd->bqhd", pattern[..., start:], values
-        )
+        prefix_z = torch.einsum("bhqk,khd->bqhd" if len(traces) == 1 else "bhqk,bkhd->bqhd", pattern[..., :start], prefix_v)
+        z = prefix_z + torch.einsum("bhqk,bkhd->bqhd", pattern[..., start:], values)
         z = z.reshape(B * T, H * dh).index_select(0, query_rows)
         flat.index_add_(0, query_rows, torch.addmm(self.b_O[layer], z, self.W_O_flat[layer]))
 
@@ -247,12 +270,16 @@ class Job:
     stage: int
     resid: Float[Tensor, "pos d_model"]
     live: int
+    pair: int = 0  # which pair's corrupted run it reads (patched_metrics with several pairs)
 
 
-def sweep_jobs(engine: Engine, clean: Trace, corrupted: Trace, start: int) -> Iterator[tuple[str, tuple[int, int], Job]]:
-    """(sweep, (layer, index), job) for every patch that can change anything: positions from
-    `start` (the first that differs) for the by-position sweeps, every head for the by-head one.
-    A generator, so only the jobs of the chunk being computed are ever in memory."""
+def sweep_jobs(
+    engine: Engine, clean: Trace, corrupted: Trace, start: int, pair: int = 0, sweeps: Sequence[str] = tuple(SWEEPS)
+) -> Iterator[tuple[str, tuple[int, int], Job]]:
+    """(sweep, (layer, index), job) for every patch of `sweeps` that can change anything: positions
+    from `start` (the first that differs) for the by-position sweeps, every head for the by-head one;
+    `pair` marks the jobs as that pair's. A generator, so only the jobs of the chunk being computed
+    are ever in memory."""
     n_pos = corrupted.resid_pre.shape[1]
     # where a patch enters block `layer` (Sweep.enters): the layer its job starts at, the stage, the stream it changes
     entry = {
@@ -272,10 +299,10 @@ def sweep_jobs(engine: Engine, clean: Trace, corrupted: Trace, start: int) -> It
             resid[row : row + len(change)] += change
         else:
             resid[row] = value
-        return Job(at, stage, resid, row)
+        return Job(at, stage, resid, row, pair)
 
-    by_pos = [sweep for sweep in SWEEPS.values() if sweep.axis == "pos"]
-    by_head = [sweep for sweep in SWEEPS.values() if sweep.axis == "head"]
+    by_pos = [SWEEPS[name] for name in sweeps if SWEEPS[name].axis == "pos"]
+    by_head = [SWEEPS[name] for name in sweeps if SWEEPS[name].axis == "head"]
     for layer in range(engine.n_layers):
         for pos in range(start, n_pos):
             for sweep in by_pos:  # the Trace holds each by-position sweep's activation under its name
