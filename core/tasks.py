@@ -28,14 +28,15 @@ import json
 import math
 import random
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
+from torch import Tensor
 
 from core.config import DEFAULTS, LIMITS
-from core.contrast import ContrastPair
+from core.contrast import ContrastPair, LogitDiff
 from core.model import Model, check_int, single_token_id, to_tokens
 
 NAMES = [
@@ -303,21 +304,27 @@ class TaskMetric:
         return self._mean_and_error(self.clean_values - self.corrupted_values)
 
 
-def task_metric(model: Model, task: Task) -> TaskMetric:
-    """Every pair's logit difference on both prompts, pairs of one token length batched together."""
-    pairs = task.contrast_pairs(model)
-    values = {"clean": np.zeros(len(pairs)), "corrupted": np.zeros(len(pairs))}
+def metric_values(model: Model, runs: Sequence[tuple[Int[Tensor, "1 pos"], LogitDiff]]) -> Float[np.ndarray, " run"]:
+    """The metric of each (tokens, metric) run, the runs of one token length batched together
+    (DEFAULTS.tokens_per_forward tokens per forward pass)."""
+    values = np.zeros(len(runs))
     by_length: dict[int, list[int]] = {}
-    for i, pair in enumerate(pairs):
-        by_length.setdefault(pair.clean_tokens.shape[-1], []).append(i)
+    for i, (tokens, _) in enumerate(runs):
+        by_length.setdefault(tokens.shape[-1], []).append(i)
     with torch.no_grad():
         for length, members in by_length.items():
             rows = max(1, DEFAULTS.tokens_per_forward // length)
             for start in range(0, len(members), rows):
                 chunk = members[start : start + rows]
-                for side in values:
-                    tokens = torch.cat([getattr(pairs[i], f"{side}_tokens") for i in chunk])
-                    logits = model(tokens)
-                    for row, i in enumerate(chunk):
-                        values[side][i] = float(pairs[i].metric.of_logits(logits[row : row + 1])[0])
-    return TaskMetric(task.name, values["clean"], values["corrupted"])
+                logits = model(torch.cat([runs[i][0] for i in chunk]))
+                for row, i in enumerate(chunk):
+                    values[i] = float(runs[i][1].of_logits(logits[row : row + 1])[0])
+    return values
+
+
+def task_metric(model: Model, task: Task) -> TaskMetric:
+    """Every pair's logit difference on both prompts, pairs of one token length batched together."""
+    pairs = task.contrast_pairs(model)
+    clean = metric_values(model, [(pair.clean_tokens, pair.metric) for pair in pairs])
+    corrupted = metric_values(model, [(pair.corrupted_tokens, pair.metric) for pair in pairs])
+    return TaskMetric(task.name, clean, corrupted)

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from core import activation_patching, induction_scores, load_model, predict
+from core.contrast import LogitDiff
 from core.model import single_token_id, to_tokens
+from core.tasks import metric_values
 from demo_model import corpus
 from examples import EIFFEL, EXAMPLES
 
@@ -25,20 +26,8 @@ INDUCTION = dict(seq_len=20, batch=20, seed=0)
 
 def logit_differences(model, prompts: list[tuple[str, str, str]]) -> np.ndarray:
     """logit(first name) - logit(second name) at the final position, for (prompt, good, bad) triples."""
-    by_length: dict[int, list[int]] = {}
-    encoded = [to_tokens(model, prompt)[0] for prompt, _, _ in prompts]
-    for i, tokens in enumerate(encoded):
-        by_length.setdefault(len(tokens), []).append(i)
-    values = np.zeros(len(prompts))
-    with torch.no_grad():
-        for indices in by_length.values():
-            logits = model(torch.stack([encoded[i] for i in indices]))[:, -1]
-            for row, i in enumerate(indices):
-                _, good, bad = prompts[i]
-                good_id = single_token_id(model, " " + good.strip(), "name")
-                bad_id = single_token_id(model, " " + bad.strip(), "name")
-                values[i] = float(logits[row, good_id] - logits[row, bad_id])
-    return values
+    name = lambda text: single_token_id(model, " " + text.strip(), "name")  # noqa: E731
+    return metric_values(model, [(to_tokens(model, prompt), LogitDiff(name(good), name(bad))) for prompt, good, bad in prompts])
 
 
 def measure(model_dir: str) -> dict:
