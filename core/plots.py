@@ -31,6 +31,7 @@ from core.results import (
     LogitLensResult,
     PatchingResult,
     Predictions,
+    TaskPatchingResult,
 )
 
 MAX_TITLE_CHARS = 52  # a main line this long (mostly capitals) spans ~340 px at 14 px (Chromium, Arial metrics): fits a phone
@@ -447,6 +448,25 @@ def patching_heatmap(result: PatchingResult | ApproximatePatchingResult, sweep: 
         y_title="layer",
         colour_title=colour_title,
         limit=limit if limit is not None else shared_limit(scores),
+    )
+
+
+def task_heatmap(result: TaskPatchingResult, sweep: str) -> go.Figure:
+    """A sweep's mean score over the task's pairs; a sweep not computed (pairs of several lengths) is an
+    empty figure whose title says why."""
+    scores = getattr(result, sweep)
+    spec = SWEEPS[sweep]
+    title = _title(f"Task patching: {result.task}", f"{spec.title} ({spec.detail}), mean over {result.n_pairs} pairs / mean gap {result.gap:+.2f}")
+    if scores is None:
+        fig = go.Figure(layout=dict(template=TEMPLATE, title=_title(f"Task patching: {result.task}", f"{spec.title}: not computed, pairs of several lengths")))
+        return fig
+    if spec.axis == "head":
+        x, x_title, hover = head_labels(scores.shape[1]), "head", "%{y}%{x}"
+    else:
+        x, x_title, hover = token_labels(result.positions), "position: the first pair's clean token", "layer %{y}<br>position %{x}"
+    return _heatmap(
+        scores, x=x, y=layer_labels(scores.shape[0]), title=title, hover=hover + "<br>mean restored = %{z:+.4f}", signed=True,
+        x_title=x_title, y_title="layer", colour_title="restored", limit=shared_limit(scores),
     )
 
 

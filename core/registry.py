@@ -35,15 +35,18 @@ KINDS: dict[str, type] = {
     "prompt": str,  # text checked as a prompt (length, vocabulary), tokenized with BOS
     "token": str,  # one token of the model's vocabulary, e.g. " Paris"
     "int": int,  # a whole number; the technique checks its range
+    "choice": str,  # one of the input's `choices` (a dropdown in the form; the technique checks)
+    "text": str,  # free text the technique parses itself (e.g. pasted pairs); several lines in the form
 }
 
 
 @dataclass(frozen=True)
 class Input:
     name: str  # the parameter name clients use (gradio_client keyword), and the field a message is shown on
-    kind: Literal["prompt", "token", "int"]
+    kind: Literal["prompt", "token", "int", "choice", "text"]
     doc: str  # what it is, for a person: the API page and the form's label
     default: Any = REQUIRED  # what the API uses when the caller leaves it out; "" for an optional token
+    choices: tuple[str, ...] = ()  # kind "choice": the values allowed
 
     @property
     def required(self) -> bool:

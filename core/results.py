@@ -21,6 +21,12 @@ from core.config import DEFAULTS
 from core.contrast import SWEEPS
 
 
+def mean_and_error(values: np.ndarray) -> tuple[float, float | None]:
+    """The mean and its standard error (sample standard deviation / sqrt(N); None for one value)."""
+    error = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
+    return float(values.mean()), error
+
+
 def _plain_value(value, declared: str | None):
     """One value as JSON-ready data: arrays as lists (int for integer dtypes, else float64), NumPy
     scalars as Python numbers, a value declared `float` as a float."""
@@ -127,9 +133,24 @@ _SCORES_JSON = ("clean_tokens", "corrupted_tokens", "clean_value", "corrupted_va
 
 
 @dataclass(frozen=True)
-class _PatchingScores(_Result):
-    """What exact and approximate patching share: the pair, its metric, and one score per component,
-    normalised so that 0 = corrupted and 1 = clean."""
+class _SweepScores(_Result):
+    """One array of scores per sweep (core.contrast.SWEEPS, which a check below holds these fields to),
+    normalised so that 0 = corrupted and 1 = clean; None where a sweep was not computed."""
+
+    resid_pre: Float[np.ndarray, "layer pos"] | None
+    attn_out: Float[np.ndarray, "layer pos"] | None
+    mlp_out: Float[np.ndarray, "layer pos"] | None
+    head_out: Float[np.ndarray, "layer head"]  # each head's output at all positions
+
+
+_SWEEP_FIELDS = [f.name for f in dataclasses.fields(_SweepScores)]
+if _SWEEP_FIELDS != list(SWEEPS):  # the sweep table and the results' fields are one list
+    raise TypeError(f"patching results hold {_SWEEP_FIELDS}, but core.contrast.SWEEPS lists {list(SWEEPS)}")
+
+
+@dataclass(frozen=True)
+class _PatchingScores(_SweepScores):
+    """What exact and approximate patching of one pair share: the pair, its metric, and the scores."""
 
     clean_tokens: list[str]  # [pos]
     corrupted_tokens: list[str]  # [pos]
@@ -137,11 +158,6 @@ class _PatchingScores(_Result):
     wrong_answer: str
     clean_value: float  # logit(answer) - logit(wrong) on the clean prompt
     corrupted_value: float  # the same on the corrupted prompt
-    # one array per sweep (core.contrast.SWEEPS, which a check below holds these fields to)
-    resid_pre: Float[np.ndarray, "layer pos"]
-    attn_out: Float[np.ndarray, "layer pos"]
-    mlp_out: Float[np.ndarray, "layer pos"]
-    head_out: Float[np.ndarray, "layer head"]  # each head's output at all positions
 
     @property
     def swing(self) -> float:
@@ -165,11 +181,6 @@ class _PatchingScores(_Result):
             "by the swing, so small effects and numerical noise show up as large scores (above 1 or below 0): "
             "read them as noise. Pick a pair whose prompts change the answer (IOI pairs swing several logits on GPT-2)."
         )
-
-
-_SWEEP_FIELDS = [f.name for f in dataclasses.fields(_PatchingScores) if "np.ndarray" in f.type]
-if _SWEEP_FIELDS != list(SWEEPS):  # the sweep table and the results' fields are one list
-    raise TypeError(f"patching results hold {_SWEEP_FIELDS}, but core.contrast.SWEEPS lists {list(SWEEPS)}")
 
 
 @dataclass(frozen=True)
@@ -198,6 +209,45 @@ class ApproximatePatchingResult(_PatchingScores):
     approximate: ClassVar[bool] = True  # in the JSON, so a client can never take it for /patching's exact scores
 
     JSON = ("approximate", "method", *_SCORES_JSON)
+
+
+@dataclass(frozen=True)
+class TaskPatchingResult(_SweepScores):
+    """Activation patching over a task: each sweep's mean effect over the pairs, (patched - corrupted)
+    averaged, divided by the task's mean clean - corrupted gap. By-position sweeps only when every pair
+    has one token length (else None, and `note` says why)."""
+
+    task: str
+    description: str
+    lengths: list[int]  # the pairs' token lengths (BOS included)
+    positions: list[str]  # [pos] the first pair's clean tokens, labelling the by-position sweeps ([] with several lengths)
+    clean_values: Float[np.ndarray, " pair"]  # each pair's logit difference on its clean prompt
+    corrupted_values: Float[np.ndarray, " pair"]  # ... and on its corrupted prompt
+
+    JSON = (
+        "task", "description", "n_pairs", "lengths", "note", "clean_mean", "clean_error", "corrupted_mean", "corrupted_error",
+        "gap", "gap_error", "positions", *SWEEPS, "clean_values", "corrupted_values",
+    )
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.clean_values)
+
+    @property
+    def note(self) -> str | None:
+        if len(self.lengths) == 1:
+            return None
+        return (
+            f"The pairs have {len(self.lengths)} token lengths ({', '.join(map(str, self.lengths))}), so positions do not line "
+            "up across pairs: only head_out (each head at all positions) is computed. Pick pairs of one length for the others."
+        )
+
+    clean_mean = property(lambda self: mean_and_error(self.clean_values)[0])
+    clean_error = property(lambda self: mean_and_error(self.clean_values)[1])  # standard error of the mean
+    corrupted_mean = property(lambda self: mean_and_error(self.corrupted_values)[0])
+    corrupted_error = property(lambda self: mean_and_error(self.corrupted_values)[1])
+    gap = property(lambda self: mean_and_error(self.clean_values - self.corrupted_values)[0])  # what scores are divided by
+    gap_error = property(lambda self: mean_and_error(self.clean_values - self.corrupted_values)[1])
 
 
 # --- storing results on disk: data only, never code ------------------------------------

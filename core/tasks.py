@@ -25,7 +25,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import random
 from dataclasses import dataclass
 from typing import Callable, Literal, Sequence
@@ -38,6 +37,7 @@ from torch import Tensor
 from core.config import DEFAULTS, LIMITS
 from core.contrast import ContrastPair, LogitDiff
 from core.model import Model, check_int, single_token_id, to_tokens
+from core.results import mean_and_error
 
 NAMES = [
     "John", "Mary", "Tom", "James", "Dan", "Sarah", "Paul", "Lisa",
@@ -285,23 +285,18 @@ class TaskMetric:
     clean_values: Float[np.ndarray, " pair"]
     corrupted_values: Float[np.ndarray, " pair"]
 
-    @staticmethod
-    def _mean_and_error(values: np.ndarray) -> tuple[float, float | None]:
-        error = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None
-        return float(values.mean()), error
-
     @property
     def clean(self) -> tuple[float, float | None]:
-        return self._mean_and_error(self.clean_values)
+        return mean_and_error(self.clean_values)
 
     @property
     def corrupted(self) -> tuple[float, float | None]:
-        return self._mean_and_error(self.corrupted_values)
+        return mean_and_error(self.corrupted_values)
 
     @property
     def swing(self) -> tuple[float, float | None]:
         """The mean clean - corrupted difference (what task-level patching normalises by)."""
-        return self._mean_and_error(self.clean_values - self.corrupted_values)
+        return mean_and_error(self.clean_values - self.corrupted_values)
 
 
 def metric_values(model: Model, runs: Sequence[tuple[Int[Tensor, "1 pos"], LogitDiff]]) -> Float[np.ndarray, " run"]:

@@ -97,6 +97,11 @@ def cases():
         "k": "between 1 and 100", "layer": "between 0 and 4", "head": "between 0 and 3",
         "seq_len": "between 2 and 31", "batch": "between 1 and 64", "seed": "between 0 and 4294967295",
     }
+    for name, t in TECHNIQUES.items():  # a choice not offered: the message names the choices
+        for position, spec in enumerate(t.inputs):
+            if spec.kind == "choice":
+                for value in ["nope", "", 42, None]:
+                    out.append((f"/{name}", with_arg(f"/{name}", position, value), re.escape(spec.choices[0])))
     out_of_range = {"k": [0, 101, -5], "layer": [-1, 5, -5], "head": [-1, 4, -5], "seq_len": [1, 32, -5], "batch": [0, 65, -5], "seed": [-1, 2**40, -5]}
     for endpoint, fields in INT_FIELDS.items():
         for position, name in fields.items():
@@ -153,7 +158,7 @@ JSON_ANY = st.one_of(
     TEXT, st.integers(-10, 10**6), st.floats(allow_nan=False, allow_infinity=False), st.none(), st.booleans(), st.lists(st.integers(), max_size=2)
 )
 JSON_INT = st.one_of(st.integers(-5, 70), st.floats(-5, 70), JSON_ANY)  # what JSON can carry (no NaN / inf)
-CORE_KINDS = {"prompt": TEXT, "token": TEXT, "int": INT}
+CORE_KINDS = {"prompt": TEXT, "token": TEXT, "int": INT, "choice": st.one_of(TEXT, ANY), "text": TEXT}
 CORE_CALLS = {  # each technique's inputs, fuzzed by kind; an optional token may also be None
     name: (t.run, [st.one_of(CORE_KINDS[spec.kind], st.none()) if spec.default == "" else CORE_KINDS[spec.kind] for spec in t.inputs])
     for name, t in TECHNIQUES.items()
@@ -177,7 +182,7 @@ def test_fuzz_core_raises_only_clear_value_errors(demo_model, name):
 
 
 A, I = JSON_ANY, JSON_INT
-API_KINDS = {"prompt": A, "token": A, "int": I}  # anything JSON can carry; a pair's prompts are text (so most requests reach the model)
+API_KINDS = {"prompt": A, "token": A, "int": I, "choice": A, "text": A}  # anything JSON can carry; a pair's prompts are text (so most requests reach the model)
 API_ARGS = {
     endpoint: [TEXT if kind == "prompt" and endpoint in PAIR_ENDPOINTS else API_KINDS[kind] for kind in kinds] for endpoint, kinds in KINDS.items()
 }

@@ -5,36 +5,40 @@ singles out L4H0."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from transformer_lens import patching as tl_patching
 
 from core import SWEEPS, activation_patching
 from core.model import to_tokens
-from core.patching.task import task_patching
+from core.patching.task import raw_task_sweeps, task_patching
 from core.tasks import built_in_task
 
 
 def test_batched_pairs_equal_each_pair_patched_alone(demo_model):
     task = built_in_task(demo_model, "induction", 6, seed=0)  # one token length: every sweep
-    result = task_patching(demo_model, task, rows_per_pass=97)  # small chunks that mix pairs
-    assert result.lengths == [10] and list(result.scores) == list(SWEEPS)  # BOS + 5 words + 4 repeated
+    pairs, lengths, clean, corrupted, raw = raw_task_sweeps(demo_model, task, rows_per_pass=97)  # small chunks that mix pairs
+    assert lengths == [10] and list(raw) == list(SWEEPS)  # BOS + 5 words + 4 repeated
     for i, pair in enumerate(task.pairs):
         alone = activation_patching(demo_model, pair.clean, pair.corrupted, pair.answer, pair.wrong)
+        assert (clean[i], corrupted[i]) == pytest.approx((alone.clean_value, alone.corrupted_value), abs=1e-5)
         for name in SWEEPS:
-            np.testing.assert_allclose(result.deltas[name][i], getattr(alone, name) * alone.swing, atol=1e-4)
-    means = {name: result.deltas[name].mean(0) / result.gap for name in SWEEPS}
+            np.testing.assert_allclose(raw[name][i] - corrupted[i], getattr(alone, name) * alone.swing, atol=1e-4)
+    result = task_patching(demo_model, task)
+    assert result.gap == pytest.approx(float((clean - corrupted).mean()), abs=1e-9) and result.note is None
     for name in SWEEPS:
-        np.testing.assert_allclose(result.scores[name], means[name], rtol=1e-12)
+        np.testing.assert_allclose(getattr(result, name), (raw[name] - corrupted[:, None, None]).mean(0) / result.gap, atol=1e-6)  # other chunks
 
 
 def test_pairs_of_several_lengths_keep_the_head_sweep_only(demo_model):
     result = task_patching(demo_model, built_in_task(demo_model, "ioi", 16, seed=0))
-    assert len(result.lengths) > 1 and list(result.scores) == ["head_out"]
+    assert len(result.lengths) > 1 and result.resid_pre is None and result.head_out.shape == (5, 4)
+    assert "only head_out" in result.note and result.positions == []
 
 
 def test_the_demo_models_ioi_task_singles_out_L4H0(demo_model):
     """Measured (32 pairs, seed 0): L4H0 restores 0.80 of the task's mean gap, the next head 0.14."""
-    head = task_patching(demo_model, built_in_task(demo_model, "ioi", 32, seed=0)).scores["head_out"]
+    head = task_patching(demo_model, built_in_task(demo_model, "ioi", 32, seed=0)).head_out
     assert np.unravel_index(np.abs(head).argmax(), head.shape) == (4, 0) and head[4, 0] > 0.6
 
 
@@ -43,7 +47,7 @@ def test_task_patching_equals_transformer_lens_pair_by_pair(demo_model):
     (Single pairs are checked against it on the GPT-2-shaped model too, tests/test_crosscheck.py.)"""
     model = demo_model
     task = built_in_task(model, "induction", 3, seed=5)  # one token length: every sweep
-    result = task_patching(model, task)
+    _, _, _, corrupted, raw = raw_task_sweeps(model, task)
     deltas = {name: [] for name in SWEEPS}
     for pair in task.pairs:
         answer, wrong = model.to_single_token(pair.answer), model.to_single_token(pair.wrong)
@@ -55,5 +59,5 @@ def test_task_patching_equals_transformer_lens_pair_by_pair(demo_model):
                 metric = lambda logits: (logits[0, -1, answer] - logits[0, -1, wrong]) - (base[answer] - base[wrong])  # noqa: E731
                 deltas[name].append(getattr(tl_patching, sweep.reference)(model, corrupted_tokens, cache, metric).double().numpy())
     for name in SWEEPS:  # each pair's patched - corrupted, in logits
-        difference = np.abs(result.deltas[name] - np.stack(deltas[name])).max()
+        difference = np.abs(raw[name] - corrupted[:, None, None] - np.stack(deltas[name])).max()
         assert difference <= 1e-4, f"{name}: {difference:.2e}"

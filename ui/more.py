@@ -17,8 +17,10 @@ def field(spec: Input, value) -> gr.components.Component:
     label = f"{spec.name}: {spec.doc}"
     if spec.kind == "int":
         return gr.Number(value=value, precision=0, label=label, min_width=120)
+    if spec.kind == "choice":
+        return gr.Dropdown(list(spec.choices), value=value, label=label)
     info = SPACE_HINT if spec.kind == "token" else None
-    return gr.Textbox(value=value, label=label, info=info, lines=2 if spec.kind == "prompt" else 1)
+    return gr.Textbox(value=value, label=label, info=info, lines={"prompt": 2, "text": 6}.get(spec.kind, 1))
 
 
 def build(h: Handlers, model: Model, registry: dict[str, Technique]) -> None:

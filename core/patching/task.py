@@ -10,35 +10,21 @@ result says why. Models the fast engine does not fit run pair after pair through
 
 from __future__ import annotations
 
+import functools
 import itertools
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from jaxtyping import Float
 
+from core import plots
 from core.config import DEFAULTS
 from core.contrast import SWEEPS, check_swing
-from core.model import Model
+from core.model import Model, str_tokens
 from core.patching.exact import run_pair
 from core.patching.fast import FastRun, sweep_jobs
-from core.registry import Progress
-from core.tasks import Task
-
-
-@dataclass(frozen=True)
-class TaskPatchingResult:
-    task: str
-    n_pairs: int
-    lengths: list[int]  # the pairs' token lengths (one: every sweep; several: head_out only)
-    clean_values: Float[np.ndarray, " pair"]
-    corrupted_values: Float[np.ndarray, " pair"]
-    scores: dict[str, np.ndarray]  # sweep -> [layer, pos] or [layer, head], the task's normalised mean
-    deltas: dict[str, np.ndarray]  # sweep -> [pair, layer, index]: each pair's patched - corrupted
-
-    @property
-    def gap(self) -> float:
-        return float((self.clean_values - self.corrupted_values).mean())
+from core.registry import Input, Progress, Technique
+from core.results import TaskPatchingResult
+from core.tasks import BUILT_IN, Task, built_in_task, parse_pairs
 
 
 def _fast_sweeps(runs: list[FastRun], sweeps: tuple[str, ...], rows_per_pass: int, progress: Progress | None) -> dict[str, np.ndarray]:
@@ -78,12 +64,12 @@ def _fast_sweeps(runs: list[FastRun], sweeps: tuple[str, ...], rows_per_pass: in
     return raw
 
 
-def task_patching(model: Model, task: Task, progress: Progress | None = None, rows_per_pass: int = DEFAULTS.patch_rows_per_pass) -> TaskPatchingResult:
+def raw_task_sweeps(model: Model, task: Task, progress: Progress | None = None, rows_per_pass: int = DEFAULTS.patch_rows_per_pass):
+    """(pairs, each pair's clean and corrupted values, raw metrics [pair, layer, index] per sweep computed)."""
     pairs = task.contrast_pairs(model)
     lengths = sorted({pair.clean_tokens.shape[-1] for pair in pairs})
     sweeps = tuple(SWEEPS) if len(lengths) == 1 else tuple(name for name, sweep in SWEEPS.items() if sweep.axis == "head")
-    first = run_pair(model, pairs[0])  # checks the fast engine against the model once (or falls back to hooks)
-    runs = [first] + [run_pair(model, pair) for pair in pairs[1:]]
+    runs = [run_pair(model, pair) for pair in pairs]  # the first checks the fast engine against the model (or falls back)
     clean = np.array([run.clean_value for run in runs])
     corrupted = np.array([run.corrupted_value for run in runs])
     check_swing(float(clean.mean()), float(corrupted.mean()))
@@ -92,14 +78,52 @@ def task_patching(model: Model, task: Task, progress: Progress | None = None, ro
     else:  # hooks, pair after pair
         per_pair = [run.sweeps(progress) for run in runs]
         raw = {name: np.stack([p[name].numpy() for p in per_pair]) for name in sweeps}
-    deltas = {name: raw[name] - corrupted[:, None, None] for name in sweeps}
+    return pairs, lengths, clean, corrupted, raw
+
+
+def task_patching(model: Model, task: Task, progress: Progress | None = None, rows_per_pass: int = DEFAULTS.patch_rows_per_pass) -> TaskPatchingResult:
+    """Every sweep over the task's pairs: mean (patched - corrupted) / mean (clean - corrupted)."""
+    pairs, lengths, clean, corrupted, raw = raw_task_sweeps(model, task, progress, rows_per_pass)
     gap = float((clean - corrupted).mean())
+    scores = {name: (raw[name] - corrupted[:, None, None]).mean(0) / gap if name in raw else None for name in SWEEPS}
     return TaskPatchingResult(
         task=task.name,
-        n_pairs=len(pairs),
+        description=task.description,
         lengths=lengths,
+        positions=str_tokens(model, pairs[0].clean_tokens) if len(lengths) == 1 else [],
         clean_values=clean,
         corrupted_values=corrupted,
-        scores={name: deltas[name].mean(0) / gap for name in sweeps},
-        deltas=deltas,
+        **scores,
     )
+
+
+def patch_task(
+    model: Model, task: str = "ioi", n: int = 32, seed: int = 0, pairs: str = "", progress: Progress | None = None
+) -> TaskPatchingResult:
+    """Task patching on a built-in task (`task`, `n` pairs drawn with `seed`) or on your own `pairs`
+    (task "custom": one per line, clean | corrupted | answer | wrong)."""
+    if task == "custom":
+        chosen = parse_pairs(pairs)
+    elif task in BUILT_IN:
+        chosen = built_in_task(model, task, n, seed)
+    else:
+        raise ValueError(f"There is no task {task!r}: pick one of {', '.join(BUILT_IN)}, or custom with your pairs.")
+    return task_patching(model, chosen, progress)
+
+
+TECHNIQUE = Technique(
+    name="task_patching",
+    run=patch_task,
+    result=TaskPatchingResult,
+    summary="Activation patching over a task (many pairs): each sweep's mean effect / the task's mean clean - corrupted gap.",
+    inputs=(
+        Input("task", "choice", "a built-in task, or custom (your pairs)", default="ioi", choices=(*BUILT_IN, "custom")),
+        Input("n", "int", "pairs drawn from a built-in task", default=32),
+        Input("seed", "int", "the draw's seed (same seed, same pairs)", default=0),
+        Input("pairs", "text", "task custom: one pair per line, clean | corrupted | answer | wrong", default=""),
+    ),
+    lane="heavy",
+    example={"task": "induction", "n": 8, "seed": 0},
+    figures=tuple(functools.partial(plots.task_heatmap, sweep=name) for name in SWEEPS),
+    progress=True,
+)
