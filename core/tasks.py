@@ -208,7 +208,7 @@ BUILT_IN: dict[str, Callable[..., Task]] = {
 
 def built_in_task(model: Model, name: str, n: int, seed: int = 0) -> Task:
     """A built-in task of `n` pairs, drawn with `seed` (the same seed gives the same pairs)."""
-    if name not in BUILT_IN:
+    if not isinstance(name, str) or name not in BUILT_IN:
         raise ValueError(f"There is no task {name!r}: the built-in tasks are {', '.join(BUILT_IN)}.")
     n = check_int(n, "n", 1, LIMITS.max_task_pairs)
     seed = check_int(seed, "seed", 0, 2**32 - 1)

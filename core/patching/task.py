@@ -102,6 +102,8 @@ def patch_task(
 ) -> TaskPatchingResult:
     """Task patching on a built-in task (`task`, `n` pairs drawn with `seed`) or on your own `pairs`
     (task "custom": one per line, clean | corrupted | answer | wrong)."""
+    if not isinstance(task, str):
+        raise ValueError(f"The task must be text: one of {', '.join(BUILT_IN)}, or custom; got {type(task).__name__}.")
     if task == "custom":
         chosen = parse_pairs(pairs)
     elif task in BUILT_IN:
