@@ -53,7 +53,7 @@ TABS = {  # the designed tabs, by the name a technique's `tab` gives: (id, build
     "Contrast Pairs": ("contrast", ui.contrast.build),
     "Circuit Map": ("circuit_map", ui.circuit_map.build),
 }
-MAX_UPLOAD = "1kb"  # the app has no upload widget: Gradio's upload route takes nothing bigger
+MAX_UPLOAD = f"{4 * LIMITS.max_task_chars // 1000}kb"  # the one upload: a task's pairs (at most max_task_chars, 4 bytes each in UTF-8)
 
 
 def launch_options() -> dict:

@@ -31,6 +31,7 @@ class Defaults:
     patch_batch_size: int = 32  # patched runs evaluated together in one forward pass (hook engine)
     patch_rows_per_pass: int = 4096  # patched positions evaluated together by the fast engine (bounds memory)
     progress_steps: int = 20  # exact patching reports progress at least this often when asked to
+    path_senders: int = 3  # the Contrast Pairs tab proposes the heads patching ranks first as path patching senders
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from core.results import (
     InductionResult,
     LogitLensResult,
     PatchingResult,
+    PathPatchingResult,
     Predictions,
     TaskPatchingResult,
 )
@@ -467,6 +468,65 @@ def task_heatmap(result: TaskPatchingResult, sweep: str) -> go.Figure:
     return _heatmap(
         scores, x=x, y=layer_labels(scores.shape[0]), title=title, hover=hover + "<br>mean restored = %{z:+.4f}", signed=True,
         x_title=x_title, y_title="layer", colour_title="restored", limit=shared_limit(scores),
+    )
+
+
+PATH_INPUTS = {"q": "query", "k": "key", "v": "value"}
+
+
+def _path_scope(result: PathPatchingResult) -> str:
+    """What a path patching score is averaged over, for a figure's detail line."""
+    if result.n_pairs == 1:
+        return "fraction of the pair's logit difference restored"
+    return f"{result.task}: mean over {result.n_pairs} pairs / mean gap {result.gap:+.2f}"
+
+
+def path_heatmap(result: PathPatchingResult, component: str) -> go.Figure:
+    """Where the senders' effect goes through each later head's query, key or value input: layer x head,
+    heads no sender can reach left blank, the senders marked S; one colour scale for q, k and v."""
+    scores = np.asarray(getattr(result, component), dtype=float).copy()
+    scores[: result.first_receiver_layer] = np.nan  # not receivers: blank, not a measured 0
+    n_layers, n_heads = scores.shape
+    text = [["" for _ in range(n_heads)] for _ in range(n_layers)]
+    for name in result.senders:
+        if name.startswith("L"):  # a head (L9H9); MLPs and the embeddings have no cell here
+            layer, head = (int(part) for part in name[1:].split("H"))
+            text[layer][head] = "S"
+    limit = max(float(np.abs(getattr(result, c)).max()) for c in PATH_INPUTS) or 1.0
+    senders = ", ".join(result.senders)
+    return _heatmap(
+        scores,
+        x=head_labels(n_heads),
+        y=layer_labels(n_layers),
+        title=_title(f"Path patching: {senders} → {component}", f"through each later head's {PATH_INPUTS[component]} input alone; {_path_scope(result)}"),
+        hover=f"%{{y}}%{{x}} {component}<br>restored = %{{z:+.4f}}",
+        signed=True,
+        x_title="receiver head",
+        y_title="layer",
+        colour_title="restored",
+        text=text,
+        limit=limit,
+    )
+
+
+def path_to_logits(result: PathPatchingResult) -> go.Figure:
+    """Each head's direct path into the logits (the head alone as the sender, reaching only the final
+    residual stream); the title gives the chosen senders' together."""
+    scores = np.asarray(result.head_to_logits, dtype=float)
+    return _heatmap(
+        scores,
+        x=head_labels(scores.shape[1]),
+        y=layer_labels(scores.shape[0]),
+        title=_title(
+            f"Direct path to the logits: {', '.join(result.senders)} = {result.logits:+.3f}",
+            f"each head alone into the final residual stream; {_path_scope(result)}",
+        ),
+        hover="%{y}%{x} → logits<br>restored = %{z:+.4f}",
+        signed=True,
+        x_title="sender head",
+        y_title="layer",
+        colour_title="restored",
+        limit=shared_limit(scores),
     )
 
 

@@ -100,14 +100,17 @@ class Technique:
 
 @cache
 def techniques() -> dict[str, Technique]:
-    """Every `TECHNIQUE` declared in a module under `core`, by name: light ones first, then by module name."""
+    """Every `TECHNIQUE` declared in a module under `core` (and each of a module's `TECHNIQUES`, where one
+    module declares a family, e.g. a technique on one pair and on a task), by name: light ones first,
+    then by module name."""
     import core
 
     found = []
     for info in sorted(pkgutil.walk_packages(core.__path__, "core."), key=lambda m: m.name):
-        technique = getattr(importlib.import_module(info.name), "TECHNIQUE", None)
-        if isinstance(technique, Technique):
-            found.append(technique)
+        module = importlib.import_module(info.name)
+        for technique in (getattr(module, "TECHNIQUE", None), *getattr(module, "TECHNIQUES", ())):
+            if isinstance(technique, Technique):
+                found.append(technique)
     found.sort(key=lambda t: t.lane != "light")
     names = [t.name for t in found]
     duplicated = {n for n in names if names.count(n) > 1}

@@ -211,8 +211,22 @@ class ApproximatePatchingResult(_PatchingScores):
     JSON = ("approximate", "method", *_SCORES_JSON)
 
 
+class _OverPairs:
+    """What a result over several pairs (`clean_values`, `corrupted_values`) derives: the task's means
+    with their standard errors (sample standard deviation / sqrt(N); None for one pair), and the mean
+    gap that task-level scores are divided by."""
+
+    n_pairs = property(lambda self: len(self.clean_values))
+    clean_mean = property(lambda self: mean_and_error(self.clean_values)[0])
+    clean_error = property(lambda self: mean_and_error(self.clean_values)[1])  # standard error of the mean
+    corrupted_mean = property(lambda self: mean_and_error(self.corrupted_values)[0])
+    corrupted_error = property(lambda self: mean_and_error(self.corrupted_values)[1])
+    gap = property(lambda self: mean_and_error(self.clean_values - self.corrupted_values)[0])  # what scores are divided by
+    gap_error = property(lambda self: mean_and_error(self.clean_values - self.corrupted_values)[1])
+
+
 @dataclass(frozen=True)
-class TaskPatchingResult(_SweepScores):
+class TaskPatchingResult(_SweepScores, _OverPairs):
     """Activation patching over a task: each sweep's mean effect over the pairs, (patched - corrupted)
     averaged, divided by the task's mean clean - corrupted gap. By-position sweeps only when every pair
     has one token length (else None, and `note` says why)."""
@@ -223,15 +237,13 @@ class TaskPatchingResult(_SweepScores):
     positions: list[str]  # [pos] the first pair's clean tokens, labelling the by-position sweeps ([] with several lengths)
     clean_values: Float[np.ndarray, " pair"]  # each pair's logit difference on its clean prompt
     corrupted_values: Float[np.ndarray, " pair"]  # ... and on its corrupted prompt
+    pairs: list[list[str]]  # [pair] clean, corrupted, answer, wrong
+    head_out_effects: Float[np.ndarray, "pair layer head"]  # each pair's patched - corrupted logit difference per head (head_out = their mean / gap)
 
     JSON = (
         "task", "description", "n_pairs", "lengths", "note", "clean_mean", "clean_error", "corrupted_mean", "corrupted_error",
-        "gap", "gap_error", "positions", *SWEEPS, "clean_values", "corrupted_values",
+        "gap", "gap_error", "positions", *SWEEPS, "pairs", "clean_values", "corrupted_values", "head_out_effects",
     )
-
-    @property
-    def n_pairs(self) -> int:
-        return len(self.clean_values)
 
     @property
     def note(self) -> str | None:
@@ -242,12 +254,29 @@ class TaskPatchingResult(_SweepScores):
             "up across pairs: only head_out (each head at all positions) is computed. Pick pairs of one length for the others."
         )
 
-    clean_mean = property(lambda self: mean_and_error(self.clean_values)[0])
-    clean_error = property(lambda self: mean_and_error(self.clean_values)[1])  # standard error of the mean
-    corrupted_mean = property(lambda self: mean_and_error(self.corrupted_values)[0])
-    corrupted_error = property(lambda self: mean_and_error(self.corrupted_values)[1])
-    gap = property(lambda self: mean_and_error(self.clean_values - self.corrupted_values)[0])  # what scores are divided by
-    gap_error = property(lambda self: mean_and_error(self.clean_values - self.corrupted_values)[1])
+
+@dataclass(frozen=True)
+class PathPatchingResult(_Result, _OverPairs):
+    """Path patching (core.patching.path), exact: the senders' clean-minus-corrupted write reaching one
+    receiver alone; each score is the mean (patched - corrupted) over the pairs / the mean gap (one
+    pair: the pair's own normalisation)."""
+
+    task: str  # "one pair", or the task's name
+    description: str
+    senders: list[str]  # ["L9H9", ...]
+    first_receiver_layer: int  # heads of lower layers cannot receive (their q, k, v scores are 0.0 placeholders)
+    q: Float[np.ndarray, "layer head"]  # through the receiver head's query input alone
+    k: Float[np.ndarray, "layer head"]  # ... key input
+    v: Float[np.ndarray, "layer head"]  # ... value input
+    logits: float  # through the final residual stream alone (what the unembedding reads)
+    head_to_logits: Float[np.ndarray, "layer head"]  # each head alone as the sender, into the logits
+    clean_values: Float[np.ndarray, " pair"]
+    corrupted_values: Float[np.ndarray, " pair"]
+
+    JSON = (
+        "task", "description", "n_pairs", "senders", "first_receiver_layer", "clean_mean", "clean_error", "corrupted_mean",
+        "corrupted_error", "gap", "gap_error", "logits", "q", "k", "v", "head_to_logits", "clean_values", "corrupted_values",
+    )
 
 
 # --- storing results on disk: data only, never code ------------------------------------

@@ -37,6 +37,7 @@ from torch import Tensor
 from core.config import DEFAULTS, LIMITS
 from core.contrast import ContrastPair, LogitDiff
 from core.model import Model, check_int, single_token_id, to_tokens
+from core.registry import Input
 from core.results import mean_and_error
 
 NAMES = [
@@ -233,14 +234,23 @@ def _lines(text: str, name: str) -> list[tuple[int, str]]:
     return lines
 
 
-def parse_pairs(text: str, format: Literal["lines", "csv", "jsonl"] = "lines", name: str = "Your task") -> Task:
-    """The user's pairs as a task. `lines`: `clean | corrupted | answer | wrong`, one per line; a
+def pairs_format(text: str) -> Literal["lines", "csv", "jsonl"]:
+    """How pasted or uploaded pairs are written, from their first line: a JSON object (jsonl), fields
+    separated by '|' (lines), else comma-separated values (csv)."""
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "") if isinstance(text, str) else ""
+    return "jsonl" if first.startswith("{") else "lines" if "|" in first else "csv"
+
+
+def parse_pairs(text: str, format: Literal["auto", "lines", "csv", "jsonl"] = "lines", name: str = "Your task") -> Task:
+    """The user's pairs as a task (`auto`: the format `pairs_format` reads off the first line). `lines`: `clean | corrupted | answer | wrong`, one per line; a
     prompt's surrounding spaces are dropped, an answer keeps the space it starts with after the bar's
     own, as one space (so `... to | Mary | John` means ' Mary' and ' John', as GPT-2 writes words
     mid-sentence; `...|Mary|John` means 'Mary' and 'John').
     `csv`: four columns in that order (a header row naming them is skipped), values as written.
     `jsonl`: one object per line with the keys clean, corrupted, answer, wrong."""
     rows: list[tuple[int, PairText]] = []
+    if format == "auto":
+        format = pairs_format(text)
     if format == "lines":
         for number, line in _lines(text, name):
             fields = line.split("|")
@@ -297,6 +307,27 @@ class TaskMetric:
     def swing(self) -> tuple[float, float | None]:
         """The mean clean - corrupted difference (what task-level patching normalises by)."""
         return mean_and_error(self.clean_values - self.corrupted_values)
+
+
+def chosen_task(model: Model, task: str, n: int = 32, seed: int = 0, pairs: str = "") -> Task:
+    """A built-in task (`task`, `n` pairs drawn with `seed`) or, for task "custom", your own `pairs`
+    (one per line, clean | corrupted | answer | wrong; or CSV or JSONL with those four fields): what the task
+    techniques' inputs (TASK_INPUTS) name."""
+    if not isinstance(task, str):
+        raise ValueError(f"The task must be text: one of {', '.join(BUILT_IN)}, or custom; got {type(task).__name__}.")
+    if task == "custom":
+        return parse_pairs(pairs, "auto")
+    if task in BUILT_IN:
+        return built_in_task(model, task, n, seed)
+    raise ValueError(f"There is no task {task!r}: pick one of {', '.join(BUILT_IN)}, or custom with your pairs.")
+
+
+TASK_INPUTS = (  # a task as a technique's inputs (core.registry): chosen_task's arguments
+    Input("task", "choice", "a built-in task, or custom (your pairs)", default="ioi", choices=(*BUILT_IN, "custom")),
+    Input("n", "int", "pairs drawn from a built-in task", default=32),
+    Input("seed", "int", "the draw's seed (same seed, same pairs)", default=0),
+    Input("pairs", "text", "task custom: one pair per line, clean | corrupted | answer | wrong (or CSV / JSONL with those fields)", default=""),
+)
 
 
 def metric_values(model: Model, runs: Sequence[tuple[Int[Tensor, "1 pos"], LogitDiff]]) -> Float[np.ndarray, " run"]:

@@ -69,11 +69,33 @@ def cases():
             ]
             limit = f"limit here is {LIMITS.max_patching_tokens if endpoint in PAIR_ENDPOINTS else 64} tokens"
             out.append((endpoint, with_arg(endpoint, position, LONG), limit))
-    for endpoint in PAIR_ENDPOINTS:
+    for endpoint in PAIR_ENDPOINTS:  # the pair first, then the endpoint's other inputs as in GOOD
+        rest = GOOD[endpoint][4:]
         out += [
-            (endpoint, (SHORT, SHORT + " and", " Mary", " John"), r"same number of tokens.*clean has 9 .* corrupted has 10"),
+            (endpoint, (SHORT, SHORT + " and", " Mary", " John", *rest), r"same number of tokens.*clean has 9 .* corrupted has 10"),
         ]
-        out.append((endpoint, (IOI_CLEAN, IOI_CLEAN, " Mary", " John"), "same logit difference"))
+        out.append((endpoint, (IOI_CLEAN, IOI_CLEAN, " Mary", " John", *rest), "same logit difference"))
+    for endpoint, inputs in INPUTS.items():  # what a technique parses itself
+        for position, (name, kind) in enumerate(inputs):
+            if name == "senders":
+                out += [
+                    (endpoint, with_arg(endpoint, position, ""), "Name at least one sender"),
+                    (endpoint, with_arg(endpoint, position, "9.9"), r"There is no '9.9'.*layers 0-4 and heads 0-3"),
+                    (endpoint, with_arg(endpoint, position, "L1H2, the name movers"), r"'the' is not a sender"),
+                    (endpoint, with_arg(endpoint, position, ["4.0"]), "must be text"),
+                ]
+            if name == "pairs":
+                task = [i for i, (other, _) in enumerate(inputs) if other == "task"][0]
+                custom = list(with_arg(endpoint, task, "custom"))
+                for text, message in [
+                    ("", "has no pairs"),
+                    ("a | b | c", r"Line 1: expected 4 fields"),
+                    (f"{IOI_CLEAN} | {IOI_CORRUPTED} | Mary | John\n{SHORT} | {SHORT} and | Mary | John", r"line 2: .*same number of tokens"),
+                    ("x" * (LIMITS.max_task_chars + 1), "the limit is 100,000"),
+                    (7, "must be text"),
+                ]:
+                    custom[position] = text
+                    out.append((endpoint, tuple(custom), message))
     for endpoint, positions in TOKEN_FIELDS.items():
         for position in positions:
             out += [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import pytest
@@ -53,6 +54,12 @@ VISIBLE_PLOTS = "[...document.querySelectorAll('.js-plotly-plot')].filter(e => e
 
 def visible_plots(page) -> int:
     return page.evaluate(f"{VISIBLE_PLOTS}.length")
+
+
+def titles(page) -> list[str]:
+    """The visible figures' titles as one line each (the detail's wrapped lines joined)."""
+    raw = page.evaluate(f"{VISIBLE_PLOTS}.map(p => p.layout.title.text || '')")
+    return [" ".join(re.sub(r"<br>|</?sup>", " ", title).split()) for title in raw]
 
 
 def clipped_titles(page) -> list[str]:
@@ -165,3 +172,50 @@ def test_preview_stays_visible_and_bad_input_keeps_the_results(browser, page_url
     page.wait_for_selector("text=20 random tokens repeated twice, batch 20, seed 1", timeout=120_000)
     validation = "status of 422"  # how Gradio answers a request its validator turned away (the browser logs it)
     assert [e for e in errors if validation not in e] == [], errors
+
+
+def test_a_task_and_where_its_heads_send_their_effect(browser, page_url, tmp_path):
+    errors: list[str] = []
+    page = open_page(browser, page_url, 1400, errors)
+    page.get_by_role("tab", name="Contrast Pairs").click()
+    page.wait_for_function(f"{VISIBLE_PLOTS}.length >= 5", timeout=30_000)
+
+    # path patching on the example pair, from the heads patching ranked first (L4H0 on the demo model's IOI)
+    senders = page.locator("#path-senders")
+    assert "L4H0" in senders.inner_text()
+    page.get_by_role("button", name="Trace paths").click()
+    page.wait_for_selector("text=Path patching: L4H0", timeout=120_000)
+    assert "fraction of the pair's logit difference restored" in " ".join(titles(page))
+    page.get_by_role("tab", name="→ logits").click()
+    page.wait_for_selector("text=Direct path to the logits", timeout=30_000)
+    shoot(page, "path-pair")
+
+    # a task: the pair's inputs give way to the task's; the task's means, then paths over the task
+    page.get_by_label("A task").check()
+    page.get_by_label("Prompt A (clean)").wait_for(state="hidden", timeout=30_000)
+    page.get_by_label("Task", exact=True).click()
+    page.get_by_role("option", name="induction").click()
+    page.get_by_label("Pairs (1-256)").fill("8")
+    page.get_by_role("button", name="Run task patching").click()
+    page.wait_for_selector("text=Task patching: induction", timeout=120_000)
+    assert "8 pairs" in page.locator("#task-summary").inner_text()
+    assert "± " in page.locator("#task-summary").inner_text()  # means with their standard errors
+    assert clipped_titles(page) == []
+    page.wait_for_function(f"!{VISIBLE_PLOTS}.some(p => (p.layout.title.text || '').startsWith('Direct path'))", timeout=30_000)  # the pair's paths are gone
+    shoot(page, "task")
+    page.get_by_role("button", name="Trace paths").click()
+    one_line = "(p.layout.title.text || '').replace(/<br><sup>|<\\/sup>/g, ' ').replace(/\\s+/g, ' ')"
+    page.wait_for_function(f"{VISIBLE_PLOTS}.some(p => {one_line}.includes('induction: mean over 8 pairs'))", timeout=120_000)
+
+    # your own pairs, uploaded as JSONL: the box fills, the task becomes custom, a bad line is named
+    upload = tmp_path / "pairs.jsonl"
+    upload.write_text(
+        '{"clean": "When John and Mary went to the store, John gave a drink to", '
+        '"corrupted": "When John and Mary went to the store, Mary gave a drink to", "answer": " Mary", "wrong": " John"}\n'
+        '{"clean": "When Tom and Sarah went to the park, Tom gave a ball to", "corrupted": "x"}\n'
+    )
+    page.locator("input[type=file]").set_input_files(str(upload))
+    page.wait_for_function("[...document.querySelectorAll('textarea')].some(t => t.value.includes('Sarah'))", timeout=30_000)
+    page.get_by_role("button", name="Run task patching").click()
+    page.wait_for_selector("text=Line 2: expected an object", timeout=60_000)
+    assert [e for e in errors if "status of 422" not in e] == [], errors

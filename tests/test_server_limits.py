@@ -49,7 +49,7 @@ def test_the_run_route_that_skips_the_queue_is_closed(server, client):
 
 def test_uploads_are_capped(server):
     boundary = "circuitbreaker"
-    payload = b"x" * 100_000
+    payload = b"x" * (8 * LIMITS.max_task_chars)  # twice the upload cap (the largest task's pairs), under the body cap
     body = (
         f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"big.bin\"\r\n"
         "Content-Type: application/octet-stream\r\n\r\n"

@@ -118,17 +118,17 @@ def listed_only(fn, rows):
     return run
 
 
-def examples(rows, labels, inputs, outputs, fn, api_name: str, lane: dict) -> gr.Examples:
+def examples(rows, labels, inputs, outputs, fn, api_name: str, lane: dict):
     """Clicking an example fills the inputs and runs the handler, which answers from the runner's warm
     cache (our cache, keyed by model and code, instead of Gradio's, which is keyed by component id and
-    can go stale). The run is our own event: in the tab's lane, and for the listed examples only."""
+    can go stale). The run is our own event: in the tab's lane, and for the listed examples only.
+    Returns that event (to chain what follows a run)."""
     examples = gr.Examples(
         rows, inputs=inputs, cache_examples=False, example_labels=labels, api_name=f"{api_name}_load", api_visibility="private",
     )
-    examples.load_input_event.then(
+    return examples.load_input_event.then(
         user_errors(listed_only(fn, rows)), inputs, outputs, api_name=api_name, api_visibility="private", **lane, **RAW
     )
-    return examples
 
 
 def validator(h, errors_of, names: list[str]):
@@ -182,6 +182,21 @@ ABOUT = {
         "(https://arxiv.org/abs/2202.05262); [Wang et al., 2022](https://arxiv.org/abs/2211.00593); "
         "[Heimersheim & Nanda, 2024](https://arxiv.org/abs/2404.15255); "
         "[Nanda, 2023](https://www.neelnanda.io/mechanistic-interpretability/attribution-patching))"
+    ),
+    "task": (
+        "A **task** is many contrast pairs of one kind (IOI from Wang et al.'s templates, induction, factual recall, or your "
+        "own). Each score is the mean over the pairs of (patched − corrupted) divided by the task's mean clean − corrupted "
+        "gap: 1 = the task's clean behaviour restored on average. One pair can mislead (a small swing makes large scores); "
+        "a task's mean comes with its standard error. By-position sweeps need pairs of one token length (positions must "
+        "mean the same thing); with several lengths only the head sweep is computed, and the summary says so."
+    ),
+    "path": (
+        "**Path patching** sends the senders' clean − corrupted output to ONE receiver at a time: a later head's query, key "
+        "or value input, or the logits (the final residual stream), while everything else sees the corrupted run. A large "
+        "score in the k map means the senders matter through that head's keys (where it looks), in v through what it "
+        "copies, in q through what it looks for. Exact, with the semantics of TransformerLens's "
+        "`get_act_patch_direct_path`; on a task, averaged like the task's patching. ([Wang et al., 2022]"
+        "(https://arxiv.org/abs/2211.00593); [Goldowsky-Dill et al., 2023](https://arxiv.org/abs/2304.05969))"
     ),
     "induction": (
         "A sequence of random tokens is repeated twice. An **induction head** at a token of the second copy attends to the "

@@ -1,27 +1,70 @@
-"""The Contrast Pairs tab: exact activation patching beside its approximation, on a clean / corrupted pair."""
+"""The Contrast Pairs tab: exact activation patching beside its approximation on a clean / corrupted
+pair, or exact patching over a task (many pairs, mean scores); then path patching from the heads
+patching singled out, on the same pair or task."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
 
-from core import SWEEPS
+from core import LIMITS, SWEEPS
 from core.contrast import input_errors
 from core.model import Model
-from ui.common import ABOUT, HEAVY, RAW, SPACE_HINT, WIDE, about, by_component, examples, user_errors, validator
-from ui.handlers import Handlers, example_rows
+from core.patching.path import COMPONENTS
+from core.tasks import BUILT_IN
+from ui.common import ABOUT, HEAVY, LIGHT, RAW, SPACE_HINT, WIDE, about, by_component, examples, user_errors, validator
+from ui.handlers import TASK_MODE, Handlers, example_rows
+
+PAIR_MODE = "One pair"
+
+
+def sender_choices(model: Model) -> list[str]:
+    """Every component a path can start from, in the order the model computes them."""
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    return ["embed", *(name for layer in range(n_layers) for name in (*(f"L{layer}H{head}" for head in range(n_heads)), f"MLP{layer}"))]
+
+
+def read_upload(path: str | None) -> tuple[str, str]:
+    """An uploaded CSV / JSONL / text file of pairs into the pairs box (task: custom). Gradio's
+    max_file_size has already refused anything too big; the task's checks read the text."""
+    if not path:
+        return gr.skip(), gr.skip()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise gr.Error("The file is not UTF-8 text: upload a .csv, .jsonl or .txt file of pairs.", print_exception=False) from None
+    return text, "custom"
 
 
 def build(h: Handlers, model: Model) -> None:
     labels, rows = example_rows(model)["contrast"]
     first = rows[0]
     initial = h.contrast(*first, persist=True)
-    with gr.Row():
-        clean = gr.Textbox(value=first[0], label="Prompt A (clean)", lines=2, min_width=280)
-        corrupted = gr.Textbox(value=first[1], label="Prompt B (corrupted: same number of tokens)", lines=2, min_width=280)
-    with gr.Row():
-        answer = gr.Textbox(value=first[2], label="Answer token (right for A)", info=SPACE_HINT, min_width=200)
-        wrong = gr.Textbox(value=first[3], label="Wrong token (right for B)", min_width=200)
-        run = gr.Button("Run patching", variant="primary", min_width=120)
+    mode = gr.Radio(
+        [PAIR_MODE, TASK_MODE], value=PAIR_MODE, label="Analyse", elem_id="contrast-mode",
+        info="one contrast pair, or a task: many pairs, every score averaged over them",
+    )
+    with gr.Column(visible=True) as pair_inputs:
+        with gr.Row():
+            clean = gr.Textbox(value=first[0], label="Prompt A (clean)", lines=2, min_width=280)
+            corrupted = gr.Textbox(value=first[1], label="Prompt B (corrupted: same number of tokens)", lines=2, min_width=280)
+        with gr.Row():
+            answer = gr.Textbox(value=first[2], label="Answer token (right for A)", info=SPACE_HINT, min_width=200)
+            wrong = gr.Textbox(value=first[3], label="Wrong token (right for B)", min_width=200)
+            run = gr.Button("Run patching", variant="primary", min_width=120)
+    with gr.Column(visible=False) as task_inputs:
+        with gr.Row():
+            task = gr.Dropdown([*BUILT_IN, "custom"], value="ioi", label="Task", info="built in, or custom: your pairs below", min_width=160)
+            n = gr.Number(32, precision=0, label=f"Pairs (1-{LIMITS.max_task_pairs})", min_width=100)
+            seed = gr.Number(0, precision=0, label="Seed (same seed, same pairs)", min_width=100)
+            run_task = gr.Button("Run task patching", variant="primary", min_width=120)
+        pairs = gr.Textbox(
+            label="Your pairs (task custom): one per line, clean | corrupted | answer | wrong; or CSV / JSONL with those fields",
+            placeholder="When Mary and John went to the store, John gave a drink to | When Mary and John went to the store, Mary gave a drink to | Mary | John",
+            lines=4, max_lines=12,
+        )
+        upload = gr.UploadButton("Upload pairs (.csv, .jsonl, .txt)", file_types=[".csv", ".jsonl", ".txt"], size="sm")
     out = {  # in the order /contrast returns them
         "status": gr.Markdown(initial["status"], elem_id="contrast-status", render=False),
         "summary": gr.Markdown(initial["summary"], elem_id="contrast-summary", render=False),
@@ -42,21 +85,85 @@ def build(h: Handlers, model: Model) -> None:
         yield from h.contrast_steps(clean, corrupted, answer, wrong, progress=progress)
 
     contrast = by_component(contrast, out)
-    run.click(
+    with pair_inputs:  # the examples belong to the pair's inputs (hidden with them in task mode)
+        example_run = examples(rows, labels, inputs, outputs, contrast, "contrast_example", HEAVY)
+    with gr.Column(visible=True) as pair_results:
+        out["status"].render()
+        out["summary"].render()
+        about(ABOUT["patching"])
+        out["lens"].render()
+        with gr.Tabs(elem_id="sweeps"):  # one sweep at a time keeps the page short; exact left, approximate right
+            for name in SWEEPS:
+                with gr.Tab(name, id=name), gr.Row():
+                    out[f"exact {name}"].render()
+                    out[f"approximate {name}"].render()
+        with gr.Row():
+            out["agreement"].render()
+            out["scatter"].render()
+        out["download"].render()
+    with gr.Column(visible=False) as task_results:
+        task_out = {
+            "task_summary": gr.Markdown("Pick a task and **Run task patching**: every sweep, averaged over the task's pairs.", elem_id="task-summary"),
+        }
+        about(ABOUT["task"])
+        with gr.Tabs(elem_id="task-sweeps"):
+            for name in SWEEPS:
+                with gr.Tab(name, id=f"task-{name}"):
+                    task_out[f"task {name}"] = gr.Plot(label=f"Task: {name}")
+        task_out["task_download"] = gr.File(label="Download results (JSON: means, each pair's values and head effects)")
+
+    gr.Markdown("### Path patching: where does a component's effect go?", elem_id="path-heading")
+    about(ABOUT["path"])
+    with gr.Row():
+        senders = gr.Dropdown(
+            sender_choices(model), value=h.top_senders(PAIR_MODE, *first, "ioi", 32, 0, ""), multiselect=True, label="Senders",
+            info="proposed: the heads patching ranked first; add or remove any head, MLP or the embeddings", elem_id="path-senders", scale=4,
+        )
+        trace = gr.Button("Trace paths", variant="primary", min_width=120, scale=1)
+    path_out = {}
+    with gr.Tabs(elem_id="path-receivers"):
+        for c in COMPONENTS:
+            with gr.Tab(f"→ {c}", id=f"path-{c}"):
+                path_out[f"path {c}"] = gr.Plot(label=f"Path patching into {c}", **WIDE)
+        with gr.Tab("→ logits", id="path-logits"):
+            path_out["path logits"] = gr.Plot(label="Path patching into the logits", **WIDE)
+    path_out["path_download"] = gr.File(label="Download path patching (JSON)")
+
+    views = [pair_inputs, pair_results, task_inputs, task_results]
+    stale = {component: None for component in path_out.values()}  # path results of another pair or task: cleared, never shown beside new ones
+
+    def show(chosen):
+        return {view: gr.update(visible=(chosen == TASK_MODE) == is_task) for view, is_task in zip(views, (False, False, True, True))} | stale
+
+    mode.change(show, mode, [*views, *path_out.values()], api_visibility="private", **LIGHT)  # in a lane, like every event
+    everything = [mode, clean, corrupted, answer, wrong, task, n, seed, pairs]
+
+    def propose(*values):
+        return {senders: h.top_senders(*values)} | stale
+
+    def then_propose(event) -> None:
+        """After a run: the senders its head patching proposes; the previous paths cleared."""
+        event.success(user_errors(propose), everything, [senders, *path_out.values()], api_visibility="private", **HEAVY, **RAW)
+
+    then_propose(run.click(
         user_errors(contrast), inputs, outputs, api_name="contrast", show_progress_on=[out["status"]],
         validator=validator(h, input_errors, ["clean_prompt", "corrupted_prompt", "answer", "wrong_answer"]), **HEAVY, **RAW,
+    ))
+    then_propose(example_run)
+
+    def task_patching(task, n, seed, pairs, progress=gr.Progress()):
+        return h.task(task, n, seed, pairs, progress=progress)
+
+    then_propose(run_task.click(
+        user_errors(by_component(task_patching, task_out)), [task, n, seed, pairs], list(task_out.values()),
+        api_name="task_figures", api_visibility="private", show_progress_on=[task_out["task_summary"]], **HEAVY, **RAW,
+    ))
+
+    def paths(*values, progress=gr.Progress()):
+        return h.paths(*values, progress=progress)
+
+    trace.click(
+        user_errors(by_component(paths, path_out)), [*everything, senders], list(path_out.values()),
+        api_name="path_figures", api_visibility="private", **HEAVY, **RAW,
     )
-    examples(rows, labels, inputs, outputs, contrast, "contrast_example", HEAVY)
-    out["status"].render()
-    out["summary"].render()
-    about(ABOUT["patching"])
-    out["lens"].render()
-    with gr.Tabs(elem_id="sweeps"):  # one sweep at a time keeps the page short; exact left, approximate right
-        for name in SWEEPS:
-            with gr.Tab(name, id=name), gr.Row():
-                out[f"exact {name}"].render()
-                out[f"approximate {name}"].render()
-    with gr.Row():
-        out["agreement"].render()
-        out["scatter"].render()
-    out["download"].render()
+    upload.upload(read_upload, upload, [pairs, task], api_visibility="private", **LIGHT)

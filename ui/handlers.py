@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 
 from core import (
     DEFAULTS,
@@ -27,6 +28,8 @@ from core import (
 )
 from core.induction import max_seq_len
 from core.model import Model
+from core.patching.path import path_patching, task_path_patching
+from core.patching.task import patch_task
 from core.registry import Technique
 from examples import EXAMPLES
 from serving.runner import Runner, write_whole
@@ -166,6 +169,41 @@ class Handlers:
         *_, final = self.contrast_steps(clean, corrupted, answer, wrong, persist=persist, progress=progress)
         return final
 
+    # --- Contrast Pairs on a task, and path patching -----------------------------------
+
+    def task(self, task: str, n: int, seed: int, pairs: str, persist: bool = False, progress=None) -> dict:
+        """Contrast Pairs on a task: the task's metric, each sweep's mean scores, the JSON (per pair and mean)."""
+        result = self.runner.run(patch_task, task, whole(n), whole(seed), pairs, progress=_reporter(progress), persist=persist)
+        return {
+            "task_summary": task_summary(result),
+            **{f"task {name}": plots.task_heatmap(result, name) for name in SWEEPS},
+            "task_download": self._download(f"task-{result.task}", result.to_dict()),
+        }
+
+    def top_senders(self, mode: str, clean: str, corrupted: str, answer: str, wrong: str, task: str, n: int, seed: int, pairs: str) -> list[str]:
+        """The heads head patching singled out (largest |score| first) for the pair or task just run,
+        read from the runner's cache (the run itself put them there)."""
+        if mode == TASK_MODE:
+            scores = self.runner.run(patch_task, task, whole(n), whole(seed), pairs).head_out
+        else:
+            scores = self.runner.run(activation_patching, clean, corrupted, answer, wrong).head_out
+        order = np.argsort(-np.abs(scores), axis=None)[: DEFAULTS.path_senders]
+        return [f"L{layer}H{head}" for layer, head in zip(*np.unravel_index(order, scores.shape))]
+
+    def paths(self, mode: str, clean: str, corrupted: str, answer: str, wrong: str, task: str, n: int, seed: int, pairs: str, senders, progress=None) -> dict:
+        """Path patching from the chosen senders on the pair or the task shown: q, k, v, logits, the JSON."""
+        senders = ", ".join(senders) if isinstance(senders, list) and all(isinstance(s, str) for s in senders) else senders
+        report = _reporter(progress)
+        if mode == TASK_MODE:
+            result = self.runner.run(task_path_patching, senders, task, whole(n), whole(seed), pairs, progress=report)
+        else:
+            result = self.runner.run(path_patching, clean, corrupted, answer, wrong, senders, progress=report)
+        return {
+            **{f"path {c}": plots.path_heatmap(result, c) for c in ("q", "k", "v")},
+            "path logits": plots.path_to_logits(result),
+            "path_download": self._download("path-patching", result.to_dict()),
+        }
+
     def circuit_map(self, seq_len: int, batch: int, seed: int, persist: bool = False, progress=None) -> dict:
         """Circuit Map: head scores on repeated random sequences, heads above the threshold."""
         report = _reporter(progress)
@@ -179,6 +217,27 @@ class Handlers:
             "heads": [[f"L{h['layer']}H{h['head']}", round(h["score"], 4)] for h in result.induction_heads],
             "download": self._download("circuit-map", result.to_dict()),
         }
+
+
+TASK_MODE = "A task"  # the Contrast Pairs tab's second mode (the first: one pair)
+
+
+def task_summary(result) -> str:
+    """A task's metric in a sentence: each mean with its standard error, the gap scores divide by."""
+
+    def mean(value: float, error: float | None) -> str:
+        return f"**{value:+.3f}**" + ("" if error is None else f" ± {error:.3f}")
+
+    text = (
+        f"**{literal(result.task)}**, {result.n_pairs} pairs: {literal(result.description)}\n\n"
+        f"Mean logit difference (answer − wrong) ± standard error: clean {mean(result.clean_mean, result.clean_error)}, "
+        f"corrupted {mean(result.corrupted_mean, result.corrupted_error)}, gap {mean(result.gap, result.gap_error)}. "
+        "Each score is the mean over the pairs of (patched − corrupted), divided by the mean gap: 1 = the task's clean "
+        "behaviour restored on average, 0 = no effect."
+    )
+    if result.note:
+        text += f"\n\nℹ️ {result.note}"
+    return text
 
 
 def example_rows(model: Model) -> dict[str, tuple[list[str], list[list]]]:

@@ -20,6 +20,7 @@ before trusting an engine checks its unpatched runs against the model's own forw
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Iterator, Sequence
@@ -160,6 +161,13 @@ class Engine:
         State: x [job, pos, d_model]; `rows` indexes its live (job, pos) rows in x.view(-1, d_model)."""
         traces = [corrupted] if isinstance(corrupted, Trace) else list(corrupted)
         directions = [direction] if isinstance(corrupted, Trace) else list(direction)
+        present = sorted({job.pair for job in jobs}) if len(traces) > 1 else [0]
+        if len(traces) > 1 and len(present) < len(traces):  # only the pairs these jobs read (the rest would be copied at every layer)
+            local = {pair: i for i, pair in enumerate(present)}
+            jobs = [dataclasses.replace(job, pair=local[job.pair]) for job in jobs]
+            if len(present) == 1:  # one pair: its keys and values broadcast over the jobs
+                return self.patched_metrics(traces[present[0]], start, jobs, directions[present[0]])
+            return self.patched_metrics([traces[p] for p in present], start, jobs, [directions[p] for p in present])
         T = traces[0].resid_pre.shape[1] - start
         pairs = torch.zeros(0, dtype=torch.long, device=self.device)
         order = sorted(range(len(jobs)), key=lambda i: (jobs[i].layer, jobs[i].stage))

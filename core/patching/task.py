@@ -22,9 +22,9 @@ from core.contrast import SWEEPS, check_swing
 from core.model import Model, str_tokens
 from core.patching.exact import run_pair
 from core.patching.fast import FastRun, sweep_jobs
-from core.registry import Input, Progress, Technique
+from core.registry import Progress, Technique
 from core.results import TaskPatchingResult
-from core.tasks import BUILT_IN, Task, built_in_task, parse_pairs
+from core.tasks import TASK_INPUTS, Task, chosen_task
 
 
 def _fast_sweeps(runs: list[FastRun], sweeps: tuple[str, ...], rows_per_pass: int, progress: Progress | None) -> dict[str, np.ndarray]:
@@ -93,6 +93,8 @@ def task_patching(model: Model, task: Task, progress: Progress | None = None, ro
         positions=str_tokens(model, pairs[0].clean_tokens) if len(lengths) == 1 else [],
         clean_values=clean,
         corrupted_values=corrupted,
+        pairs=[[pair.clean, pair.corrupted, pair.answer, pair.wrong] for pair in task.pairs],
+        head_out_effects=raw["head_out"] - corrupted[:, None, None],
         **scores,
     )
 
@@ -102,15 +104,7 @@ def patch_task(
 ) -> TaskPatchingResult:
     """Task patching on a built-in task (`task`, `n` pairs drawn with `seed`) or on your own `pairs`
     (task "custom": one per line, clean | corrupted | answer | wrong)."""
-    if not isinstance(task, str):
-        raise ValueError(f"The task must be text: one of {', '.join(BUILT_IN)}, or custom; got {type(task).__name__}.")
-    if task == "custom":
-        chosen = parse_pairs(pairs)
-    elif task in BUILT_IN:
-        chosen = built_in_task(model, task, n, seed)
-    else:
-        raise ValueError(f"There is no task {task!r}: pick one of {', '.join(BUILT_IN)}, or custom with your pairs.")
-    return task_patching(model, chosen, progress)
+    return task_patching(model, chosen_task(model, task, n, seed, pairs), progress)
 
 
 TECHNIQUE = Technique(
@@ -118,14 +112,10 @@ TECHNIQUE = Technique(
     run=patch_task,
     result=TaskPatchingResult,
     summary="Activation patching over a task (many pairs): each sweep's mean effect / the task's mean clean - corrupted gap.",
-    inputs=(
-        Input("task", "choice", "a built-in task, or custom (your pairs)", default="ioi", choices=(*BUILT_IN, "custom")),
-        Input("n", "int", "pairs drawn from a built-in task", default=32),
-        Input("seed", "int", "the draw's seed (same seed, same pairs)", default=0),
-        Input("pairs", "text", "task custom: one pair per line, clean | corrupted | answer | wrong", default=""),
-    ),
+    inputs=TASK_INPUTS,
     lane="heavy",
     example={"task": "induction", "n": 8, "seed": 0},
     figures=tuple(functools.partial(plots.task_heatmap, sweep=name) for name in SWEEPS),
     progress=True,
+    tab="Contrast Pairs",
 )

@@ -1,0 +1,360 @@
+"""Path patching (Wang et al., 2022), exact: where does a component's effect go?
+
+A set of senders' clean-minus-corrupted write (a head's z @ W_O, an MLP's output, or the embeddings,
+at every position) is added to ONE receiver's input while everything else reads the corrupted run,
+with exactly the semantics of `transformer_lens.patching.get_act_patch_direct_path` (which takes one
+sender head): the receiver is one later head's query, key or value input (its own copy of the
+residual stream, before ln1); whatever that head then writes flows on through the rest of the
+corrupted run as usual. Receivers:
+
+- q, k, v [layer, head]: every head of a layer above the lowest sender; a receiver at layer l gets the
+  writes of the senders below l (a sender cannot reach a head of its own layer or below). Heads that
+  no sender can reach hold 0.0 and `first_receiver_layer` says where receivers start;
+- logits: the senders' write reaching only the final residual stream the unembedding reads;
+- head_to_logits [layer, head]: the same for every head alone as the sender (the direct path of each
+  head into the logits).
+
+Scores are normalised like activation patching: (patched - corrupted) / (clean - corrupted); over a
+task, mean (patched - corrupted) / mean (clean - corrupted).
+
+The fast engine (GPT-2 family) computes each receiver from the corrupted run's activations: the
+receiver layer's attention for all heads at once with one input patched, then the rest of the run
+from that layer on (`Engine.patched_metrics`), the patches of many receivers and pairs together.
+Other models, and a fast engine that disagrees with its model, go through TransformerLens hooks.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterator, Sequence
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from core import plots
+from core.config import DEFAULTS
+from core.contrast import ON_A_PAIR, PAIR, PAIR_EXAMPLE, ContrastPair, check_swing
+from core.contrast import input_errors as pair_errors
+from core.model import Model, run_cached
+from core.patching.exact import run_pair
+from core.patching.fast import Engine, FastRun, Job, Trace
+from core.patching.hooks import HookRun
+from core.registry import Input, Progress, Technique
+from core.results import PathPatchingResult
+from core.tasks import TASK_INPUTS, Task, chosen_task
+
+COMPONENTS = ("q", "k", "v")
+Head = tuple[int, int]
+
+
+class Sender(NamedTuple):
+    """A component whose clean-minus-corrupted write is sent: a head (layer, head), an MLP (layer,
+    head None) or the embeddings (layer -1). Its write reaches heads of the layers above `layer`."""
+
+    layer: int
+    head: int | None = None
+
+    @property
+    def name(self) -> str:
+        return "embed" if self.layer < 0 else f"MLP{self.layer}" if self.head is None else f"L{self.layer}H{self.head}"
+
+
+_HEAD = re.compile(r"^(?:L(\d+)H(\d+)|(\d+)\.(\d+))$", re.IGNORECASE)
+_MLP = re.compile(r"^(?:MLP|M)(\d+)$", re.IGNORECASE)
+_EMBED = re.compile(r"^(?:embed|embeddings?|emb)$", re.IGNORECASE)
+FORMS = "a head as layer.head (9.9) or L9H9, an MLP as MLP3, the embeddings as embed"
+
+
+def parse_senders(text: str, n_layers: int, n_heads: int) -> tuple[Sender, ...]:
+    """Senders separated by commas or spaces ("9.9, 9.6", "L9H9 MLP0 embed"); in order, without repeats."""
+    if not isinstance(text, str):
+        raise ValueError(f"The senders must be text such as '9.9, 9.6' ({FORMS}); got {type(text).__name__}.")
+    words = [word for word in re.split(r"[\s,;]+", text.strip()) if word]
+    if not words:
+        raise ValueError(f"Name at least one sender: {FORMS}; several with commas, e.g. 9.9, 9.6.")
+    found: list[Sender] = []
+    for word in words:
+        if head := _HEAD.match(word):
+            layer, index = (int(g) for g in (head.group(1, 2) if head.group(1) is not None else head.group(3, 4)))
+            sender = Sender(layer, index)
+        elif mlp := _MLP.match(word):
+            sender = Sender(int(mlp.group(1)))
+        elif _EMBED.match(word):
+            sender = Sender(-1)
+        else:
+            raise ValueError(f"{word[:40]!r} is not a sender: write {FORMS}; several with commas.")
+        if sender.layer >= n_layers or (sender.head is not None and sender.head >= n_heads):
+            raise ValueError(f"There is no {word[:40]!r}: this model has layers 0-{n_layers - 1} and heads 0-{n_heads - 1}.")
+        if sender not in found:
+            found.append(sender)
+    return tuple(found)
+
+
+# --- the fast engine ----------------------------------------------------------------------
+
+
+def _attend(engine: Engine, q: Tensor, k: Tensor, v: Tensor, start: int) -> Float[Tensor, "batch pos head d_head"]:
+    """z at the query positions start.. for batches of (q [b, T, H, dh], k and v [b, n, H, dh]), causal."""
+    n = k.shape[1]
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * engine.scale
+    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()[start:]
+    pattern = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
+    return torch.einsum("bhqk,bkhd->bqhd", pattern, v)
+
+
+def receiver_writes(engine: Engine, corrupted: Trace, layer: int, start: int, change: Tensor) -> Float[Tensor, "component head pos d_model"]:
+    """How each head of `layer` changes its write (z @ W_O, positions start..) when `change` ([pos, d_model],
+    positions start..) is added to its query, key or value input alone: all heads at once per component."""
+    H, dh = engine.n_heads, engine.d_head
+    x = corrupted.resid_pre[layer, start:]
+    w, b = engine.W_QKV[layer], engine.b_QKV[layer]
+    old = (engine._ln(x, engine.ln1[layer]) @ w + b).reshape(-1, 3, H, dh)
+    new = (engine._ln(x + change, engine.ln1[layer]) @ w + b).reshape(-1, 3, H, dh)
+    k_all, v_all = corrupted.k[layer], corrupted.v[layer]  # [pos, head, d_head], every position
+    q_old = old[:, 0]
+    k_new = torch.cat([k_all[:start], new[:, 1]])
+    v_new = torch.cat([v_all[:start], new[:, 2]])
+    queries = torch.stack([new[:, 0], q_old, q_old])
+    keys = torch.stack([k_all, k_new, k_all])
+    values = torch.stack([v_all, v_all, v_new])
+    z = _attend(engine, queries, keys, values, start)  # [component, pos, head, d_head]
+    return torch.einsum("cphd,hdm->chpm", z - corrupted.z[layer, start:], engine.W_O[layer])
+
+
+def sender_writes(engine: Engine, clean: Trace, corrupted: Trace, start: int, senders: Sequence[Sender]) -> list[tuple[int, Tensor]]:
+    """(layer, clean-minus-corrupted write [pos, d_model] at positions start..) of each sender."""
+
+    def write(sender: Sender) -> Tensor:
+        layer, head = sender
+        if layer < 0:
+            return clean.resid_pre[0, start:] - corrupted.resid_pre[0, start:]
+        if head is None:
+            return clean.mlp_out[layer, start:] - corrupted.mlp_out[layer, start:]
+        return (clean.z[layer, start:, head] - corrupted.z[layer, start:, head]) @ engine.W_O[layer, head]
+
+    return [(sender.layer, write(sender)) for sender in senders]
+
+
+def path_jobs(engine: Engine, run: FastRun, start: int, senders: Sequence[Sender], pair: int = 0) -> Iterator[tuple[str, Head, Job]]:
+    """(component, receiver head, job) for every receiver the senders can change."""
+    writes = sender_writes(engine, run.clean, run.corrupted, start, senders)
+    lowest = min(sender.layer for sender in senders)
+    for layer in range(lowest + 1, engine.n_layers):
+        change = sum(write for at, write in writes if at < layer)
+        if not torch.any(change != 0):
+            continue
+        heads_change = receiver_writes(engine, run.corrupted, layer, start, change)
+        base = run.corrupted.resid_mid[layer, start:]
+        for c, component in enumerate(COMPONENTS):
+            for head in range(engine.n_heads):
+                if torch.any(heads_change[c, head] != 0):
+                    yield component, (layer, head), Job(layer, Job.MID, base + heads_change[c, head], 0, pair)
+
+
+def to_logits(engine: Engine, run: FastRun, start: int, senders: Sequence[Sender]) -> tuple[float, Float[Tensor, "layer head"]]:
+    """The metric with the senders' write added to the final residual stream alone, and the same for
+    each head alone as the sender."""
+    final = run.corrupted.resid_pre[-1, -1]
+    together = sum(write[-1] for _, write in sender_writes(engine, run.clean, run.corrupted, start, senders))
+    each = torch.einsum("lhd,lhdm->lhm", run.clean.z[:, -1] - run.corrupted.z[:, -1], engine.W_O)
+    return float(engine._metric(final + together, run.direction)), engine._metric(final + each, run.direction).double()
+
+
+def _fast_values(runs: list[FastRun], senders: Sequence[Sender], rows_per_pass: int, progress: Progress | None) -> dict[str, np.ndarray]:
+    """Raw metrics per pair: q, k, v [pair, layer, head], logits [pair], head_to_logits [pair, layer, head]."""
+    engine = runs[0].engine
+    L, H = engine.n_layers, engine.n_heads
+    raw = {c: np.stack([np.full((L, H), run.corrupted_value) for run in runs]) for c in COMPONENTS}
+    raw["logits"] = np.zeros(len(runs))
+    raw["head_to_logits"] = np.zeros((len(runs), L, H))
+    groups: dict[int, list[int]] = {}
+    for i, run in enumerate(runs):
+        groups.setdefault(run.corrupted.resid_pre.shape[1], []).append(i)
+    lowest = min(sender.layer for sender in senders)
+    total = len(runs) * len(COMPONENTS) * H * (L - 1 - lowest)  # at most
+    done = 0
+    for length, members in groups.items():
+        start = min(runs[i].pair.first_difference for i in members)
+        for i in members:
+            raw["logits"][i], raw["head_to_logits"][i] = to_logits(engine, runs[i], start, senders)
+        jobs = (job for local, i in enumerate(members) for job in path_jobs(engine, runs[i], start, senders, local))
+        traces, directions = [runs[i].corrupted for i in members], [runs[i].direction for i in members]
+        chunk = max(1, rows_per_pass // (length - start))
+        while True:
+            part = [job for _, job in zip(range(chunk), jobs)]
+            if not part:
+                break
+            if progress is not None:
+                progress(min(done / max(total, 1), 1.0), "path patching")
+            metrics = engine.patched_metrics(traces, start, [job for _, _, job in part], directions)
+            for (component, head, job), value in zip(part, metrics.tolist()):
+                raw[component][members[job.pair]][head] = value
+            done += len(part)
+    return raw
+
+
+# --- hooks (any model) ----------------------------------------------------------------------
+
+
+def _hook_values(model: Model, run: HookRun, senders: Sequence[Sender], progress: Progress | None) -> dict[str, np.ndarray]:
+    """The same raw metrics through TransformerLens hooks, one forward pass per receiver (as
+    get_act_patch_direct_path), for models the fast engine does not fit."""
+    pair, cfg = run.pair, model.cfg
+    L, H = cfg.n_layers, cfg.n_heads
+    names = {f"blocks.{layer}.{hook}" for layer in range(L) for hook in ("attn.hook_z", "hook_mlp_out")} | {"blocks.0.hook_resid_pre"}
+    _, clean = run_cached(model, pair.clean_tokens, lambda name: name in names)
+    _, corrupted = run_cached(model, pair.corrupted_tokens, lambda name: name in names)
+    writes = {
+        Sender(layer, head): (clean[f"blocks.{layer}.attn.hook_z"][0, :, head] - corrupted[f"blocks.{layer}.attn.hook_z"][0, :, head]) @ model.W_O[layer, head]
+        for layer in range(L)
+        for head in range(H)
+    }
+    writes |= {Sender(layer): clean[f"blocks.{layer}.hook_mlp_out"][0] - corrupted[f"blocks.{layer}.hook_mlp_out"][0] for layer in range(L)}
+    writes[Sender(-1)] = clean["blocks.0.hook_resid_pre"][0] - corrupted["blocks.0.hook_resid_pre"][0]
+    raw = {c: np.full((L, H), run.corrupted_value) for c in COMPONENTS}
+    lowest = min(sender.layer for sender in senders)
+
+    def metric(hooks) -> float:
+        return float(pair.metric.of_logits(model.run_with_hooks(pair.corrupted_tokens, fwd_hooks=hooks))[0])
+
+    def add(change: Tensor, head: int | None = None):
+        def hook(activation, hook):
+            activation = activation.clone()
+            if head is None:
+                activation[0] += change
+            else:
+                activation[0, :, head] += change
+            return activation
+
+        return hook
+
+    saved = bool(getattr(cfg, "use_split_qkv_input", False))
+    try:
+        model.set_use_split_qkv_input(True)
+        for layer in range(lowest + 1, L):
+            if progress is not None:
+                progress((layer - lowest - 1) / (L - lowest), "path patching (hooks)")
+            change = sum(writes[s] for s in senders if s.layer < layer)
+            for component in COMPONENTS:
+                for head in range(H):
+                    raw[component][layer, head] = metric([(f"blocks.{layer}.attn.hook_{component}_input", add(change, head))])
+    finally:
+        model.set_use_split_qkv_input(saved)
+    final = f"blocks.{L - 1}.hook_resid_post"
+    raw["logits"] = metric([(final, add(sum(writes[s] for s in senders)))])
+    raw["head_to_logits"] = np.array([[metric([(final, add(writes[Sender(layer, head)]))]) for head in range(H)] for layer in range(L)])
+    return raw
+
+
+# --- the technique ---------------------------------------------------------------------------
+
+
+def raw_path_values(
+    model: Model,
+    pairs: list[ContrastPair],
+    senders: Sequence[Sender],
+    progress: Progress | None = None,
+    rows_per_pass: int = DEFAULTS.patch_rows_per_pass,
+    engine: Literal["auto", "hooks"] = "auto",
+):
+    """(each pair's clean and corrupted values, raw metrics per receiver kind, [pair, ...]);
+    `engine="hooks"` runs the hook engine whatever the model."""
+    runs = [run_pair(model, pair, engine) for pair in pairs]
+    clean = np.array([run.clean_value for run in runs])
+    corrupted = np.array([run.corrupted_value for run in runs])
+    check_swing(float(clean.mean()), float(corrupted.mean()))
+    with torch.no_grad():
+        if all(isinstance(run, FastRun) for run in runs):
+            raw = _fast_values(runs, senders, rows_per_pass, progress)
+        else:
+            each = [_hook_values(model, run, senders, progress) for run in runs]
+            raw = {name: np.stack([np.asarray(e[name]) for e in each]) for name in each[0]}
+    return clean, corrupted, raw
+
+
+def path_patching_on(
+    model: Model, task: Task | ContrastPair, senders: str | Sequence[Sender], progress: Progress | None = None, engine: Literal["auto", "hooks"] = "auto"
+) -> PathPatchingResult:
+    """Path patching from `senders` on one pair or over a task's pairs."""
+    heads = parse_senders(senders, model.cfg.n_layers, model.cfg.n_heads) if isinstance(senders, str) else tuple(senders)
+    pairs = [task] if isinstance(task, ContrastPair) else task.contrast_pairs(model)
+    clean, corrupted, raw = raw_path_values(model, pairs, heads, progress, engine=engine)
+    gap = float((clean - corrupted).mean())
+    lowest = min(sender.layer for sender in heads)
+
+    def score(values: np.ndarray) -> np.ndarray:  # [pair, ...] raw metrics -> the mean effect / the mean gap
+        return (values - corrupted.reshape(-1, *([1] * (values.ndim - 1)))).mean(0) / gap
+
+    receivers = {c: score(raw[c]) for c in COMPONENTS}
+    for c in COMPONENTS:
+        receivers[c][: lowest + 1] = 0.0  # no sender reaches these heads (placeholders, as TransformerLens's)
+    is_pair = isinstance(task, ContrastPair)
+    return PathPatchingResult(
+        task="one pair" if is_pair else task.name,
+        description=f"{task.clean_prompt!r} vs {task.corrupted_prompt!r}" if is_pair else task.description,
+        senders=[sender.name for sender in heads],
+        first_receiver_layer=lowest + 1,
+        logits=float(score(raw["logits"])),
+        head_to_logits=score(raw["head_to_logits"]),
+        clean_values=clean,
+        corrupted_values=corrupted,
+        **receivers,
+    )
+
+
+def path_patching(
+    model: Model, clean_prompt: str, corrupted_prompt: str, answer: str, wrong_answer: str, senders: str, progress: Progress | None = None
+) -> PathPatchingResult:
+    """Path patching on one contrast pair."""
+    pair = ContrastPair.of(model, clean_prompt, corrupted_prompt, answer, wrong_answer)
+    heads = parse_senders(senders, model.cfg.n_layers, model.cfg.n_heads)
+    return path_patching_on(model, pair, heads, progress)
+
+
+def task_path_patching(
+    model: Model, senders: str, task: str = "ioi", n: int = 32, seed: int = 0, pairs: str = "", progress: Progress | None = None
+) -> PathPatchingResult:
+    """Path patching over a task: a built-in one (`task`, `n` pairs drawn with `seed`) or your own `pairs`."""
+    heads = parse_senders(senders, model.cfg.n_layers, model.cfg.n_heads)
+    return path_patching_on(model, chosen_task(model, task, n, seed, pairs), heads, progress)
+
+
+def input_errors(model: Model, clean_prompt: str, corrupted_prompt: str, answer: str, wrong_answer: str, senders: str) -> dict[str, str]:
+    """The pair's problems (core.contrast.input_errors) and the senders', by input name, without running the model."""
+    errors = pair_errors(model, clean_prompt, corrupted_prompt, answer, wrong_answer)
+    try:
+        parse_senders(senders, model.cfg.n_layers, model.cfg.n_heads)
+    except ValueError as err:
+        errors["senders"] = str(err)
+    return errors
+
+
+SENDERS = Input("senders", "text", f"whose write is sent, one receiver at a time: {FORMS}; several with commas")
+FIGURES = (*(functools.partial(plots.path_heatmap, component=c) for c in COMPONENTS), plots.path_to_logits)
+
+TECHNIQUE = Technique(
+    **(ON_A_PAIR | dict(inputs=(*PAIR, SENDERS), example=PAIR_EXAMPLE | {"senders": "embed, MLP0"}, input_errors=input_errors)),
+    name="path_patching",
+    run=path_patching,
+    result=PathPatchingResult,
+    summary="Path patching, exact: the sender heads' effect through each later head's q, k or v input alone, and into the logits.",
+    figures=FIGURES,
+)
+
+TASK_TECHNIQUE = Technique(
+    name="task_path_patching",
+    run=task_path_patching,
+    result=PathPatchingResult,
+    summary="Path patching over a task (many pairs): each receiver's mean effect / the task's mean clean - corrupted gap.",
+    inputs=(SENDERS, *TASK_INPUTS),
+    lane="heavy",
+    example={"senders": "1.2", "task": "induction", "n": 8, "seed": 0},
+    figures=FIGURES,
+    progress=True,
+    tab="Contrast Pairs",
+)
+TECHNIQUES = (TASK_TECHNIQUE,)  # the registry reads TECHNIQUE and these
