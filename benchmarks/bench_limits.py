@@ -3,9 +3,12 @@ much memory it needs (the README's "Limits" quote this).
 
     python -m benchmarks.bench_limits [--threads 2] [--repeats 3]
 
-Each of the ten endpoints (JSON API and UI events) gets the largest input core/config.py allows:
+Each endpoint (JSON API and UI events) gets the largest input core/config.py allows:
 a 128-token prompt (BOS included) for the Prompt Explorer's techniques, a 32-token contrast pair
-that differs at its first word (so every position is patched) for Contrast Pairs, and
+that differs at its first word (so every position is patched) for Contrast Pairs, the most pairs a
+task request may patch (64, or fewer where they would need more than LIMITS.max_patching_tflop:
+IOI, several lengths, head_out; induction, one length, every sweep; path patching from the
+embeddings, every head a receiver), and
 batch x (2 x seq_len + 1) = 2,046 tokens at GPT-2's full context (seq_len 511, batch 2) for the
 Circuit Map. It runs through the app's own handlers and JSON endpoints (`ui.handlers`, `ui.api`: the runner, the figures and
 the JSON download, everything but HTTP), with the results cache off so every repeat computes.
@@ -30,7 +33,11 @@ from benchmarks.bench_patching import matmul_gflops  # noqa: E402
 from benchmarks.common import arguments, peak_memory, rss_bytes  # noqa: E402
 from core import LIMITS, load_model, save_random_gpt2  # noqa: E402
 from core.induction import max_seq_len  # noqa: E402
+from core.patching.cost import pairs_flops  # noqa: E402
+from core.patching.path import parse_senders, path_flops  # noqa: E402
+from core.patching.task import task_sweeps  # noqa: E402
 from core.registry import techniques  # noqa: E402
+from core.tasks import built_in_task  # noqa: E402
 from serving.runner import Runner, release_freed_memory  # noqa: E402
 from ui.api import endpoint as json_endpoint  # noqa: E402
 from ui.handlers import Handlers  # noqa: E402
@@ -54,6 +61,15 @@ def prompt_of(model, n_tokens: int, first_word: str = " Once") -> str:
     return text
 
 
+def largest(model, task: str, flops) -> int:
+    """The most pairs of a built-in task (seed 0) one request may patch: LIMITS.max_task_patching_pairs,
+    or fewer where their matrix products would exceed LIMITS.max_patching_tflop."""
+    for n in range(LIMITS.max_task_patching_pairs, 0, -1):
+        if flops(built_in_task(model, task, n, 0).contrast_pairs(model)) <= LIMITS.max_patching_tflop * 1e12:
+            return n
+    return 0
+
+
 def main() -> None:
     args = arguments()
     with tempfile.TemporaryDirectory() as directory:
@@ -69,6 +85,9 @@ def main() -> None:
         batch = LIMITS.max_induction_tokens // (2 * seq_len + 1)
         layer = model.cfg.n_layers - 1
         pair = (clean, corrupted, " the", " a")
+        ioi = largest(model, "ioi", lambda pairs: pairs_flops(model, pairs, task_sweeps(pairs)))
+        induction = largest(model, "induction", lambda pairs: pairs_flops(model, pairs, task_sweeps(pairs)))
+        paths = largest(model, "induction", lambda pairs: path_flops(model, pairs, parse_senders("embed", 12, 12)))
         requests = [
             ("/predict", f"{LIMITS.max_prompt_tokens} tokens, k {LIMITS.max_top_k}", lambda: api["predict"](prompt, LIMITS.max_top_k)),
             ("/logit_lens", f"{LIMITS.max_prompt_tokens} tokens, a target", lambda: api["logit_lens"](prompt, " the")),
@@ -80,6 +99,10 @@ def main() -> None:
             ("/contrast (Contrast Pairs)", f"{LIMITS.max_patching_tokens}-token pair, both + lenses + figures", lambda: h.contrast(*pair)),
             ("/induction", f"seq_len {seq_len}, batch {batch}", lambda: api["induction"](seq_len, batch, 0)),
             ("/circuit_map (Circuit Map)", f"seq_len {seq_len}, batch {batch} + figures", lambda: h.circuit_map(seq_len, batch, 0)),
+            ("/path_patching", f"{LIMITS.max_patching_tokens}-token pair, the embeddings to every head", lambda: api["path_patching"](*pair, "embed")),
+            ("/task_patching", f"{ioi} IOI pairs (head_out)", lambda: api["task_patching"]("ioi", ioi, 0, "")),
+            ("/task_patching", f"{induction} induction pairs, every sweep", lambda: api["task_patching"]("induction", induction, 0, "")),
+            ("/task_path_patching", f"{paths} induction pairs, the embeddings to every head", lambda: api["task_path_patching"]("embed", "induction", paths)),
         ]
         print(
             f"GPT-2 Small-shaped model (random weights), {args.threads} threads, torch {torch.__version__}, "

@@ -31,6 +31,7 @@ from transformer_lens import patching as tl_patching  # noqa: E402
 from benchmarks.common import arguments, peak_memory, rss_bytes  # noqa: E402
 from core import LIMITS, SWEEPS, activation_patching, load_model, save_random_gpt2  # noqa: E402
 from core.model import to_tokens  # noqa: E402
+from core.patching.cost import minimum_flops  # noqa: E402
 from examples import IOI_CLEAN, IOI_CORRUPTED  # noqa: E402
 
 TL_SWEEPS = {name: getattr(tl_patching, sweep.reference) for name, sweep in SWEEPS.items()}  # the same semantics
@@ -46,42 +47,6 @@ def matmul_gflops(d_model: int, d_mlp: int, rows: int = 2048, repeats: int = 7) 
         torch.mm(a, b)
         times.append(time.perf_counter() - start)
     return 2 * rows * d_model * d_mlp / statistics.median(times) / 1e9
-
-
-def minimum_flops(n_layers: int, d: int, d_mlp: int, n_heads: int, n_pos: int, start: int) -> float:
-    """Multiply-adds x 2 of every matrix product exact answers need: two unpatched runs, then for
-    each patch only what it can change (from its layer on, positions >= its position, the last
-    layer only at the final position, two logits). Elementwise work (LayerNorm, GELU) is not counted."""
-
-    def layer(rows: int, first_row: int, queries_at_end_only: bool, attention: bool = True, mlp_rows: int | None = None) -> float:
-        q_rows = 1 if queries_at_end_only else rows
-        q_positions = [n_pos - 1] if queries_at_end_only else range(first_row, n_pos)
-        flops = 0.0
-        if attention:
-            flops += 2 * rows * d * 2 * d  # keys and values
-            flops += 2 * q_rows * d * d * 2  # queries and the output projection
-            flops += sum(2 * 2 * (p + 1) * d for p in q_positions)  # scores and the weighted sum of values
-        mlp = q_rows if mlp_rows is None else mlp_rows
-        return flops + 2 * mlp * d * d_mlp * 2
-
-    def run_from(first_layer: int, first_row: int, mid: bool, mlp_rows_at_first: int | None = None) -> float:
-        rows = n_pos - first_row
-        total = 0.0
-        for j in range(first_layer, n_layers):
-            last = j == n_layers - 1
-            at_first = j == first_layer and mid
-            mlp_rows = mlp_rows_at_first if at_first else None
-            total += layer(rows, first_row, last, attention=not at_first, mlp_rows=None if last else mlp_rows)
-        return total + 2 * d * 2
-
-    total = 2 * (sum(layer(n_pos, 0, False) for _ in range(n_layers)) + 2 * d * 2)
-    for l in range(n_layers):
-        for p in range(start, n_pos):
-            total += run_from(l, p, mid=False)  # resid_pre
-            total += run_from(l, p, mid=True, mlp_rows_at_first=1)  # attn_out: the MLP at l only where it changed
-            total += run_from(l + 1, p, mid=False)  # mlp_out
-        total += n_heads * (run_from(l, start, mid=True, mlp_rows_at_first=n_pos - start) + 2 * (n_pos - start) * (d // n_heads) * d)  # head_out
-    return total
 
 
 def main() -> None:

@@ -3,8 +3,8 @@
 
     python -m benchmarks.bench_path [--threads 2] [--repeats 3] [--pairs 64] [--tl-pairs 1]
 
-GPT-2 Small-shaped model (random weights, GPT-2's real tokenizer). One pair (the app's IOI example,
-17 tokens), one sender head at layer 0, 5 and 9: every later head's q, k and v as a receiver (396, 216
+GPT-2 Small-shaped model (random weights, GPT-2's real tokenizer). One pair (the app's IOI prompts,
+17 tokens, with the answer tokens they move most, as bench_patching), one sender head at layer 0, 5 and 9: every later head's q, k and v as a receiver (396, 216
 and 72 receivers). Ours includes tracing both prompts; TransformerLens's includes caching both runs
 (its inputs) and one forward pass per receiver and component. Then a task: path patching from the
 name movers (9.9, 9.6, 10.0) over `--pairs` IOI pairs, against TransformerLens on the first
@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from transformer_lens import patching as tl_patching  # noqa: E402
 
 from benchmarks.common import arguments, peak_memory, rss_bytes  # noqa: E402
-from core import ContrastPair, load_model, save_random_gpt2  # noqa: E402
+from core import ContrastPair, load_model, save_random_gpt2, to_tokens  # noqa: E402
 from core.patching.path import COMPONENTS, parse_senders, path_patching_on, raw_path_values  # noqa: E402
 from core.tasks import built_in_task  # noqa: E402
 from examples import IOI_CLEAN, IOI_CORRUPTED  # noqa: E402
@@ -54,8 +54,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         model = load_model(save_random_gpt2(directory))
         base = rss_bytes()
-        pair = ContrastPair.of(model, IOI_CLEAN, IOI_CORRUPTED, " Mary", " John")
-        print(f"GPT-2 Small-shaped model (random weights), {args.threads} threads, torch {torch.__version__}\n")
+        with torch.no_grad():  # as bench_patching: on random weights " Mary" - " John" barely moves (+0.0073), so the
+            # answers are the tokens the prompts move most, which keeps normalising from amplifying float32 rounding
+            shift = model(to_tokens(model, IOI_CLEAN))[0, -1] - model(to_tokens(model, IOI_CORRUPTED))[0, -1]
+        answer, wrong = model.tokenizer.decode([int(shift.argmax())]), model.tokenizer.decode([int(shift.argmin())])
+        pair = ContrastPair.of(model, IOI_CLEAN, IOI_CORRUPTED, answer, wrong)
+        print(f"GPT-2 Small-shaped model (random weights), {args.threads} threads, torch {torch.__version__}; answers {answer!r} vs {wrong!r}\n")
         print(
             "| senders | pairs | receivers (q, k, v) | ours | TransformerLens `get_act_patch_direct_path` | speed-up "
             "| max abs difference (normalised) | peak memory |"

@@ -24,8 +24,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformer_lens import patching as tl_patching  # noqa: E402
 
+from benchmarks.bench_patching import matmul_gflops  # noqa: E402
 from benchmarks.common import arguments, peak_memory, rss_bytes  # noqa: E402
 from core import SWEEPS, activation_patching, load_model, save_random_gpt2  # noqa: E402
+from core.patching.cost import pairs_flops  # noqa: E402
 from core.patching.task import raw_task_sweeps, task_patching  # noqa: E402
 from core.tasks import built_in_task  # noqa: E402
 
@@ -53,8 +55,14 @@ def main() -> None:
         model = load_model(save_random_gpt2(directory))
         base = rss_bytes()
         print(f"GPT-2 Small-shaped model (random weights), {args.threads} threads, torch {torch.__version__}; {args.pairs} pairs, seed 0\n")
-        print("| task | sweeps | ours, batched | ours, pair after pair | TransformerLens `patching` (scaled) | speed-up | max abs difference | peak memory |")
-        print("|---|---|---:|---:|---:|---:|---:|---:|")
+        cfg = model.cfg
+        gflops = matmul_gflops(cfg.d_model, cfg.d_mlp)
+        print(f"float32 matrix products at {gflops:.0f} GFLOP/s (measured); floor = the FLOPs exact answers need / that\n")
+        print(
+            "| task | sweeps | ours, batched | floor | ours, pair after pair | TransformerLens `patching` (scaled) | speed-up "
+            "| max abs difference | peak memory |"
+        )
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
         for name in ("induction", "ioi"):
             task = built_in_task(model, name, args.pairs, seed=0)
             task_patching(model, task)  # warm-up (the engine is built once per model)
@@ -62,6 +70,7 @@ def main() -> None:
             result = runs[0][0]
             ours = statistics.median(seconds for _, seconds, _ in runs)
             sweeps = [sweep for sweep in SWEEPS if getattr(result, sweep) is not None]
+            floor = pairs_flops(model, task.contrast_pairs(model), sweeps) / gflops / 1e9
             start = time.perf_counter()
             for pair in task.pairs:
                 activation_patching(model, pair.clean, pair.corrupted, pair.answer, pair.wrong)
@@ -69,7 +78,8 @@ def main() -> None:
             tl_part, worst = transformer_lens_seconds(model, task, sweeps, args.tl_pairs)
             tl = tl_part * args.pairs / args.tl_pairs
             print(
-                f"| {name} ({', '.join(map(str, result.lengths))} tokens) | {', '.join(sweeps)} | {ours:.2f} s | {serial:.2f} s (all four sweeps) "
+                f"| {name} ({', '.join(map(str, result.lengths))} tokens) | {', '.join(sweeps)} | {ours:.2f} s | {floor:.1f} s ({ours / floor:.1f}x) "
+                f"| {serial:.2f} s (all four sweeps) "
                 f"| {tl:.0f} s ({tl_part:.0f} s for {args.tl_pairs}) | {tl / ours:.0f}x | {worst:.1e} | {max(p for _, _, p in runs) / 2**20:.0f} MiB |",
                 flush=True,
             )

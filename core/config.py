@@ -44,6 +44,8 @@ class Limits:
     max_top_k: int = 100  # largest k a caller may ask for
     max_induction_batch: int = 64  # Circuit Map: sequences per request
     max_task_pairs: int = 256  # contrast pairs in one task (built in or the user's)
+    max_task_patching_pairs: int = 64  # pairs in one task patching / task path patching request
+    max_patching_tflop: float = 5.0  # the matrix products one patching request may need (core.patching.cost; 64 IOI pairs' head sweep: 4.0)
     max_task_chars: int = 100_000  # the user's pairs as text (256 pairs of ~300 characters with room to spare)
     max_induction_tokens: int = 2048  # Circuit Map: batch x (2 x seq_len + 1) tokens per request (two passes at full context)
     max_downloads: int = 256  # JSON downloads kept on disk (oldest removed first)

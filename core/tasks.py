@@ -237,7 +237,7 @@ def _lines(text: str, name: str) -> list[tuple[int, str]]:
 def pairs_format(text: str) -> Literal["lines", "csv", "jsonl"]:
     """How pasted or uploaded pairs are written, from their first line: a JSON object (jsonl), fields
     separated by '|' (lines), else comma-separated values (csv)."""
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "") if isinstance(text, str) else ""
+    first = next((line.strip("\ufeff \t") for line in text.splitlines() if line.strip("\ufeff \t")), "") if isinstance(text, str) else ""
     return "jsonl" if first.startswith("{") else "lines" if "|" in first else "csv"
 
 
@@ -249,6 +249,8 @@ def parse_pairs(text: str, format: Literal["auto", "lines", "csv", "jsonl"] = "l
     `csv`: four columns in that order (a header row naming them is skipped), values as written.
     `jsonl`: one object per line with the keys clean, corrupted, answer, wrong."""
     rows: list[tuple[int, PairText]] = []
+    if isinstance(text, str):
+        text = text.removeprefix("\ufeff")  # a byte order mark, as spreadsheet programs write "CSV UTF-8"
     if format == "auto":
         format = pairs_format(text)
     if format == "lines":
@@ -312,13 +314,17 @@ class TaskMetric:
 def chosen_task(model: Model, task: str, n: int = 32, seed: int = 0, pairs: str = "") -> Task:
     """A built-in task (`task`, `n` pairs drawn with `seed`) or, for task "custom", your own `pairs`
     (one per line, clean | corrupted | answer | wrong; or CSV or JSONL with those four fields): what the task
-    techniques' inputs (TASK_INPUTS) name."""
+    techniques' inputs (TASK_INPUTS) name. At most LIMITS.max_task_patching_pairs pairs: a request patches them all."""
     if not isinstance(task, str):
         raise ValueError(f"The task must be text: one of {', '.join(BUILT_IN)}, or custom; got {type(task).__name__}.")
+    most = LIMITS.max_task_patching_pairs
     if task == "custom":
-        return parse_pairs(pairs, "auto")
+        chosen = parse_pairs(pairs, "auto")
+        if len(chosen.pairs) > most:
+            raise ValueError(f"Your task has {len(chosen.pairs)} pairs; patching takes at most {most} per request: use fewer.")
+        return chosen
     if task in BUILT_IN:
-        return built_in_task(model, task, n, seed)
+        return built_in_task(model, task, check_int(n, "n", 1, most), seed)
     raise ValueError(f"There is no task {task!r}: pick one of {', '.join(BUILT_IN)}, or custom with your pairs.")
 
 

@@ -92,6 +92,7 @@ def cases():
                     ("a | b | c", r"Line 1: expected 4 fields"),
                     (f"{IOI_CLEAN} | {IOI_CORRUPTED} | Mary | John\n{SHORT} | {SHORT} and | Mary | John", r"line 2: .*same number of tokens"),
                     ("x" * (LIMITS.max_task_chars + 1), "the limit is 100,000"),
+                    ("\n".join([f"{IOI_CLEAN} | {IOI_CORRUPTED} | Mary | John"] * 65), "65 pairs; patching takes at most 64"),
                     (7, "must be text"),
                 ]:
                     custom[position] = text
@@ -118,13 +119,17 @@ def cases():
     ranges = {
         "k": "between 1 and 100", "layer": "between 0 and 4", "head": "between 0 and 3",
         "seq_len": "between 2 and 31", "batch": "between 1 and 64", "seed": "between 0 and 4294967295",
+        "n": f"between 1 and {LIMITS.max_task_patching_pairs}",
     }
     for name, t in TECHNIQUES.items():  # a choice not offered: the message names the choices
         for position, spec in enumerate(t.inputs):
             if spec.kind == "choice":
                 for value in ["nope", "", 42, None]:
                     out.append((f"/{name}", with_arg(f"/{name}", position, value), re.escape(spec.choices[0])))
-    out_of_range = {"k": [0, 101, -5], "layer": [-1, 5, -5], "head": [-1, 4, -5], "seq_len": [1, 32, -5], "batch": [0, 65, -5], "seed": [-1, 2**40, -5]}
+    out_of_range = {
+        "k": [0, 101, -5], "layer": [-1, 5, -5], "head": [-1, 4, -5], "seq_len": [1, 32, -5], "batch": [0, 65, -5], "seed": [-1, 2**40, -5],
+        "n": [0, 65, 257],
+    }
     for endpoint, fields in INT_FIELDS.items():
         for position, name in fields.items():
             for value in [*out_of_range.get(name, []), 2.5, "3", "abc", None, [1]]:  # a number's range is its technique's to state

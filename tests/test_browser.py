@@ -195,7 +195,7 @@ def test_a_task_and_where_its_heads_send_their_effect(browser, page_url, tmp_pat
     page.get_by_label("Prompt A (clean)").wait_for(state="hidden", timeout=30_000)
     page.get_by_label("Task", exact=True).click()
     page.get_by_role("option", name="induction").click()
-    page.get_by_label("Pairs (1-256)").fill("8")
+    page.get_by_label("Pairs (1-64)").fill("8")
     page.get_by_role("button", name="Run task patching").click()
     page.wait_for_selector("text=Task patching: induction", timeout=120_000)
     assert "8 pairs" in page.locator("#task-summary").inner_text()

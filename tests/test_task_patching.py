@@ -10,8 +10,11 @@ import torch
 from transformer_lens import patching as tl_patching
 
 from core import SWEEPS, activation_patching
+from core.config import LIMITS
 from core.model import to_tokens
-from core.patching.task import raw_task_sweeps, task_patching
+from core.patching.cost import pairs_flops
+from core.patching.path import task_path_patching
+from core.patching.task import patch_task, raw_task_sweeps, task_patching, task_sweeps
 from core.tasks import built_in_task
 
 
@@ -61,3 +64,15 @@ def test_task_patching_equals_transformer_lens_pair_by_pair(demo_model):
     for name in SWEEPS:  # each pair's patched - corrupted, in logits
         difference = np.abs(raw[name] - corrupted[:, None, None] - np.stack(deltas[name])).max()
         assert difference <= 1e-4, f"{name}: {difference:.2e}"
+
+
+def test_a_request_over_the_patching_budget_says_how_many_pairs_fit(gpt2_shaped):
+    """On GPT-2's shape 64 ten-token induction pairs, every position patched, need 14.3 TFLOP of matrix
+    products (about 2 minutes here), over LIMITS.max_patching_tflop: refused before any patching, with the
+    number of pairs that fits; 64 IOI pairs (head_out, 4.0 TFLOP) fit."""
+    with pytest.raises(ValueError, match=r"This task \(64 pairs; resid_pre, attn_out, mlp_out, head_out\) needs 14.3 TFLOP .* at most 22 of these"):
+        patch_task(gpt2_shaped, "induction", 64)
+    with pytest.raises(ValueError, match=r"Path patching from embed over 64 pairs needs 19.4 TFLOP .* at most 16 of these"):
+        task_path_patching(gpt2_shaped, "embed", "induction", 64)
+    pairs = built_in_task(gpt2_shaped, "ioi", 64, seed=0).contrast_pairs(gpt2_shaped)
+    assert task_sweeps(pairs) == ("head_out",) and pairs_flops(gpt2_shaped, pairs, ("head_out",)) < LIMITS.max_patching_tflop * 1e12

@@ -31,7 +31,7 @@ def read_upload(path: str | None) -> tuple[str, str]:
     if not path:
         return gr.skip(), gr.skip()
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # without the byte order mark spreadsheets write
     except UnicodeDecodeError:
         raise gr.Error("The file is not UTF-8 text: upload a .csv, .jsonl or .txt file of pairs.", print_exception=False) from None
     return text, "custom"
@@ -56,7 +56,7 @@ def build(h: Handlers, model: Model) -> None:
     with gr.Column(visible=False) as task_inputs:
         with gr.Row():
             task = gr.Dropdown([*BUILT_IN, "custom"], value="ioi", label="Task", info="built in, or custom: your pairs below", min_width=160)
-            n = gr.Number(32, precision=0, label=f"Pairs (1-{LIMITS.max_task_pairs})", min_width=100)
+            n = gr.Number(32, precision=0, label=f"Pairs (1-{LIMITS.max_task_patching_pairs})", min_width=100)
             seed = gr.Number(0, precision=0, label="Seed (same seed, same pairs)", min_width=100)
             run_task = gr.Button("Run task patching", variant="primary", min_width=120)
         pairs = gr.Textbox(
@@ -116,7 +116,7 @@ def build(h: Handlers, model: Model) -> None:
     about(ABOUT["path"])
     with gr.Row():
         senders = gr.Dropdown(
-            sender_choices(model), value=h.top_senders(PAIR_MODE, *first, "ioi", 32, 0, ""), multiselect=True, label="Senders",
+            sender_choices(model), value=h.top_senders("pair", list(first)), multiselect=True, label="Senders",
             info="proposed: the heads patching ranked first; add or remove any head, MLP or the embeddings", elem_id="path-senders", scale=4,
         )
         trace = gr.Button("Trace paths", variant="primary", min_width=120, scale=1)
@@ -136,34 +136,55 @@ def build(h: Handlers, model: Model) -> None:
         return {view: gr.update(visible=(chosen == TASK_MODE) == is_task) for view, is_task in zip(views, (False, False, True, True))} | stale
 
     mode.change(show, mode, [*views, *path_out.values()], api_visibility="private", **LIGHT)  # in a lane, like every event
-    everything = [mode, clean, corrupted, answer, wrong, task, n, seed, pairs]
 
-    def propose(*values):
-        return {senders: h.top_senders(*values)} | stale
+    # What path patching traces: the pair and the task whose results are shown (a run's click-time inputs,
+    # kept as `pending` until the run succeeds), never what the fields say now.
+    # (hidden components, not gr.State: the server keeps nothing per visitor, and the page opens no heartbeat)
+    shown = gr.JSON({"pair": list(first), "task": None}, visible=False)
+    pending = gr.JSON(None, visible=False)
 
-    def then_propose(event) -> None:
-        """After a run: the senders its head patching proposes; the previous paths cleared."""
-        event.success(user_errors(propose), everything, [senders, *path_out.values()], api_visibility="private", **HEAVY, **RAW)
+    def accept(kind: str, values: list | None, now: dict) -> dict:
+        if values is None:  # never expected (hold runs first); keep what is shown
+            return {shown: gr.skip(), senders: gr.skip()}
+        now = now | {kind: values}
+        return {shown: now, senders: h.top_senders(kind, values)} | stale
 
-    then_propose(run.click(
+    def then_accept(event, kind: str, fields: list | None = None) -> None:
+        """After a successful run: it is what is shown; the senders its head patching proposes; old paths cleared.
+        `fields`: read the run's inputs from these (an example's, just filled) instead of `pending`."""
+        if fields is None:
+            fn, args = (lambda values, now: accept(kind, values, now)), [pending, shown]
+        else:
+            fn, args = (lambda *values: accept(kind, list(values[:-1]), values[-1])), [*fields, shown]
+        event.success(user_errors(fn), args, [shown, senders, *path_out.values()], api_visibility="private", **HEAVY, **RAW)
+
+    def hold(*values):
+        return list(values)
+
+    # in the heavy lane and registered first: it runs before the run it belongs to (one at a time, in order)
+    run.click(hold, inputs, pending, api_visibility="private", **HEAVY, **RAW)
+    then_accept(run.click(
         user_errors(contrast), inputs, outputs, api_name="contrast", show_progress_on=[out["status"]],
         validator=validator(h, input_errors, ["clean_prompt", "corrupted_prompt", "answer", "wrong_answer"]), **HEAVY, **RAW,
-    ))
-    then_propose(example_run)
+    ), "pair")
+    then_accept(example_run, "pair", inputs)
 
     def task_patching(task, n, seed, pairs, progress=gr.Progress()):
         return h.task(task, n, seed, pairs, progress=progress)
 
-    then_propose(run_task.click(
-        user_errors(by_component(task_patching, task_out)), [task, n, seed, pairs], list(task_out.values()),
+    task_inputs_list = [task, n, seed, pairs]
+    run_task.click(hold, task_inputs_list, pending, api_visibility="private", **HEAVY, **RAW)
+    then_accept(run_task.click(
+        user_errors(by_component(task_patching, task_out)), task_inputs_list, list(task_out.values()),
         api_name="task_figures", api_visibility="private", show_progress_on=[task_out["task_summary"]], **HEAVY, **RAW,
-    ))
+    ), "task")
 
-    def paths(*values, progress=gr.Progress()):
-        return h.paths(*values, progress=progress)
+    def paths(chosen, now, chosen_senders, progress=gr.Progress()):
+        kind = "task" if chosen == TASK_MODE else "pair"
+        return h.paths(kind, now[kind], chosen_senders, progress=progress)
 
     trace.click(
-        user_errors(by_component(paths, path_out)), [*everything, senders], list(path_out.values()),
+        user_errors(by_component(paths, path_out)), [mode, shown, senders], list(path_out.values()),
         api_name="path_figures", api_visibility="private", **HEAVY, **RAW,
     )
     upload.upload(read_upload, upload, [pairs, task], api_visibility="private", **LIGHT)

@@ -180,24 +180,28 @@ class Handlers:
             "task_download": self._download(f"task-{result.task}", result.to_dict()),
         }
 
-    def top_senders(self, mode: str, clean: str, corrupted: str, answer: str, wrong: str, task: str, n: int, seed: int, pairs: str) -> list[str]:
-        """The heads head patching singled out (largest |score| first) for the pair or task just run,
-        read from the runner's cache (the run itself put them there)."""
-        if mode == TASK_MODE:
-            scores = self.runner.run(patch_task, task, whole(n), whole(seed), pairs).head_out
+    def top_senders(self, kind: str, values: list) -> list[str]:
+        """The heads head patching singled out (largest |score| first) for the pair (`kind` "pair": clean,
+        corrupted, answer, wrong) or task ("task": task, n, seed, pairs) whose results are shown; the run
+        put them in the runner's cache."""
+        if kind == "task":
+            scores = self.runner.run(patch_task, values[0], whole(values[1]), whole(values[2]), values[3]).head_out
         else:
-            scores = self.runner.run(activation_patching, clean, corrupted, answer, wrong).head_out
+            scores = self.runner.run(activation_patching, *values).head_out
         order = np.argsort(-np.abs(scores), axis=None)[: DEFAULTS.path_senders]
         return [f"L{layer}H{head}" for layer, head in zip(*np.unravel_index(order, scores.shape))]
 
-    def paths(self, mode: str, clean: str, corrupted: str, answer: str, wrong: str, task: str, n: int, seed: int, pairs: str, senders, progress=None) -> dict:
-        """Path patching from the chosen senders on the pair or the task shown: q, k, v, logits, the JSON."""
+    def paths(self, kind: str, values: list | None, senders, progress=None) -> dict:
+        """Path patching from the chosen senders on the pair or the task whose results are shown (`values`
+        as for top_senders; None: no task run yet): q, k, v, logits, the JSON."""
+        if values is None:
+            raise ValueError("Run task patching first: path patching traces the task whose results are shown.")
         senders = ", ".join(senders) if isinstance(senders, list) and all(isinstance(s, str) for s in senders) else senders
         report = _reporter(progress)
-        if mode == TASK_MODE:
-            result = self.runner.run(task_path_patching, senders, task, whole(n), whole(seed), pairs, progress=report)
+        if kind == "task":
+            result = self.runner.run(task_path_patching, senders, values[0], whole(values[1]), whole(values[2]), values[3], progress=report)
         else:
-            result = self.runner.run(path_patching, clean, corrupted, answer, wrong, senders, progress=report)
+            result = self.runner.run(path_patching, *values, senders, progress=report)
         return {
             **{f"path {c}": plots.path_heatmap(result, c) for c in ("q", "k", "v")},
             "path logits": plots.path_to_logits(result),

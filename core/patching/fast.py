@@ -159,6 +159,8 @@ class Engine:
         `corrupted` and `direction`: one pair's, or a sequence of pairs' (of one token length) that
         each job's `pair` indexes, so the patches of many pairs travel together.
         State: x [job, pos, d_model]; `rows` indexes its live (job, pos) rows in x.view(-1, d_model)."""
+        if not jobs:
+            return torch.empty(0, dtype=torch.float64)
         traces = [corrupted] if isinstance(corrupted, Trace) else list(corrupted)
         directions = [direction] if isinstance(corrupted, Trace) else list(direction)
         present = sorted({job.pair for job in jobs}) if len(traces) > 1 else [0]

@@ -34,12 +34,14 @@ import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from transformer_lens import patching as tl_patching
 
 from core import plots
 from core.config import DEFAULTS
 from core.contrast import ON_A_PAIR, PAIR, PAIR_EXAMPLE, ContrastPair, check_swing
 from core.contrast import input_errors as pair_errors
 from core.model import Model, run_cached
+from core.patching.cost import check_budget, pairs_flops
 from core.patching.exact import run_pair
 from core.patching.fast import Engine, FastRun, Job, Trace
 from core.patching.hooks import HookRun
@@ -155,13 +157,13 @@ def path_jobs(engine: Engine, run: FastRun, start: int, senders: Sequence[Sender
                     yield component, (layer, head), Job(layer, Job.MID, base + heads_change[c, head], 0, pair)
 
 
-def to_logits(engine: Engine, run: FastRun, start: int, senders: Sequence[Sender]) -> tuple[float, Float[Tensor, "layer head"]]:
+def to_logits(engine: Engine, run: FastRun, start: int, senders: Sequence[Sender]) -> tuple[float, Float[np.ndarray, "layer head"]]:
     """The metric with the senders' write added to the final residual stream alone, and the same for
     each head alone as the sender."""
     final = run.corrupted.resid_pre[-1, -1]
     together = sum(write[-1] for _, write in sender_writes(engine, run.clean, run.corrupted, start, senders))
     each = torch.einsum("lhd,lhdm->lhm", run.clean.z[:, -1] - run.corrupted.z[:, -1], engine.W_O)
-    return float(engine._metric(final + together, run.direction)), engine._metric(final + each, run.direction).double()
+    return float(engine._metric(final + together, run.direction)), engine._metric(final + each, run.direction).double().cpu().numpy()
 
 
 def _fast_values(runs: list[FastRun], senders: Sequence[Sender], rows_per_pass: int, progress: Progress | None) -> dict[str, np.ndarray]:
@@ -221,8 +223,10 @@ def _hook_values(model: Model, run: HookRun, senders: Sequence[Sender], progress
     def metric(hooks) -> float:
         return float(pair.metric.of_logits(model.run_with_hooks(pair.corrupted_tokens, fwd_hooks=hooks))[0])
 
-    def add(change: Tensor, head: int | None = None):
+    def add(change: Tensor, head: int | None = None, fired: list[bool] | None = None):
         def hook(activation, hook):
+            if fired is not None:
+                fired.append(True)
             activation = activation.clone()
             if head is None:
                 activation[0] += change
@@ -232,18 +236,23 @@ def _hook_values(model: Model, run: HookRun, senders: Sequence[Sender], progress
 
         return hook
 
-    saved = bool(getattr(cfg, "use_split_qkv_input", False))
-    try:
-        model.set_use_split_qkv_input(True)
+    try:  # what TransformerLens refuses for direct path patching (attention writes that are not z @ W_O, K/V on GQA)
+        for component in COMPONENTS:
+            tl_patching._check_direct_path_support(model, sorted({s.layer for s in senders if s.head is not None} or {max(lowest, 0)}), component)
+    except (ValueError, NotImplementedError) as err:
+        raise ValueError(f"Path patching does not apply to this model: {err}") from None
+    fired: list[bool] = []
+    with tl_patching._split_qkv_input(model):
         for layer in range(lowest + 1, L):
             if progress is not None:
                 progress((layer - lowest - 1) / (L - lowest), "path patching (hooks)")
             change = sum(writes[s] for s in senders if s.layer < layer)
             for component in COMPONENTS:
                 for head in range(H):
-                    raw[component][layer, head] = metric([(f"blocks.{layer}.attn.hook_{component}_input", add(change, head))])
-    finally:
-        model.set_use_split_qkv_input(saved)
+                    fired.clear()
+                    raw[component][layer, head] = metric([(f"blocks.{layer}.attn.hook_{component}_input", add(change, head, fired))])
+                    if not fired:  # without the per-head input fork the hook never runs and the value would be unpatched
+                        raise ValueError(f"Path patching cannot reach the heads' {component} inputs of this model's layer {layer}.")
     final = f"blocks.{L - 1}.hook_resid_post"
     raw["logits"] = metric([(final, add(sum(writes[s] for s in senders)))])
     raw["head_to_logits"] = np.array([[metric([(final, add(writes[Sender(layer, head)]))]) for head in range(H)] for layer in range(L)])
@@ -271,7 +280,10 @@ def raw_path_values(
         if all(isinstance(run, FastRun) for run in runs):
             raw = _fast_values(runs, senders, rows_per_pass, progress)
         else:
-            each = [_hook_values(model, run, senders, progress) for run in runs]
+            def part(i: int) -> Progress | None:  # pair i's share of the bar
+                return None if progress is None else (lambda fraction, desc: progress((i + fraction) / len(runs), desc))
+
+            each = [_hook_values(model, run, senders, part(i)) for i, run in enumerate(runs)]
             raw = {name: np.stack([np.asarray(e[name]) for e in each]) for name in each[0]}
     return clean, corrupted, raw
 
@@ -282,6 +294,27 @@ def path_patching_on(
     """Path patching from `senders` on one pair or over a task's pairs."""
     heads = parse_senders(senders, model.cfg.n_layers, model.cfg.n_heads) if isinstance(senders, str) else tuple(senders)
     pairs = [task] if isinstance(task, ContrastPair) else task.contrast_pairs(model)
+    return _path_patching(model, task, pairs, heads, progress, engine)
+
+
+def path_flops(model: Model, pairs: list[ContrastPair], senders: Sequence[Sender]) -> float:
+    """The matrix products path patching from `senders` needs (core.patching.cost): three patched runs
+    (q, k, v) per head above the lowest sender, like head patching's one."""
+    return pairs_flops(model, pairs, ("head_out",), head_from=min(s.layer for s in senders) + 1, head_copies=len(COMPONENTS))
+
+
+def _served(model: Model, task: Task | ContrastPair, senders: str, progress: Progress | None) -> PathPatchingResult:
+    """Path patching as the API and the app run it: the request's work within LIMITS.max_patching_tflop."""
+    heads = parse_senders(senders, model.cfg.n_layers, model.cfg.n_heads)
+    pairs = [task] if isinstance(task, ContrastPair) else task.contrast_pairs(model)
+    check_budget(path_flops(model, pairs, heads), len(pairs), f"Path patching from {', '.join(s.name for s in heads)} over {len(pairs)} pairs")
+    return _path_patching(model, task, pairs, heads, progress, "auto")
+
+
+def _path_patching(
+    model: Model, task: Task | ContrastPair, pairs: list[ContrastPair], heads: Sequence[Sender], progress: Progress | None, engine: Literal["auto", "hooks"]
+) -> PathPatchingResult:
+    """Path patching on `pairs` (the pair, or the task's pairs checked), scored and labelled."""
     clean, corrupted, raw = raw_path_values(model, pairs, heads, progress, engine=engine)
     gap = float((clean - corrupted).mean())
     lowest = min(sender.layer for sender in heads)
@@ -311,16 +344,15 @@ def path_patching(
 ) -> PathPatchingResult:
     """Path patching on one contrast pair."""
     pair = ContrastPair.of(model, clean_prompt, corrupted_prompt, answer, wrong_answer)
-    heads = parse_senders(senders, model.cfg.n_layers, model.cfg.n_heads)
-    return path_patching_on(model, pair, heads, progress)
+    return _served(model, pair, senders, progress)
 
 
 def task_path_patching(
     model: Model, senders: str, task: str = "ioi", n: int = 32, seed: int = 0, pairs: str = "", progress: Progress | None = None
 ) -> PathPatchingResult:
     """Path patching over a task: a built-in one (`task`, `n` pairs drawn with `seed`) or your own `pairs`."""
-    heads = parse_senders(senders, model.cfg.n_layers, model.cfg.n_heads)
-    return path_patching_on(model, chosen_task(model, task, n, seed, pairs), heads, progress)
+    parse_senders(senders, model.cfg.n_layers, model.cfg.n_heads)  # the senders' message before the task's
+    return _served(model, chosen_task(model, task, n, seed, pairs), senders, progress)
 
 
 def input_errors(model: Model, clean_prompt: str, corrupted_prompt: str, answer: str, wrong_answer: str, senders: str) -> dict[str, str]:
@@ -341,7 +373,7 @@ TECHNIQUE = Technique(
     name="path_patching",
     run=path_patching,
     result=PathPatchingResult,
-    summary="Path patching, exact: the sender heads' effect through each later head's q, k or v input alone, and into the logits.",
+    summary="Path patching, exact: the senders' (heads, MLPs, embeddings) effect through each later head's q, k or v input alone, and into the logits.",
     figures=FIGURES,
 )
 

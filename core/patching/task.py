@@ -18,8 +18,9 @@ import torch
 
 from core import plots
 from core.config import DEFAULTS
-from core.contrast import SWEEPS, check_swing
+from core.contrast import SWEEPS, ContrastPair, check_swing
 from core.model import Model, str_tokens
+from core.patching.cost import check_budget, pairs_flops
 from core.patching.exact import run_pair
 from core.patching.fast import FastRun, sweep_jobs
 from core.registry import Progress, Technique
@@ -64,11 +65,17 @@ def _fast_sweeps(runs: list[FastRun], sweeps: tuple[str, ...], rows_per_pass: in
     return raw
 
 
+def task_sweeps(pairs: list[ContrastPair]) -> tuple[str, ...]:
+    """The sweeps a task gets: all of them for pairs of one token length, else the by-head one only."""
+    one_length = len({pair.clean_tokens.shape[-1] for pair in pairs}) == 1
+    return tuple(SWEEPS) if one_length else tuple(name for name, sweep in SWEEPS.items() if sweep.axis == "head")
+
+
 def raw_task_sweeps(model: Model, task: Task, progress: Progress | None = None, rows_per_pass: int = DEFAULTS.patch_rows_per_pass):
     """(pairs, each pair's clean and corrupted values, raw metrics [pair, layer, index] per sweep computed)."""
     pairs = task.contrast_pairs(model)
     lengths = sorted({pair.clean_tokens.shape[-1] for pair in pairs})
-    sweeps = tuple(SWEEPS) if len(lengths) == 1 else tuple(name for name, sweep in SWEEPS.items() if sweep.axis == "head")
+    sweeps = task_sweeps(pairs)
     runs = [run_pair(model, pair) for pair in pairs]  # the first checks the fast engine against the model (or falls back)
     clean = np.array([run.clean_value for run in runs])
     corrupted = np.array([run.corrupted_value for run in runs])
@@ -104,7 +111,11 @@ def patch_task(
 ) -> TaskPatchingResult:
     """Task patching on a built-in task (`task`, `n` pairs drawn with `seed`) or on your own `pairs`
     (task "custom": one per line, clean | corrupted | answer | wrong)."""
-    return task_patching(model, chosen_task(model, task, n, seed, pairs), progress)
+    chosen = chosen_task(model, task, n, seed, pairs)
+    checked = chosen.contrast_pairs(model)
+    sweeps = task_sweeps(checked)
+    check_budget(pairs_flops(model, checked, sweeps), len(checked), f"This task ({len(checked)} pairs; {', '.join(sweeps)})")
+    return task_patching(model, chosen, progress)
 
 
 TECHNIQUE = Technique(
