@@ -49,7 +49,7 @@ def transformer_lens_patching(model, clean, corrupted, answer, wrong, clean_valu
     with torch.no_grad():
         _, clean_cache = model.run_with_cache(to_tokens(model, clean))
         corrupted_tokens = to_tokens(model, corrupted)
-        return {name: sweep(model, corrupted_tokens, clean_cache, normalised).double().numpy() for name, sweep in TL_SWEEPS.items()}
+        return {name: sweep(model, corrupted_tokens, clean_cache, normalised).double().cpu().numpy() for name, sweep in TL_SWEEPS.items()}
 
 
 @pytest.mark.parametrize("fixture, clean, corrupted", PAIRS)
@@ -86,7 +86,7 @@ def test_a_fast_engine_that_disagrees_with_the_model_is_never_used(demo_model, m
     clean, corrupted = PAIRS[3][1:]
     truth = activation_patching(demo_model, clean, corrupted, " Mary", " John")
     broken = Engine(demo_model)
-    broken.b_U = broken.b_U + torch.arange(broken.b_U.shape[0], dtype=broken.b_U.dtype)  # shifts the metric
+    broken.b_U = broken.b_U + torch.arange(broken.b_U.shape[0], dtype=broken.b_U.dtype, device=broken.b_U.device)  # shifts the metric
     monkeypatch.setitem(exact._ENGINES, demo_model, broken)
     result = activation_patching(demo_model, clean, corrupted, " Mary", " John")
     assert exact._ENGINES[demo_model] is None  # dropped for this model from now on
@@ -122,7 +122,7 @@ def test_attribution_patching_equals_the_gradient_from_backward_hooks(gpt2_shape
             hooks = (sweep.hook, ".hook_in") if sweep.hook == "hook_resid_pre" else (sweep.hook,)
             key = next(k for k in grads if k.startswith(f"blocks.{layer}.") and k.endswith(hooks))
             product = ((clean_cache[f"blocks.{layer}.{sweep.hook}"] - acts[key]) * grads[key])[0].double()
-            expected = (product.sum((0, 2)) if sweep.axis == "head" else product.sum(-1)).numpy() / swing
+            expected = (product.sum((0, 2)) if sweep.axis == "head" else product.sum(-1)).cpu().numpy() / swing
             np.testing.assert_allclose(getattr(approx, name)[layer], expected, atol=1e-4, err_msg=f"{name} layer {layer}")
 
 
@@ -174,7 +174,7 @@ def test_dla_heads_equal_a_manual_z_times_w_o_computation(gpt2_shaped):
             z = cache["z", layer][0, -1]  # [head, d_head]
             result = torch.einsum("hd,hdm->hm", z, model.W_O[layer])
             result = result - result.mean(-1, keepdim=True)
-            manual = (result @ direction).double().numpy()
+            manual = (result @ direction).double().cpu().numpy()
             np.testing.assert_allclose(unscaled.heads[layer], manual, atol=1e-4)
             np.testing.assert_allclose(scaled.heads[layer], manual / float(scale), atol=1e-5)
 
@@ -183,9 +183,9 @@ def test_logit_lens_final_row_is_the_models_output(gpt2_shaped):
     result = logit_lens(gpt2_shaped, IOI_CLEAN, target=" Mary")
     with torch.no_grad():
         probs = torch.softmax(gpt2_shaped(to_tokens(gpt2_shaped, IOI_CLEAN))[0].double(), -1)  # [pos, vocab]
-    np.testing.assert_allclose(result.top_probs[-1], probs.max(-1).values.numpy(), atol=1e-6)
-    np.testing.assert_allclose(result.target_probs[-1], probs[:, 5335].numpy(), atol=1e-6)
-    ranks = (probs > probs[:, 5335:5336]).sum(-1).numpy()
+    np.testing.assert_allclose(result.top_probs[-1], probs.max(-1).values.cpu().numpy(), atol=1e-6)
+    np.testing.assert_allclose(result.target_probs[-1], probs[:, 5335].cpu().numpy(), atol=1e-6)
+    ranks = (probs > probs[:, 5335:5336]).sum(-1).cpu().numpy()
     np.testing.assert_array_equal(result.target_ranks[-1], ranks)
 
 
@@ -200,13 +200,13 @@ def test_logit_lens_middle_layer_normalises_that_checkpoint_afresh(gpt2_shaped):
         normed = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + model.cfg.eps)
         probs = torch.softmax(normed @ model.W_U.double() + model.b_U.double(), -1)
     assert result.layers[6] == "6_pre"
-    np.testing.assert_allclose(result.target_probs[6], probs[:, 5335].numpy(), atol=1e-6)
-    np.testing.assert_allclose(result.top_probs[6], probs.max(-1).values.numpy(), atol=1e-6)
+    np.testing.assert_allclose(result.target_probs[6], probs[:, 5335].cpu().numpy(), atol=1e-6)
+    np.testing.assert_allclose(result.top_probs[6], probs.max(-1).values.cpu().numpy(), atol=1e-6)
 
 
 def test_attention_equals_cached_pattern_and_rows_sum_to_one(gpt2_shaped):
     result = attention_patterns(gpt2_shaped, IOI_CLEAN, layer=5)
     with torch.no_grad():
         _, cache = gpt2_shaped.run_with_cache(to_tokens(gpt2_shaped, IOI_CLEAN))
-    np.testing.assert_allclose(result.patterns, cache["pattern", 5][0].numpy(), atol=1e-7)
+    np.testing.assert_allclose(result.patterns, cache["pattern", 5][0].cpu().numpy(), atol=1e-7)
     np.testing.assert_allclose(result.patterns.sum(-1), 1.0, atol=1e-5)

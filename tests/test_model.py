@@ -14,7 +14,7 @@ def test_local_directory_loads_in_compatibility_mode(tiny_model):
     assert tiny_model.cfg.n_layers == 2 and tiny_model.cfg.n_heads == 4
     assert tiny_model.compatibility_mode
     # fold_ln + centring: the unembedding is centred over d_model, as HookedTransformer had it
-    assert torch.allclose(tiny_model.W_U.mean(0), torch.zeros(tiny_model.cfg.d_vocab), atol=1e-5)
+    assert torch.allclose(tiny_model.W_U.mean(0).cpu(), torch.zeros(tiny_model.cfg.d_vocab), atol=1e-5)
 
 
 def test_loading_is_cached_one_object_per_process(tiny_model):
@@ -32,8 +32,8 @@ def test_matches_hugging_face_model_up_to_logit_centring(gpt2_shaped):
     hf = AutoModelForCausalLM.from_pretrained(gpt2_shaped.cfg.model_name, attn_implementation="eager").eval()
     tokens = to_tokens(gpt2_shaped, "When John and Mary went to the store")
     with torch.no_grad():
-        ours = torch.log_softmax(gpt2_shaped(tokens), -1)
-        theirs = torch.log_softmax(hf(tokens).logits, -1)
+        ours = torch.log_softmax(gpt2_shaped(tokens), -1).cpu()
+        theirs = torch.log_softmax(hf(tokens.cpu()).logits, -1)
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
 

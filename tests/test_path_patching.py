@@ -44,7 +44,7 @@ def test_path_patching_equals_transformer_lens(request, fixture, clean, corrupte
         for component in COMPONENTS:
             theirs = tl_patching.get_act_patch_direct_path(
                 model, pair.corrupted_tokens, clean_cache, corrupted_cache, normalised, *sender, component=component, verbose=False
-            ).double().numpy()
+            ).double().cpu().numpy()
             mine = getattr(ours, component)
             difference = np.abs(mine - theirs).max()
             assert difference <= 1e-4, f"{component}: max abs difference {difference:.2e}"

@@ -60,7 +60,7 @@ def test_task_patching_equals_transformer_lens_pair_by_pair(demo_model):
             base = model(corrupted_tokens)[0, -1]
             for name, sweep in SWEEPS.items():
                 metric = lambda logits: (logits[0, -1, answer] - logits[0, -1, wrong]) - (base[answer] - base[wrong])  # noqa: E731
-                deltas[name].append(getattr(tl_patching, sweep.reference)(model, corrupted_tokens, cache, metric).double().numpy())
+                deltas[name].append(getattr(tl_patching, sweep.reference)(model, corrupted_tokens, cache, metric).double().cpu().numpy())
     for name in SWEEPS:  # each pair's patched - corrupted, in logits
         difference = np.abs(raw[name] - corrupted[:, None, None] - np.stack(deltas[name])).max()
         assert difference <= 1e-4, f"{name}: {difference:.2e}"

@@ -26,7 +26,7 @@ def test_predict_top_k_matches_the_models_softmax(tiny_model):
     with torch.no_grad():
         probs = torch.softmax(tiny_model(to_tokens(tiny_model, PROMPT))[0, -1].double(), -1)
     expected = probs.topk(5)
-    np.testing.assert_allclose(result.top_probs, expected.values.numpy(), atol=1e-7)
+    np.testing.assert_allclose(result.top_probs, expected.values.cpu().numpy(), atol=1e-7)
     assert result.top_tokens == [tiny_model.tokenizer.decode([int(i)]) for i in expected.indices]
     assert list(result.to_dict()) == ["tokens", "top_tokens", "top_probs"]
 
@@ -131,9 +131,9 @@ def test_induction_scores_match_a_direct_computation(tiny_model):
         induction = torch.stack([pattern[:, :, d, d - seq_len + 1] for d in second], -1).mean((0, 2))
         previous = torch.stack([pattern[:, :, d, d - 1] for d in range(1, 2 * seq_len + 1)], -1).mean((0, 2))
         duplicate = torch.stack([pattern[:, :, d, d - seq_len] for d in second], -1).mean((0, 2))
-        np.testing.assert_allclose(result.scores[layer], induction.numpy(), atol=1e-6)
-        np.testing.assert_allclose(result.prev_token_scores[layer], previous.numpy(), atol=1e-6)
-        np.testing.assert_allclose(result.duplicate_token_scores[layer], duplicate.numpy(), atol=1e-6)
+        np.testing.assert_allclose(result.scores[layer], induction.cpu().numpy(), atol=1e-6)
+        np.testing.assert_allclose(result.prev_token_scores[layer], previous.cpu().numpy(), atol=1e-6)
+        np.testing.assert_allclose(result.duplicate_token_scores[layer], duplicate.cpu().numpy(), atol=1e-6)
 
 
 @pytest.mark.parametrize(
