@@ -329,7 +329,7 @@ def chosen_task(model: Model, task: str, n: int = 32, seed: int = 0, pairs: str 
 
 
 TASK_INPUTS = (  # a task as a technique's inputs (core.registry): chosen_task's arguments
-    Input("task", "choice", "a built-in task, or custom (your pairs)", default="ioi", choices=(*BUILT_IN, "custom")),
+    Input("task", "choice", f"a built-in task ({', '.join(BUILT_IN)}), or custom (your pairs)", default="ioi", choices=(*BUILT_IN, "custom")),
     Input("n", "int", "pairs drawn from a built-in task", default=32),
     Input("seed", "int", "the draw's seed (same seed, same pairs)", default=0),
     Input("pairs", "text", "task custom: one pair per line, clean | corrupted | answer | wrong (or CSV / JSONL with those fields)", default=""),
