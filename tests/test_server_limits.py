@@ -260,3 +260,11 @@ def test_a_cancel_storm_leaves_nothing_running_on_the_model(held_server):
         runner.lock.release()
     assert client.predict(IOI_CLEAN, 5, api_name="/predict")["top_tokens"]
     assert runner.computed == before + 1  # only the request someone still waited for ran on the model
+
+
+def test_path_patching_with_nothing_shown_says_what_to_do(demo_model):
+    """The tab's path event traces what the page says is shown; a crafted or early request gets a sentence."""
+    h = Handlers(Runner(demo_model, cache_dir=None), None)
+    for shown in (None, {"x": 1}, ["only", "three", "values"], "text"):
+        with pytest.raises(ValueError, match=r"Run patching \(or task patching\) first"):
+            h.paths("task", shown, ["L1H2"])

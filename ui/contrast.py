@@ -146,7 +146,7 @@ def build(h: Handlers, model: Model) -> None:
     def accept(kind: str, values: list | None, now: dict) -> dict:
         if values is None:  # never expected (hold runs first); keep what is shown
             return {shown: gr.skip(), senders: gr.skip()}
-        now = now | {kind: values}
+        now = (now if isinstance(now, dict) else {}) | {kind: values}
         return {shown: now, senders: h.top_senders(kind, values)} | stale
 
     def then_accept(event, kind: str, fields: list | None = None) -> None:
@@ -181,7 +181,7 @@ def build(h: Handlers, model: Model) -> None:
 
     def paths(chosen, now, chosen_senders, progress=gr.Progress()):
         kind = "task" if chosen == TASK_MODE else "pair"
-        return h.paths(kind, now[kind], chosen_senders, progress=progress)
+        return h.paths(kind, now.get(kind) if isinstance(now, dict) else None, chosen_senders, progress=progress)
 
     trace.click(
         user_errors(by_component(paths, path_out)), [mode, shown, senders], list(path_out.values()),

@@ -184,6 +184,7 @@ class Handlers:
         """The heads head patching singled out (largest |score| first) for the pair (`kind` "pair": clean,
         corrupted, answer, wrong) or task ("task": task, n, seed, pairs) whose results are shown; the run
         put them in the runner's cache."""
+        _check_shown(values)
         if kind == "task":
             scores = self.runner.run(patch_task, values[0], whole(values[1]), whole(values[2]), values[3]).head_out
         else:
@@ -194,8 +195,7 @@ class Handlers:
     def paths(self, kind: str, values: list | None, senders, progress=None) -> dict:
         """Path patching from the chosen senders on the pair or the task whose results are shown (`values`
         as for top_senders; None: no task run yet): q, k, v, logits, the JSON."""
-        if values is None:
-            raise ValueError("Run task patching first: path patching traces the task whose results are shown.")
+        _check_shown(values)
         senders = ", ".join(senders) if isinstance(senders, list) and all(isinstance(s, str) for s in senders) else senders
         report = _reporter(progress)
         if kind == "task":
@@ -224,6 +224,12 @@ class Handlers:
 
 
 TASK_MODE = "A task"  # the Contrast Pairs tab's second mode (the first: one pair)
+
+
+def _check_shown(values) -> None:
+    """What the page says is shown: a pair's or a task's four inputs (anything else: nothing run yet)."""
+    if not (isinstance(values, list) and len(values) == 4):
+        raise ValueError("Run patching (or task patching) first: path patching traces the pair or task whose results are shown.")
 
 
 def task_summary(result) -> str:
