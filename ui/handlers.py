@@ -28,7 +28,7 @@ from core import (
 )
 from core.induction import max_seq_len
 from core.model import Model
-from core.patching.path import path_patching, task_path_patching
+from core.patching.path import COMPONENTS, path_patching, task_path_patching
 from core.patching.task import patch_task
 from core.registry import Technique
 from examples import EXAMPLES
@@ -173,7 +173,7 @@ class Handlers:
 
     def task(self, task: str, n: int, seed: int, pairs: str, persist: bool = False, progress=None) -> dict:
         """Contrast Pairs on a task: the task's metric, each sweep's mean scores, the JSON (per pair and mean)."""
-        result = self.runner.run(patch_task, task, whole(n), whole(seed), pairs, progress=_reporter(progress), persist=persist)
+        result = self.runner.run(patch_task, *_task_args(task, n, seed, pairs), progress=_reporter(progress), persist=persist)
         return {
             "task_summary": task_summary(result),
             **{f"task {name}": plots.task_heatmap(result, name) for name in SWEEPS},
@@ -186,7 +186,7 @@ class Handlers:
         put them in the runner's cache."""
         _check_shown(values)
         if kind == "task":
-            scores = self.runner.run(patch_task, values[0], whole(values[1]), whole(values[2]), values[3]).head_out
+            scores = self.runner.run(patch_task, *_task_args(*values)).head_out
         else:
             scores = self.runner.run(activation_patching, *values).head_out
         order = np.argsort(-np.abs(scores), axis=None)[: DEFAULTS.path_senders]
@@ -199,11 +199,11 @@ class Handlers:
         senders = ", ".join(senders) if isinstance(senders, list) and all(isinstance(s, str) for s in senders) else senders
         report = _reporter(progress)
         if kind == "task":
-            result = self.runner.run(task_path_patching, senders, values[0], whole(values[1]), whole(values[2]), values[3], progress=report)
+            result = self.runner.run(task_path_patching, senders, *_task_args(*values), progress=report)
         else:
             result = self.runner.run(path_patching, *values, senders, progress=report)
         return {
-            **{f"path {c}": plots.path_heatmap(result, c) for c in ("q", "k", "v")},
+            **{f"path {c}": plots.path_heatmap(result, c) for c in COMPONENTS},
             "path logits": plots.path_to_logits(result),
             "path_download": self._download("path-patching", result.to_dict()),
         }
@@ -224,6 +224,12 @@ class Handlers:
 
 
 TASK_MODE = "A task"  # the Contrast Pairs tab's second mode (the first: one pair)
+
+
+def _task_args(task, n, seed, pairs) -> tuple:
+    """A task's four inputs as the task techniques take them, so the task run and the senders proposed
+    from it ask the runner's cache for the same key."""
+    return task, whole(n), whole(seed), pairs
 
 
 def _check_shown(values) -> None:

@@ -16,6 +16,8 @@ import functools
 import weakref
 from typing import Literal
 
+import numpy as np
+
 from core import plots
 from core.config import DEFAULTS
 from core.contrast import ON_A_PAIR, SWEEPS, ContrastPair, check_swing, normalised
@@ -53,6 +55,15 @@ def run_pair(model: Model, pair: ContrastPair, engine: Literal["auto", "hooks"] 
             _ENGINES[model] = None
             return reference
     return run
+
+
+def run_pairs(model: Model, pairs: list[ContrastPair], engine: Literal["auto", "hooks"] = "auto"):
+    """(each pair's run, the clean values, the corrupted values) of a task's pairs, its mean swing checked."""
+    runs = [run_pair(model, pair, engine) for pair in pairs]  # the first checks the fast engine against the model (or falls back)
+    clean = np.array([run.clean_value for run in runs])
+    corrupted = np.array([run.corrupted_value for run in runs])
+    check_swing(float(clean.mean()), float(corrupted.mean()))
+    return runs, clean, corrupted
 
 
 def activation_patching(

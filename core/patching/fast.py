@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -356,6 +356,40 @@ def exact_sweeps(
                 raw[name][index] = value
             done += len(part)
     return raw
+
+
+def evaluate_jobs(
+    runs: Sequence[FastRun],
+    jobs_of: Callable[[FastRun, int, int], Iterator[tuple[str, object, Job]]],
+    count: Callable[[FastRun, int], int],
+    rows_per_pass: int,
+    progress: Progress | None,
+    what: str,
+) -> Iterator[tuple[int, str, object, float]]:
+    """The metric of every job of several pairs' runs, the runs of one token length through the engine
+    together (a chunk of jobs mixes pairs), each length from its earliest first difference `start`.
+    `jobs_of(run, start, local)` gives a run's (name, index, job), each job marked `pair=local`;
+    `count(run, start)` says how many at most (progress). Yields (the run's index in `runs`, name, index,
+    metric); `rows_per_pass` bounds the patched positions evaluated together (memory)."""
+    engine = runs[0].engine
+    groups: dict[int, list[int]] = {}
+    for i, run in enumerate(runs):
+        groups.setdefault(run.corrupted.resid_pre.shape[1], []).append(i)
+    starts = {length: min(runs[i].pair.first_difference for i in members) for length, members in groups.items()}
+    total = max(1, sum(count(runs[i], starts[length]) for length, members in groups.items() for i in members))
+    done = 0
+    for length, members in groups.items():
+        start = starts[length]
+        jobs = itertools.chain.from_iterable(jobs_of(runs[i], start, local) for local, i in enumerate(members))
+        traces, directions = [runs[i].corrupted for i in members], [runs[i].direction for i in members]
+        chunk = max(1, rows_per_pass // (length - start))
+        while part := list(itertools.islice(jobs, chunk)):
+            if progress is not None:
+                progress(min(done / total, 1.0), what)
+            metrics = engine.patched_metrics(traces, start, [job for _, _, job in part], directions)
+            for (name, index, job), value in zip(part, metrics.tolist()):
+                yield members[job.pair], name, index, value
+            done += len(part)
 
 
 class FastRun:

@@ -38,12 +38,12 @@ from transformer_lens import patching as tl_patching
 
 from core import plots
 from core.config import DEFAULTS
-from core.contrast import ON_A_PAIR, PAIR, PAIR_EXAMPLE, ContrastPair, check_swing
+from core.contrast import ON_A_PAIR, PAIR, PAIR_EXAMPLE, ContrastPair
 from core.contrast import input_errors as pair_errors
 from core.model import Model, run_cached
 from core.patching.cost import check_budget, pairs_flops
-from core.patching.exact import run_pair
-from core.patching.fast import Engine, FastRun, Job, Trace
+from core.patching.exact import run_pairs
+from core.patching.fast import Engine, FastRun, Job, Trace, evaluate_jobs
 from core.patching.hooks import HookRun
 from core.registry import Input, Progress, Technique
 from core.results import PathPatchingResult
@@ -144,7 +144,7 @@ def sender_writes(engine: Engine, clean: Trace, corrupted: Trace, start: int, se
 def path_jobs(engine: Engine, run: FastRun, start: int, senders: Sequence[Sender], pair: int = 0) -> Iterator[tuple[str, Head, Job]]:
     """(component, receiver head, job) for every receiver the senders can change."""
     writes = sender_writes(engine, run.clean, run.corrupted, start, senders)
-    lowest = min(sender.layer for sender in senders)
+    lowest = min(layer for layer, _ in writes)
     for layer in range(lowest + 1, engine.n_layers):
         change = sum(write for at, write in writes if at < layer)
         if not torch.any(change != 0):
@@ -171,31 +171,19 @@ def _fast_values(runs: list[FastRun], senders: Sequence[Sender], rows_per_pass: 
     engine = runs[0].engine
     L, H = engine.n_layers, engine.n_heads
     raw = {c: np.stack([np.full((L, H), run.corrupted_value) for run in runs]) for c in COMPONENTS}
-    raw["logits"] = np.zeros(len(runs))
-    raw["head_to_logits"] = np.zeros((len(runs), L, H))
-    groups: dict[int, list[int]] = {}
-    for i, run in enumerate(runs):
-        groups.setdefault(run.corrupted.resid_pre.shape[1], []).append(i)
+    logits = [to_logits(engine, run, run.corrupted.resid_pre.shape[1] - 1, senders) for run in runs]  # the final position's writes only
+    raw["logits"] = np.array([together for together, _ in logits])
+    raw["head_to_logits"] = np.stack([each for _, each in logits])
     lowest = min(sender.layer for sender in senders)
-    total = len(runs) * len(COMPONENTS) * H * (L - 1 - lowest)  # at most
-    done = 0
-    for length, members in groups.items():
-        start = min(runs[i].pair.first_difference for i in members)
-        for i in members:
-            raw["logits"][i], raw["head_to_logits"][i] = to_logits(engine, runs[i], start, senders)
-        jobs = (job for local, i in enumerate(members) for job in path_jobs(engine, runs[i], start, senders, local))
-        traces, directions = [runs[i].corrupted for i in members], [runs[i].direction for i in members]
-        chunk = max(1, rows_per_pass // (length - start))
-        while True:
-            part = [job for _, job in zip(range(chunk), jobs)]
-            if not part:
-                break
-            if progress is not None:
-                progress(min(done / max(total, 1), 1.0), "path patching")
-            metrics = engine.patched_metrics(traces, start, [job for _, _, job in part], directions)
-            for (component, head, job), value in zip(part, metrics.tolist()):
-                raw[component][members[job.pair]][head] = value
-            done += len(part)
+
+    def jobs_of(run: FastRun, start: int, local: int):
+        return path_jobs(engine, run, start, senders, local)
+
+    def count(run: FastRun, start: int) -> int:
+        return len(COMPONENTS) * H * (L - 1 - lowest)
+
+    for i, component, head, value in evaluate_jobs(runs, jobs_of, count, rows_per_pass, progress, "path patching"):
+        raw[component][i][head] = value
     return raw
 
 
@@ -272,10 +260,7 @@ def raw_path_values(
 ):
     """(each pair's clean and corrupted values, raw metrics per receiver kind, [pair, ...]);
     `engine="hooks"` runs the hook engine whatever the model."""
-    runs = [run_pair(model, pair, engine) for pair in pairs]
-    clean = np.array([run.clean_value for run in runs])
-    corrupted = np.array([run.corrupted_value for run in runs])
-    check_swing(float(clean.mean()), float(corrupted.mean()))
+    runs, clean, corrupted = run_pairs(model, pairs, engine)
     with torch.no_grad():
         if all(isinstance(run, FastRun) for run in runs):
             raw = _fast_values(runs, senders, rows_per_pass, progress)
@@ -289,32 +274,19 @@ def raw_path_values(
 
 
 def path_patching_on(
-    model: Model, task: Task | ContrastPair, senders: str | Sequence[Sender], progress: Progress | None = None, engine: Literal["auto", "hooks"] = "auto"
+    model: Model,
+    task: Task | ContrastPair,
+    senders: str | Sequence[Sender],
+    progress: Progress | None = None,
+    engine: Literal["auto", "hooks"] = "auto",
+    budget: bool = False,
 ) -> PathPatchingResult:
-    """Path patching from `senders` on one pair or over a task's pairs."""
+    """Path patching from `senders` on one pair or over a task's pairs. `budget`: refuse (before any
+    patching) work over LIMITS.max_patching_tflop, as the server does."""
     heads = parse_senders(senders, model.cfg.n_layers, model.cfg.n_heads) if isinstance(senders, str) else tuple(senders)
     pairs = [task] if isinstance(task, ContrastPair) else task.contrast_pairs(model)
-    return _path_patching(model, task, pairs, heads, progress, engine)
-
-
-def path_flops(model: Model, pairs: list[ContrastPair], senders: Sequence[Sender]) -> float:
-    """The matrix products path patching from `senders` needs (core.patching.cost): three patched runs
-    (q, k, v) per head above the lowest sender, like head patching's one."""
-    return pairs_flops(model, pairs, ("head_out",), head_from=min(s.layer for s in senders) + 1, head_copies=len(COMPONENTS))
-
-
-def _served(model: Model, task: Task | ContrastPair, senders: str, progress: Progress | None) -> PathPatchingResult:
-    """Path patching as the API and the app run it: the request's work within LIMITS.max_patching_tflop."""
-    heads = parse_senders(senders, model.cfg.n_layers, model.cfg.n_heads)
-    pairs = [task] if isinstance(task, ContrastPair) else task.contrast_pairs(model)
-    check_budget(path_flops(model, pairs, heads), len(pairs), f"Path patching from {', '.join(s.name for s in heads)} over {len(pairs)} pairs")
-    return _path_patching(model, task, pairs, heads, progress, "auto")
-
-
-def _path_patching(
-    model: Model, task: Task | ContrastPair, pairs: list[ContrastPair], heads: Sequence[Sender], progress: Progress | None, engine: Literal["auto", "hooks"]
-) -> PathPatchingResult:
-    """Path patching on `pairs` (the pair, or the task's pairs checked), scored and labelled."""
+    if budget:
+        check_budget(path_flops(model, pairs, heads), len(pairs), f"Path patching from {', '.join(s.name for s in heads)} over {len(pairs)} pairs")
     clean, corrupted, raw = raw_path_values(model, pairs, heads, progress, engine=engine)
     gap = float((clean - corrupted).mean())
     lowest = min(sender.layer for sender in heads)
@@ -339,12 +311,18 @@ def _path_patching(
     )
 
 
+def path_flops(model: Model, pairs: list[ContrastPair], senders: Sequence[Sender]) -> float:
+    """The matrix products path patching from `senders` needs (core.patching.cost): three patched runs
+    (q, k, v) per head above the lowest sender, like head patching's one."""
+    return pairs_flops(model, pairs, ("head_out",), head_from=min(s.layer for s in senders) + 1, head_copies=len(COMPONENTS))
+
+
 def path_patching(
     model: Model, clean_prompt: str, corrupted_prompt: str, answer: str, wrong_answer: str, senders: str, progress: Progress | None = None
 ) -> PathPatchingResult:
     """Path patching on one contrast pair."""
     pair = ContrastPair.of(model, clean_prompt, corrupted_prompt, answer, wrong_answer)
-    return _served(model, pair, senders, progress)
+    return path_patching_on(model, pair, senders, progress, budget=True)
 
 
 def task_path_patching(
@@ -352,7 +330,7 @@ def task_path_patching(
 ) -> PathPatchingResult:
     """Path patching over a task: a built-in one (`task`, `n` pairs drawn with `seed`) or your own `pairs`."""
     parse_senders(senders, model.cfg.n_layers, model.cfg.n_heads)  # the senders' message before the task's
-    return _served(model, chosen_task(model, task, n, seed, pairs), senders, progress)
+    return path_patching_on(model, chosen_task(model, task, n, seed, pairs), senders, progress, budget=True)
 
 
 def input_errors(model: Model, clean_prompt: str, corrupted_prompt: str, answer: str, wrong_answer: str, senders: str) -> dict[str, str]:

@@ -11,18 +11,17 @@ result says why. Models the fast engine does not fit run pair after pair through
 from __future__ import annotations
 
 import functools
-import itertools
 
 import numpy as np
 import torch
 
 from core import plots
 from core.config import DEFAULTS
-from core.contrast import SWEEPS, ContrastPair, check_swing
+from core.contrast import SWEEPS, ContrastPair
 from core.model import Model, str_tokens
 from core.patching.cost import check_budget, pairs_flops
-from core.patching.exact import run_pair
-from core.patching.fast import FastRun, sweep_jobs
+from core.patching.exact import run_pairs
+from core.patching.fast import FastRun, evaluate_jobs, sweep_jobs
 from core.registry import Progress, Technique
 from core.results import TaskPatchingResult
 from core.tasks import TASK_INPUTS, Task, chosen_task
@@ -37,31 +36,17 @@ def _fast_sweeps(runs: list[FastRun], sweeps: tuple[str, ...], rows_per_pass: in
         name: np.stack([np.full((engine.n_layers, SWEEPS[name].size(n_pos, engine.n_heads)), run.corrupted_value) for run in runs])
         for name in sweeps
     }
-    groups: dict[int, list[int]] = {}
-    for i, run in enumerate(runs):
-        groups.setdefault(run.corrupted.resid_pre.shape[1], []).append(i)
-    starts = {length: min(runs[i].pair.first_difference for i in members) for length, members in groups.items()}
 
-    def per_layer(length: int) -> int:
-        return sum(length - starts[length] if SWEEPS[name].axis == "pos" else engine.n_heads for name in sweeps)
+    def jobs_of(run: FastRun, start: int, local: int):
+        return sweep_jobs(engine, run.clean, run.corrupted, start, pair=local, sweeps=sweeps)
 
-    total = sum(len(members) * engine.n_layers * per_layer(length) for length, members in groups.items())  # at most
-    done = 0
+    def count(run: FastRun, start: int) -> int:
+        length = run.corrupted.resid_pre.shape[1]
+        return engine.n_layers * sum(length - start if SWEEPS[name].axis == "pos" else engine.n_heads for name in sweeps)
+
     with torch.no_grad():
-        for length, members in groups.items():
-            start = starts[length]
-            jobs = itertools.chain.from_iterable(
-                sweep_jobs(engine, runs[i].clean, runs[i].corrupted, start, pair=local, sweeps=sweeps) for local, i in enumerate(members)
-            )
-            traces, directions = [runs[i].corrupted for i in members], [runs[i].direction for i in members]
-            chunk = max(1, rows_per_pass // (length - start))
-            while part := list(itertools.islice(jobs, chunk)):
-                if progress is not None:
-                    progress(done / total, "task patching")
-                metrics = engine.patched_metrics(traces, start, [job for _, _, job in part], directions)
-                for (name, index, job), value in zip(part, metrics.tolist()):
-                    raw[name][members[job.pair]][index] = value
-                done += len(part)
+        for i, name, index, value in evaluate_jobs(runs, jobs_of, count, rows_per_pass, progress, "task patching"):
+            raw[name][i][index] = value
     return raw
 
 
@@ -71,26 +56,35 @@ def task_sweeps(pairs: list[ContrastPair]) -> tuple[str, ...]:
     return tuple(SWEEPS) if one_length else tuple(name for name, sweep in SWEEPS.items() if sweep.axis == "head")
 
 
-def raw_task_sweeps(model: Model, task: Task, progress: Progress | None = None, rows_per_pass: int = DEFAULTS.patch_rows_per_pass):
-    """(pairs, each pair's clean and corrupted values, raw metrics [pair, layer, index] per sweep computed)."""
-    pairs = task.contrast_pairs(model)
-    lengths = sorted({pair.clean_tokens.shape[-1] for pair in pairs})
+def _raw_sweeps(model: Model, pairs: list[ContrastPair], progress: Progress | None, rows_per_pass: int):
+    """(each pair's clean and corrupted values, raw metrics [pair, layer, index] per sweep computed)."""
     sweeps = task_sweeps(pairs)
-    runs = [run_pair(model, pair) for pair in pairs]  # the first checks the fast engine against the model (or falls back)
-    clean = np.array([run.clean_value for run in runs])
-    corrupted = np.array([run.corrupted_value for run in runs])
-    check_swing(float(clean.mean()), float(corrupted.mean()))
+    runs, clean, corrupted = run_pairs(model, pairs)
     if all(isinstance(run, FastRun) for run in runs):
         raw = _fast_sweeps(runs, sweeps, rows_per_pass, progress)
     else:  # hooks, pair after pair
         per_pair = [run.sweeps(progress) for run in runs]
         raw = {name: np.stack([p[name].numpy() for p in per_pair]) for name in sweeps}
-    return pairs, lengths, clean, corrupted, raw
+    return clean, corrupted, raw
 
 
-def task_patching(model: Model, task: Task, progress: Progress | None = None, rows_per_pass: int = DEFAULTS.patch_rows_per_pass) -> TaskPatchingResult:
-    """Every sweep over the task's pairs: mean (patched - corrupted) / mean (clean - corrupted)."""
-    pairs, lengths, clean, corrupted, raw = raw_task_sweeps(model, task, progress, rows_per_pass)
+def raw_task_sweeps(model: Model, task: Task, progress: Progress | None = None, rows_per_pass: int = DEFAULTS.patch_rows_per_pass):
+    """(pairs, their token lengths, each pair's clean and corrupted values, raw metrics [pair, layer, index] per sweep computed)."""
+    pairs = task.contrast_pairs(model)
+    return pairs, sorted({pair.clean_tokens.shape[-1] for pair in pairs}), *_raw_sweeps(model, pairs, progress, rows_per_pass)
+
+
+def task_patching(
+    model: Model, task: Task, progress: Progress | None = None, rows_per_pass: int = DEFAULTS.patch_rows_per_pass, budget: bool = False
+) -> TaskPatchingResult:
+    """Every sweep over the task's pairs: mean (patched - corrupted) / mean (clean - corrupted). `budget`:
+    refuse (before any patching) a task that needs more than LIMITS.max_patching_tflop, as the server does."""
+    pairs = task.contrast_pairs(model)
+    if budget:
+        sweeps = task_sweeps(pairs)
+        check_budget(pairs_flops(model, pairs, sweeps), len(pairs), f"This task ({len(pairs)} pairs; {', '.join(sweeps)})")
+    lengths = sorted({pair.clean_tokens.shape[-1] for pair in pairs})
+    clean, corrupted, raw = _raw_sweeps(model, pairs, progress, rows_per_pass)
     gap = float((clean - corrupted).mean())
     scores = {name: (raw[name] - corrupted[:, None, None]).mean(0) / gap if name in raw else None for name in SWEEPS}
     return TaskPatchingResult(
@@ -110,12 +104,8 @@ def patch_task(
     model: Model, task: str = "ioi", n: int = 32, seed: int = 0, pairs: str = "", progress: Progress | None = None
 ) -> TaskPatchingResult:
     """Task patching on a built-in task (`task`, `n` pairs drawn with `seed`) or on your own `pairs`
-    (task "custom": one per line, clean | corrupted | answer | wrong)."""
-    chosen = chosen_task(model, task, n, seed, pairs)
-    checked = chosen.contrast_pairs(model)
-    sweeps = task_sweeps(checked)
-    check_budget(pairs_flops(model, checked, sweeps), len(checked), f"This task ({len(checked)} pairs; {', '.join(sweeps)})")
-    return task_patching(model, chosen, progress)
+    (task "custom": one per line, clean | corrupted | answer | wrong), within the server's budget."""
+    return task_patching(model, chosen_task(model, task, n, seed, pairs), progress, budget=True)
 
 
 TECHNIQUE = Technique(
