@@ -283,7 +283,8 @@ def path_patching_on(
 ) -> PathPatchingResult:
     """Path patching from `senders` on one pair or over a task's pairs. `budget`: refuse (before any
     patching) work over LIMITS.max_patching_tflop, as the server does."""
-    heads = parse_senders(senders, model.cfg.n_layers, model.cfg.n_heads) if isinstance(senders, str) else tuple(senders)
+    given = isinstance(senders, (list, tuple)) and senders and all(isinstance(s, Sender) for s in senders)
+    heads = tuple(senders) if given else parse_senders(senders, model.cfg.n_layers, model.cfg.n_heads)  # text, or a sentence
     pairs = [task] if isinstance(task, ContrastPair) else task.contrast_pairs(model)
     if budget:
         check_budget(path_flops(model, pairs, heads), len(pairs), f"Path patching from {', '.join(s.name for s in heads)} over {len(pairs)} pairs")
