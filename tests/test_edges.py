@@ -1,0 +1,47 @@
+"""Edge attribution patching (core.edges): the graph's size, and every edge's score against
+TransformerLens 4.3's attribution_patch(granularity="edge") summed over positions."""
+
+from __future__ import annotations
+
+import numpy as np
+from transformer_lens.tools.analysis.attribution_patching import EdgeAttributionConfig, attribution_patch
+
+from core.contrast import ContrastPair
+from core.edges import build_graph, edge_scores
+from tests.conftest import IOI_CLEAN, IOI_CORRUPTED
+
+
+def test_gpt2_small_has_32491_edges():
+    graph = build_graph(12, 12)
+    assert graph.n_edges == 32_491 and len(graph.writers) == 1 + 12 * 13 and len(graph.readers) == 12 * 37 + 1
+
+
+def _name(node) -> str:
+    """TransformerLens's node by our writer or reader name."""
+    if node.kind == "embed":
+        return "embed"
+    if node.kind == "attn_head_out":
+        return f"L{node.layer}H{node.head}"
+    if node.kind == "mlp_out" or node.kind == "mlp_in":
+        return f"MLP{node.layer}"
+    if node.kind == "logits":
+        return "logits"
+    return f"L{node.layer}H{node.head}.{node.kind[0]}"
+
+
+def test_edge_scores_equal_transformer_lens_summed_over_positions(demo_model):
+    pair = ContrastPair.of(demo_model, IOI_CLEAN, IOI_CORRUPTED, " Mary", " John")
+    ours = edge_scores(demo_model, [pair])
+    graph = build_graph(demo_model.cfg.n_layers, demo_model.cfg.n_heads)
+    a, w = pair.metric.answer_id, pair.metric.wrong_id
+    result = attribution_patch(
+        demo_model, pair.clean_tokens, pair.corrupted_tokens, lambda logits: logits[0, -1, a] - logits[0, -1, w], EdgeAttributionConfig(granularity="edge")
+    )
+    theirs = np.zeros_like(ours)
+    writer, reader = {n: i for i, n in enumerate(graph.writers)}, {n: i for i, n in enumerate(graph.readers)}
+    for (u, v), score in result.edge_scores.items():
+        theirs[writer[_name(u)], reader[_name(v)]] += score
+    assert np.all(theirs[~graph.edges] == 0)  # the same edges
+    difference = np.abs(ours - theirs).max()
+    assert difference <= 1e-4 * (1 + np.abs(theirs).max()), difference
+    assert np.abs(theirs).max() > 0.1
