@@ -4,11 +4,13 @@ TransformerLens 4.3's attribution_patch(granularity="edge") summed over position
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from transformer_lens.tools.analysis.attribution_patching import EdgeAttributionConfig, attribution_patch
 
 from core.contrast import ContrastPair
 from core.edges import build_graph, edge_scores
 from tests.conftest import IOI_CLEAN, IOI_CORRUPTED
+from tests.test_crosscheck import _best_conditioned_answers
 
 
 def test_gpt2_small_has_32491_edges():
@@ -29,13 +31,15 @@ def _name(node) -> str:
     return f"L{node.layer}H{node.head}.{node.kind[0]}"
 
 
-def test_edge_scores_equal_transformer_lens_summed_over_positions(demo_model):
-    pair = ContrastPair.of(demo_model, IOI_CLEAN, IOI_CORRUPTED, " Mary", " John")
-    ours = edge_scores(demo_model, [pair])
-    graph = build_graph(demo_model.cfg.n_layers, demo_model.cfg.n_heads)
+@pytest.mark.parametrize("fixture", ["demo_model", "gpt2_shaped"])
+def test_edge_scores_equal_transformer_lens_summed_over_positions(request, fixture):
+    model = request.getfixturevalue(fixture)
+    pair = ContrastPair.of(model, IOI_CLEAN, IOI_CORRUPTED, *_best_conditioned_answers(model, IOI_CLEAN, IOI_CORRUPTED))
+    ours = edge_scores(model, [pair])
+    graph = build_graph(model.cfg.n_layers, model.cfg.n_heads)
     a, w = pair.metric.answer_id, pair.metric.wrong_id
     result = attribution_patch(
-        demo_model, pair.clean_tokens, pair.corrupted_tokens, lambda logits: logits[0, -1, a] - logits[0, -1, w], EdgeAttributionConfig(granularity="edge")
+        model, pair.clean_tokens, pair.corrupted_tokens, lambda logits: logits[0, -1, a] - logits[0, -1, w], EdgeAttributionConfig(granularity="edge")
     )
     theirs = np.zeros_like(ours)
     writer, reader = {n: i for i, n in enumerate(graph.writers)}, {n: i for i, n in enumerate(graph.readers)}
@@ -44,4 +48,4 @@ def test_edge_scores_equal_transformer_lens_summed_over_positions(demo_model):
     assert np.all(theirs[~graph.edges] == 0)  # the same edges
     difference = np.abs(ours - theirs).max()
     assert difference <= 1e-4 * (1 + np.abs(theirs).max()), difference
-    assert np.abs(theirs).max() > 0.1
+    assert np.abs(theirs).max() > 1e-3
