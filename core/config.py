@@ -30,6 +30,11 @@ class Defaults:
     tokens_per_forward: int = 1024  # batch x pos per forward pass, bounds memory (logits: 200 MB for GPT-2; README: "Limits")
     patch_batch_size: int = 32  # patched runs evaluated together in one forward pass (hook engine)
     patch_rows_per_pass: int = 4096  # patched positions evaluated together by the fast engine (bounds memory)
+    edge_floats_per_pass: int = 2**25  # edge scores / faithfulness: one pass holds every writer's output at this many floats' worth of positions (128 MB)
+    eap_ig_steps: int = 5  # EAP-IG's interpolation steps from the corrupted embeddings to the clean ones
+    faithfulness_points: int = 12  # circuits on the faithfulness curve, from one edge to all of them (log-spaced)
+    circuit_edges: int = 20  # a circuit's size when the user names none
+    edge_checks: int = 20  # top edges whose exact effect alone is computed beside their score
     progress_steps: int = 20  # exact patching reports progress at least this often when asked to
     path_senders: int = 3  # the Contrast Pairs tab proposes the heads patching ranks first as path patching senders
 
@@ -45,6 +50,8 @@ class Limits:
     max_induction_batch: int = 64  # Circuit Map: sequences per request
     max_task_pairs: int = 256  # contrast pairs in one task (built in or the user's)
     max_task_patching_pairs: int = 64  # pairs in one task patching / task path patching request
+    max_eap_ig_steps: int = 20  # EAP-IG steps in one request (each a forward and backward pass over every pair)
+    max_edge_checks: int = 100  # edges checked exactly in one circuit request
     max_patching_tflop: float = 5.0  # the matrix products one patching request may need (core.patching.cost; 64 IOI pairs' head sweep: 4.0)
     max_task_chars: int = 100_000  # the user's pairs as text (256 pairs of ~300 characters with room to spare)
     max_induction_tokens: int = 2048  # Circuit Map: batch x (2 x seq_len + 1) tokens per request (two passes at full context)

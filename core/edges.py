@@ -15,19 +15,29 @@ raises the metric.
 
 from __future__ import annotations
 
+import heapq
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from core import plots
+from core.config import DEFAULTS, LIMITS
 from core.contrast import ContrastPair
-from core.model import Model
-from core.patching.exact import fast_engine
-from core.patching.fast import Engine
+from core.model import Model, check_int
+from core.patching.cost import check_budget, pairs_flops
+from core.patching.exact import fast_engine, run_pairs
+from core.patching.fast import Engine, FastRun, Job, evaluate_jobs
+from core.patching.path import COMPONENTS, Sender, receiver_writes, sender_writes
+from core.registry import Input, Progress, Technique
+from core.results import CircuitResult, EdgeAttributionResult
+from core.tasks import TASK_INPUTS, Task, chosen_task, metric_values
 
-COMPONENTS = ("q", "k", "v")
+ABLATIONS = ("corrupted", "mean")
 
 
 @dataclass(frozen=True)
@@ -63,131 +73,535 @@ def build_graph(n_layers: int, n_heads: int) -> Graph:
     return Graph(writers, readers, edges)
 
 
-def _writer_outputs(engine: Engine, tokens: Tensor) -> Float[Tensor, "writer pos d_model"]:
-    """Every writer's output at every position (no gradient), in Graph.writers order."""
-    n, H, dh = tokens.shape[-1], engine.n_heads, engine.d_head
-    embed = engine.W_E[tokens]
+# --- batched passes (the pairs of one token length together) ---------------------------------
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """Pairs of one token length: their tokens [batch, pos], metric directions, and where they first differ."""
+
+    index: list[int]  # positions in the task's pair list
+    clean: Int[Tensor, "batch pos"]
+    corrupted: Int[Tensor, "batch pos"]
+    direction: Float[Tensor, "batch d_model"]
+    bias: Float[Tensor, " batch"]
+    start: int  # the first position where any of them differ: every writer's two outputs agree before it
+
+
+def _rows(engine: Engine) -> int:
+    """Positions per pass: DEFAULTS.edge_floats_per_pass over (writers x d_model), each position's footprint."""
+    writers = 1 + engine.n_layers * (engine.n_heads + 1)
+    return max(1, DEFAULTS.edge_floats_per_pass // (writers * engine.W_E.shape[-1]))
+
+
+def _batches(engine: Engine, pairs: list[ContrastPair], rows: int) -> list[_Batch]:
+    """The pairs grouped by token length, each group cut so that one batch holds at most `rows` positions."""
+    groups: dict[int, list[int]] = {}
+    for i, pair in enumerate(pairs):
+        groups.setdefault(pair.clean_tokens.shape[-1], []).append(i)
+    out = []
+    for n, members in groups.items():
+        size = max(1, rows // n)
+        for at in range(0, len(members), size):
+            part = members[at : at + size]
+            directions = [pairs[i].metric.direction(engine.W_U, engine.b_U) for i in part]
+            out.append(
+                _Batch(
+                    part,
+                    torch.cat([pairs[i].clean_tokens for i in part]).to(engine.device),
+                    torch.cat([pairs[i].corrupted_tokens for i in part]).to(engine.device),
+                    torch.stack([d for d, _ in directions]),
+                    torch.stack([torch.as_tensor(b) for _, b in directions]).to(engine.device),
+                    min(pairs[i].first_difference for i in part),
+                )
+            )
+    return out
+
+
+def _forward(
+    engine: Engine,
+    embed: Float[Tensor, "batch pos d_model"],
+    head_input: Callable[[int, Tensor], Tensor | None] | None = None,
+    mlp_input: Callable[[int, Tensor], Tensor | None] | None = None,
+    final_input: Callable[[Tensor], Tensor] | None = None,
+    written: Callable[[Tensor], None] | None = None,
+) -> Float[Tensor, "batch pos d_model"]:
+    """The model's forward pass from the token embeddings, with each reader's input open to change:
+    `head_input(layer, stream)` may give every head's own q, k and v input [batch, pos, qkv, head, d_model],
+    `mlp_input(layer, stream)` the MLP's, `final_input(stream)` the logits'; `written(outputs [batch,
+    writer, pos, d_model])` sees the writers' outputs as they come (a layer's heads, then its MLP). Returns what the
+    unembedding reads."""
+    B, n, d = embed.shape
+    H, dh, L = engine.n_heads, engine.d_head, engine.n_layers
+    causal = torch.ones(n, n, dtype=torch.bool, device=embed.device).tril()
     x = embed + engine.W_pos[:n]
-    causal = torch.ones(n, n, dtype=torch.bool, device=engine.device).tril()
-    out = [embed]
-    for layer in range(engine.n_layers):
-        qkv = engine._ln(x, engine.ln1[layer]) @ engine.W_QKV[layer] + engine.b_QKV[layer]
-        q, k, v = (t.reshape(n, H, dh) for t in qkv.split(H * dh, -1))
-        pattern = torch.softmax((torch.einsum("qhd,khd->hqk", q, k) * engine.scale).masked_fill(~causal, float("-inf")), -1)
-        z = torch.einsum("hqk,khd->qhd", pattern, v)
-        heads = torch.einsum("phd,hdm->hpm", z, engine.W_O[layer])  # [head, pos, d_model]
-        x = x + heads.sum(0) + engine.b_O[layer]
-        mlp = engine.act(engine._ln(x, engine.ln2[layer]) @ engine.W_in[layer] + engine.b_in[layer]) @ engine.W_out[layer] + engine.b_out[layer]
+    for layer in range(L):
+        own = head_input(layer, x) if head_input is not None else None
+        if own is None:
+            qkv = (engine._ln(x, engine.ln1[layer]) @ engine.W_QKV[layer] + engine.b_QKV[layer]).reshape(B, n, 3, H, dh)
+        else:
+            W = engine.W_QKV[layer].reshape(d, 3, H, dh)
+            qkv = torch.einsum("bpchm,mche->bpche", engine._ln(own, engine.ln1[layer]), W) + engine.b_QKV[layer].reshape(3, H, dh)
+        q, k, v = qkv.unbind(2)
+        pattern = torch.softmax((torch.einsum("bqhd,bkhd->bhqk", q, k) * engine.scale).masked_fill(~causal, float("-inf")), -1)
+        z = torch.einsum("bhqk,bkhd->bqhd", pattern, v)
+        heads = torch.einsum("bphd,hdm->bhpm", z, engine.W_O[layer])
+        x = x + heads.sum(1) + engine.b_O[layer]
+        if written is not None:
+            written(heads)
+        into = mlp_input(layer, x) if mlp_input is not None else None
+        mlp = engine.act(engine._ln(x if into is None else into, engine.ln2[layer]) @ engine.W_in[layer] + engine.b_in[layer]) @ engine.W_out[layer]
+        mlp = mlp + engine.b_out[layer]
         x = x + mlp
-        out += [*heads, mlp]
-    return torch.stack(out)
+        if written is not None:
+            written(mlp[:, None])
+    return x if final_input is None else final_input(x)
 
 
-def _reader_gradients(engine: Engine, tokens: Tensor, direction) -> Float[Tensor, "reader pos d_model"]:
-    """d metric / d every reader's input on the run of `tokens`, in Graph.readers order. Each reader's
+def _metric(engine: Engine, final: Tensor, batch: _Batch, repeats: int = 1) -> Float[Tensor, " batch"]:
+    """The logit difference of each sequence (the batch's pairs `repeats` times over, pair-minor)."""
+    normed = engine._ln(final[:, -1], engine.ln_final)
+    return (normed * batch.direction.repeat(repeats, 1)).sum(-1) + batch.bias.repeat(repeats)
+
+
+def _writer_outputs(engine: Engine, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch writer pos d_model"]:
+    """Every writer's output at every position, in Graph.writers order."""
+    embed = engine.W_E[tokens]
+    out = [embed[:, None]]
+    _forward(engine, embed, written=out.append)
+    return torch.cat(out, 1)
+
+
+def _reader_gradients(engine: Engine, embed: Tensor, batch: _Batch) -> Float[Tensor, "batch reader pos d_model"]:
+    """d metric / d every reader's input on the run from `embed`, in Graph.readers order. Each reader's
     input is the stream plus its own zero tap (every head's q, k and v, every MLP, the logits); one
     backward pass gives every tap's gradient, each with everything downstream of that reader in it."""
-    n, H, dh, L = tokens.shape[-1], engine.n_heads, engine.d_head, engine.n_layers
-    d = engine.W_E.shape[-1]
-    causal = torch.ones(n, n, dtype=torch.bool, device=engine.device).tril()
-    W = engine.W_QKV.reshape(L, d, 3, H, dh)
-    b = engine.b_QKV.reshape(L, 3, H, dh)
-    head_taps, mlp_taps = [], []
+    B, n, d = embed.shape
+    H, L = engine.n_heads, engine.n_layers
+    head_taps = [torch.zeros(B, n, 3, H, d, device=embed.device, requires_grad=True) for _ in range(L)]
+    mlp_taps = [torch.zeros(B, n, d, device=embed.device, requires_grad=True) for _ in range(L)]
+    final_tap = torch.zeros(B, n, d, device=embed.device, requires_grad=True)
     with torch.enable_grad():
-        x = engine.W_E[tokens] + engine.W_pos[:n]
-        for layer in range(L):
-            tap = torch.zeros(n, 3, H, d, device=engine.device, requires_grad=True)
-            head_taps.append(tap)
-            normed = engine._ln(x[:, None, None, :] + tap, engine.ln1[layer])  # [pos, qkv, head, d_model]
-            q, k, v = (torch.einsum("pchm,mche->pche", normed, W[layer]) + b[layer]).unbind(1)  # [pos, head, d_head]
-            pattern = torch.softmax((torch.einsum("qhd,khd->hqk", q, k) * engine.scale).masked_fill(~causal, float("-inf")), -1)
-            z = torch.einsum("hqk,khd->qhd", pattern, v)
-            x = x + z.reshape(n, H * dh) @ engine.W_O_flat[layer] + engine.b_O[layer]
-            tap = torch.zeros(n, d, device=engine.device, requires_grad=True)
-            mlp_taps.append(tap)
-            x = x + engine.act(engine._ln(x + tap, engine.ln2[layer]) @ engine.W_in[layer] + engine.b_in[layer]) @ engine.W_out[layer] + engine.b_out[layer]
-        final = torch.zeros(n, d, device=engine.device, requires_grad=True)
-        metric = engine._metric((x + final)[-1], direction)
-        grads = torch.autograd.grad(metric, [*head_taps, *mlp_taps, final])
+        final = _forward(
+            engine,
+            embed,
+            head_input=lambda layer, x: x[:, :, None, None, :] + head_taps[layer],
+            mlp_input=lambda layer, x: x + mlp_taps[layer],
+            final_input=lambda x: x + final_tap,
+        )
+        grads = torch.autograd.grad(_metric(engine, final, batch).sum(), [*head_taps, *mlp_taps, final_tap])
     out = []
     for layer in range(L):
-        out += [*grads[layer].permute(2, 1, 0, 3).reshape(H * 3, n, d)]  # head-major, then q, k, v
-        out.append(grads[L + layer])
-    out.append(grads[-1])
-    return torch.stack(out)
+        out += [grads[layer].permute(0, 3, 2, 1, 4).reshape(B, H * 3, n, d), grads[L + layer][:, None]]  # head-major, then q, k, v
+    out.append(grads[-1][:, None])
+    return torch.cat(out, 1)
 
 
-def edge_scores(model: Model, pairs: list[ContrastPair]) -> Float[np.ndarray, "writer reader"]:
-    """EAP scores of every edge (0 where there is no edge), averaged over `pairs`."""
+# --- edge scores (approximate) -----------------------------------------------------------------
+
+
+def _engine(model: Model) -> Engine:
     engine = fast_engine(model)
     if engine is None:
-        raise ValueError("Edge attribution needs a GPT-2-style model (learned positions, LayerNorm, attention then MLP).")
+        raise ValueError("Circuits need a GPT-2-style model (learned positions, LayerNorm, attention then MLP); this one is not.")
+    return engine
+
+
+def edge_scores(
+    model: Model,
+    pairs: list[ContrastPair],
+    method: Literal["eap", "eap-ig"] = "eap",
+    steps: int = DEFAULTS.eap_ig_steps,
+    rows: int | None = None,
+    progress: Progress | None = None,
+) -> Float[np.ndarray, "writer reader"]:
+    """Every edge's score (0 where there is no edge), the mean over `pairs`. EAP: the gradient on the
+    corrupted run. EAP-IG: the mean gradient over `steps` runs whose token embeddings go from the
+    corrupted prompt's towards the clean one's (alpha = 1/steps, 2/steps, ..., 1, as Hanna et al.'s
+    code), times the same clean - corrupted outputs."""
+    engine = _engine(model)
     graph = build_graph(engine.n_layers, engine.n_heads)
-    total = np.zeros(graph.edges.shape)
+    alphas = [0.0] if method == "eap" else [k / steps for k in range(1, steps + 1)]
+    total = torch.zeros(graph.edges.shape, dtype=torch.float64, device=engine.device)
+    batches = _batches(engine, pairs, rows or _rows(engine))
     with torch.no_grad():
-        for pair in pairs:
-            direction = pair.metric.direction(engine.W_U, engine.b_U)
-            delta = _writer_outputs(engine, pair.clean_tokens[0]) - _writer_outputs(engine, pair.corrupted_tokens[0])
-            grads = _reader_gradients(engine, pair.corrupted_tokens[0], direction)
-            total += torch.einsum("wpd,rpd->wr", delta.double(), grads.double()).cpu().numpy()
-    return np.where(graph.edges, total / len(pairs), 0.0)
+        for i, batch in enumerate(batches):
+            if progress is not None:
+                progress(i / len(batches), f"edge scores ({method})")
+            s = batch.start
+            delta = (_writer_outputs(engine, batch.clean) - _writer_outputs(engine, batch.corrupted))[:, :, s:]
+            clean, corrupted = engine.W_E[batch.clean], engine.W_E[batch.corrupted]
+            grads = sum(_reader_gradients(engine, corrupted + alpha * (clean - corrupted), batch)[:, :, s:] for alpha in alphas)
+            total += torch.einsum("bwpd,brpd->wr", delta, grads).double() / len(alphas)
+    return np.where(graph.edges, total.cpu().numpy() / len(pairs), 0.0)
 
 
-def _ablated_metric(engine: Engine, tokens: Tensor, replace: Tensor, excluded: Tensor, direction) -> float:
-    """The metric of the run of `tokens` in which every reader's input has the live output of each writer
-    `excluded` for it ([writer, reader] bool) swapped for `replace` (its output on the other run,
-    [writer, pos, d_model]): exactly the run in which those edges carry the other run's signal."""
-    n, H, dh, L = tokens.shape[-1], engine.n_heads, engine.d_head, engine.n_layers
-    d = engine.W_E.shape[-1]
-    causal = torch.ones(n, n, dtype=torch.bool, device=engine.device).tril()
-    W = engine.W_QKV.reshape(L, d, 3, H, dh)
-    b = engine.b_QKV.reshape(L, 3, H, dh)
-    excluded = excluded.to(engine.W_E.dtype)
-    embed = engine.W_E[tokens]
-    x = embed + engine.W_pos[:n]
-    live = [embed]  # every writer's live output so far, in Graph.writers order
-    reader = 0
-
-    def swapped(readers: slice) -> Tensor:  # [reader, pos, d_model]: what the excluded writers' swap changes
-        w = len(live)
-        return torch.einsum("wr,wpd->rpd", excluded[:w, readers], torch.stack(live) - replace[:w])
-
-    for layer in range(L):
-        change = swapped(slice(reader, reader + 3 * H)).reshape(H, 3, n, d).permute(2, 1, 0, 3)  # [pos, qkv, head, d_model]
-        reader += 3 * H
-        normed = engine._ln(x[:, None, None, :] - change, engine.ln1[layer])
-        q, k, v = (torch.einsum("pchm,mche->pche", normed, W[layer]) + b[layer]).unbind(1)
-        pattern = torch.softmax((torch.einsum("qhd,khd->hqk", q, k) * engine.scale).masked_fill(~causal, float("-inf")), -1)
-        z = torch.einsum("hqk,khd->qhd", pattern, v)
-        heads = torch.einsum("phd,hdm->hpm", z, engine.W_O[layer])
-        x = x + heads.sum(0) + engine.b_O[layer]
-        live += [*heads]
-        mlp_in = x - swapped(slice(reader, reader + 1))[0]
-        reader += 1
-        mlp = engine.act(engine._ln(mlp_in, engine.ln2[layer]) @ engine.W_in[layer] + engine.b_in[layer]) @ engine.W_out[layer] + engine.b_out[layer]
-        x = x + mlp
-        live.append(mlp)
-    final = x - swapped(slice(reader, reader + 1))[0]
-    return float(engine._metric(final[-1], direction))
+# --- faithfulness (exact) ----------------------------------------------------------------------
 
 
-def faithfulness(model: Model, pairs: list[ContrastPair], circuit: np.ndarray) -> float:
-    """The fraction of the task's mean clean - corrupted gap the circuit recovers, exactly: each pair's
-    clean run with every edge outside `circuit` ([writer, reader] bool) carrying the corrupted run's
-    signal instead (at every position), mean (ablated - corrupted) / mean (clean - corrupted)."""
-    engine = fast_engine(model)
-    if engine is None:
-        raise ValueError("Faithfulness needs a GPT-2-style model (learned positions, LayerNorm, attention then MLP).")
+def _ablated_metrics(
+    engine: Engine, batch: _Batch, replace: Float[Tensor, "batch writer pos d_model"], excluded: Bool[Tensor, "circuit writer reader"]
+) -> Float[Tensor, "circuit batch"]:
+    """The metric of each pair's clean run in which every reader's input has the live output of each
+    writer `excluded` for it swapped for `replace`, once per circuit: exactly the run in which those
+    edges carry the other signal (at every position)."""
+    C, (B, n), d = len(excluded), batch.clean.shape, engine.W_E.shape[-1]
+    H = engine.n_heads
+    per_layer = 3 * H + 1
+    weights = excluded.to(engine.W_E.dtype)
+    differences = engine.W_E.new_zeros(C, B, excluded.shape[1], n, d)  # live - replace, per writer so far
+    filled = 0
+
+    def write(outputs: Tensor) -> None:  # [circuit * batch, writers, pos, d_model]
+        nonlocal filled
+        k = outputs.shape[1]
+        differences[:, :, filled : filled + k] = outputs.view(C, B, k, n, d) - replace[None, :, filled : filled + k]
+        filled += k
+
+    def change(first: int, count: int) -> Tensor:  # [circuit * batch, readers, pos, d_model]
+        swap = torch.einsum("cwr,cbwpd->cbrpd", weights[:, :filled, first : first + count], differences[:, :, :filled])
+        return swap.reshape(C * B, count, n, d)
+
+    embed = engine.W_E[batch.clean].repeat(C, 1, 1)
+    write(embed[:, None])
+    final = _forward(
+        engine,
+        embed,
+        head_input=lambda layer, x: x[:, :, None, None] - change(layer * per_layer, 3 * H).view(C * B, H, 3, n, d).permute(0, 3, 2, 1, 4),
+        mlp_input=lambda layer, x: x - change(layer * per_layer + 3 * H, 1)[:, 0],
+        final_input=lambda x: x - change(excluded.shape[2] - 1, 1)[:, 0],
+        written=write,
+    )
+    return _metric(engine, final, batch, C).view(C, B)
+
+
+def faithfulness(
+    model: Model,
+    pairs: list[ContrastPair],
+    circuits: Bool[np.ndarray, "writer reader"] | Bool[np.ndarray, "circuit writer reader"],
+    ablation: Literal["corrupted", "mean"] = "corrupted",
+    rows: int | None = None,
+    progress: Progress | None = None,
+) -> float | Float[np.ndarray, " circuit"]:
+    """The fraction of the task's clean - corrupted gap each circuit recovers, exactly: each pair's
+    clean run with every edge outside the circuit carrying the corrupted run's output of its writer
+    ("corrupted") or the mean of that output over the pairs of its token length's corrupted prompts,
+    per position ("mean"), at every position; mean (ablated - corrupted) / mean (clean - corrupted)."""
+    if ablation not in ABLATIONS:
+        raise ValueError(f"Unknown ablation {ablation!r}: choose {' or '.join(map(repr, ABLATIONS))}.")
+    engine = _engine(model)
     graph = build_graph(engine.n_layers, engine.n_heads)
-    excluded = torch.as_tensor(graph.edges & ~circuit, device=engine.device)
-    ablated, clean, corrupted = [], [], []
+    single = np.ndim(circuits) == 2
+    excluded = torch.as_tensor(graph.edges & ~np.asarray(circuits, dtype=bool).reshape(-1, *graph.edges.shape), device=engine.device)
+    rows = rows or _rows(engine)
+    batches = _batches(engine, pairs, rows)
+    ablated = np.zeros((len(excluded), len(pairs)))
+    clean, corrupted = np.zeros(len(pairs)), np.zeros(len(pairs))
     with torch.no_grad():
-        for pair in pairs:
-            direction = pair.metric.direction(engine.W_U, engine.b_U)
-            replace = _writer_outputs(engine, pair.corrupted_tokens[0])
-            nothing = torch.zeros_like(excluded)
-            ablated.append(_ablated_metric(engine, pair.clean_tokens[0], replace, excluded, direction))
-            clean.append(_ablated_metric(engine, pair.clean_tokens[0], replace, nothing, direction))
-            corrupted.append(_ablated_metric(engine, pair.corrupted_tokens[0], replace, nothing, direction))
-    gap = np.mean(clean) - np.mean(corrupted)
-    return float((np.mean(ablated) - np.mean(corrupted)) / gap)
+        means = {}
+        if ablation == "mean":
+            for batch in batches:
+                total, count = means.get(batch.clean.shape[1], (0.0, 0))
+                means[batch.clean.shape[1]] = (total + _writer_outputs(engine, batch.corrupted).sum(0), count + len(batch.index))
+        for i, batch in enumerate(batches):
+            if progress is not None:
+                progress(i / len(batches), "faithfulness")
+            if ablation == "mean":
+                total, count = means[batch.clean.shape[1]]
+                replace = (total / count)[None].expand(len(batch.index), -1, -1, -1)
+            else:
+                replace = _writer_outputs(engine, batch.corrupted)
+            clean[batch.index] = _metric(engine, _forward(engine, engine.W_E[batch.clean]), batch).double().cpu().numpy()
+            corrupted[batch.index] = _metric(engine, _forward(engine, engine.W_E[batch.corrupted]), batch).double().cpu().numpy()
+            per_pass = max(1, rows // (len(batch.index) * batch.clean.shape[1]))
+            for at in range(0, len(excluded), per_pass):
+                part = excluded[at : at + per_pass]
+                ablated[at : at + len(part), batch.index] = _ablated_metrics(engine, batch, replace, part).double().cpu().numpy()
+    values = (ablated.mean(1) - corrupted.mean()) / (clean.mean() - corrupted.mean())
+    return float(values[0]) if single else values
+
+
+# --- exact edge effects --------------------------------------------------------------------------
+
+
+def _sender(writer: str) -> Sender:
+    if writer == "embed":
+        return Sender(-1)
+    if writer.startswith("MLP"):
+        return Sender(int(writer[3:]))
+    layer, head = writer[1:].split("H")
+    return Sender(int(layer), int(head))
+
+
+def exact_edge_effects(
+    model: Model,
+    pairs: list[ContrastPair],
+    edges: list[tuple[str, str]],
+    rows_per_pass: int = DEFAULTS.patch_rows_per_pass,
+    progress: Progress | None = None,
+) -> Float[np.ndarray, " edge"]:
+    """Each edge alone patched, exactly: the corrupted run with the writer's clean - corrupted output
+    added to that one reader's input (path patching of one edge, as TransformerLens's
+    `get_act_patch_direct_path` for a head sender), everything downstream of the reader recomputed;
+    the mean over `pairs` of (patched - corrupted), in the metric's units like the edge scores."""
+    engine = _engine(model)
+    runs, _, corrupted = run_pairs(model, pairs)
+    if not all(isinstance(run, FastRun) for run in runs):
+        raise ValueError("Exact edge effects need the fast engine, which does not match this model.")
+    raw = np.zeros((len(pairs), len(edges)))
+    L = engine.n_layers
+
+    def jobs_of(run: FastRun, start: int, local: int):
+        clean, base = run.clean, run.corrupted
+        receivers: dict[tuple[str, int], Tensor] = {}  # (writer, layer) -> every head's write change at that layer
+        for e, (writer, reader) in enumerate(edges):
+            (_, write), = sender_writes(engine, clean, base, start, [_sender(writer)])
+            if reader == "logits":
+                job = Job(L, Job.PRE, base.resid_pre[L, start:] + write, 0, local)
+            elif reader.startswith("MLP"):
+                layer = int(reader[3:])
+                new = _mlp(engine, layer, base.resid_mid[layer, start:] + write) - base.mlp_out[layer, start:]
+                job = Job(layer + 1, Job.PRE, base.resid_pre[layer + 1, start:] + new, 0, local)
+            else:
+                head, component = reader.split(".")
+                layer, index = (int(part) for part in head[1:].split("H"))
+                if (writer, layer) not in receivers:
+                    receivers[writer, layer] = receiver_writes(engine, base, layer, start, write)
+                change = receivers[writer, layer][COMPONENTS.index(component), index]
+                job = Job(layer, Job.MID, base.resid_mid[layer, start:] + change, 0, local)
+            yield "edge", e, job
+
+    for i, _, e, value in evaluate_jobs(runs, jobs_of, lambda run, start: len(edges), rows_per_pass, progress, "exact edge effects"):
+        raw[i, e] = value
+    return (raw - corrupted[:, None]).mean(0)
+
+
+def _mlp(engine: Engine, layer: int, x: Tensor) -> Tensor:
+    return engine.act(engine._ln(x, engine.ln2[layer]) @ engine.W_in[layer] + engine.b_in[layer]) @ engine.W_out[layer] + engine.b_out[layer]
+
+
+# --- choosing a circuit ------------------------------------------------------------------------------
+
+
+def top_edges(graph: Graph, scores: np.ndarray, k: int) -> Bool[np.ndarray, "writer reader"]:
+    """The k edges with the largest |score| (ties: the graph's order)."""
+    flat = np.flatnonzero(graph.edges)
+    chosen = flat[np.argsort(-np.abs(scores.ravel()[flat]), kind="stable")[:k]]
+    mask = np.zeros(graph.edges.size, dtype=bool)
+    mask[chosen] = True
+    return mask.reshape(graph.edges.shape)
+
+
+def greedy_edges(graph: Graph, scores: np.ndarray, k: int) -> Bool[np.ndarray, "writer reader"]:
+    """A connected circuit of k edges grown from the logits (Hanna et al. 2024's greedy search): each step
+    adds the edge of largest |score| whose reader is the logits or belongs to a node already in the
+    circuit, so no edge hangs loose."""
+    node_of_reader = [reader.split(".")[0] for reader in graph.readers]
+    readers_of: dict[str, list[int]] = {}
+    for r, node in enumerate(node_of_reader):
+        readers_of.setdefault(node, []).append(r)
+    mask = np.zeros(graph.edges.shape, dtype=bool)
+    frontier: list[tuple[float, int, int]] = []
+    reached: set[str] = set()
+
+    def reach(node: str) -> None:
+        if node in reached:
+            return
+        reached.add(node)
+        for r in readers_of.get(node, []):
+            for w in np.flatnonzero(graph.edges[:, r]):
+                heapq.heappush(frontier, (-abs(scores[w, r]), int(w) * len(graph.readers) + r, int(w)))
+
+    reach("logits")
+    taken = 0
+    while frontier and taken < k:
+        _, flat, w = heapq.heappop(frontier)
+        mask.flat[flat] = True
+        taken += 1
+        reach(graph.writers[w])
+    return mask
+
+
+def curve_sizes(n_edges: int, points: int = DEFAULTS.faithfulness_points) -> Int[np.ndarray, " point"]:
+    """Circuit sizes from one edge to all of them, evenly spaced on a log scale."""
+    return np.unique(np.round(np.geomspace(1, n_edges, points)).astype(np.int64))
+
+
+SELECTIONS = {"greedy": greedy_edges, "top": top_edges}
+METHODS = ("eap", "eap-ig")
+
+
+def _forward_flops(model: Model, pairs: list[ContrastPair]) -> float:
+    """The matrix products of one unpatched forward pass over every pair (core.patching.cost)."""
+    return pairs_flops(model, pairs, sweeps=()) / 2
+
+
+def circuit_flops(model: Model, pairs: list[ContrastPair], method: str, steps: int, points: int = 0, searches: int = 0, checks: int = 0) -> float:
+    """What a circuit request costs in forward passes' matrix products: the edge scores (two writer
+    passes, then a forward and backward pass, about three, per gradient), the faithfulness of `points`
+    + `searches` circuits (and the two reference runs), `checks` single edges (at most a pass each)."""
+    gradients = 1 if method == "eap" else steps
+    passes = 2 + 3 * gradients + (points + searches + 3 if points or searches else 0) + checks
+    return passes * _forward_flops(model, pairs)
+
+
+def _check_steps(steps: int) -> None:
+    check_int(steps, "steps", 1, LIMITS.max_eap_ig_steps)
+
+
+def _task_pairs(model: Model, task: str, n: int, seed: int, pairs: str) -> tuple[Task, list[ContrastPair]]:
+    chosen = chosen_task(model, task, n, seed, pairs)
+    _engine(model)
+    return chosen, chosen.contrast_pairs(model)
+
+
+def _scores_result(cls, model: Model, task: Task, pairs: list[ContrastPair], method: str, steps: int, scores: np.ndarray, **more):
+    graph = build_graph(model.cfg.n_layers, model.cfg.n_heads)
+    values = metric_values(model, [(p.clean_tokens, p.metric) for p in pairs]), metric_values(model, [(p.corrupted_tokens, p.metric) for p in pairs])
+    return cls(
+        task=task.name, description=task.description, method=method, steps=steps if method == "eap-ig" else 1, writers=graph.writers,
+        readers=graph.readers, scores=scores, n_edges=graph.n_edges, clean_values=values[0], corrupted_values=values[1], **more,
+    )
+
+
+def edge_attribution(
+    model: Model, task: str = "ioi", n: int = 32, seed: int = 0, pairs: str = "", method: str = "eap", steps: int = DEFAULTS.eap_ig_steps,
+    progress: Progress | None = None,
+) -> EdgeAttributionResult:
+    """Every edge's EAP or EAP-IG score over a task (a built-in one, or your `pairs`)."""
+    method = _method(method)
+    _check_steps(steps)
+    chosen, contrast = _task_pairs(model, task, n, seed, pairs)
+    check_budget(circuit_flops(model, contrast, method, steps), len(contrast), f"Edge attribution ({method}) over {len(contrast)} pairs")
+    scores = edge_scores(model, contrast, method, steps, progress=progress)
+    return _scores_result(EdgeAttributionResult, model, chosen, contrast, method, steps, scores)
+
+
+def _method(method: str) -> str:
+    if not isinstance(method, str) or method.lower() not in METHODS:
+        raise ValueError(f"Unknown method {str(method)[:40]!r}: choose 'eap' (one gradient) or 'eap-ig' (integrated gradients over `steps`).")
+    return method.lower()
+
+
+def circuit(
+    model: Model,
+    task: str = "ioi",
+    n: int = 32,
+    seed: int = 0,
+    pairs: str = "",
+    method: str = "eap",
+    steps: int = DEFAULTS.eap_ig_steps,
+    selection: str = "greedy",
+    k: int = DEFAULTS.circuit_edges,
+    target: int = 0,
+    ablation: str = "corrupted",
+    checks: int = DEFAULTS.edge_checks,
+    progress: Progress | None = None,
+) -> CircuitResult:
+    """A circuit found by edge scores and checked exactly. `selection`: "greedy" (connected, grown from
+    the logits) or "top" (largest |score|); the circuit has `k` edges, or, if `target` (percent) is set,
+    is the smallest the search finds whose faithfulness reaches target / 100 (bisection between the
+    curve's sizes). `ablation`: what edges outside carry. `checks`: the top edges by |score| whose exact
+    effect alone is computed."""
+    method = _method(method)
+    _check_steps(steps)
+    if selection not in SELECTIONS:
+        raise ValueError(f"Unknown selection {str(selection)[:40]!r}: choose 'greedy' (a connected circuit) or 'top' (the largest |scores|).")
+    if ablation not in ABLATIONS:
+        raise ValueError(f"Unknown ablation {str(ablation)[:40]!r}: choose 'corrupted' (the corrupted prompt's output) or 'mean' (the task's mean).")
+    graph = build_graph(model.cfg.n_layers, model.cfg.n_heads)
+    check_int(k, "k", 1, graph.n_edges)
+    check_int(target, "target", 0, 100)
+    check_int(checks, "checks", 0, min(LIMITS.max_edge_checks, graph.n_edges))
+    chosen, contrast = _task_pairs(model, task, n, seed, pairs)
+    sizes = curve_sizes(graph.n_edges)
+    searches = int(np.ceil(np.log2(graph.n_edges))) if target else 0
+    check_budget(
+        circuit_flops(model, contrast, method, steps, len(sizes) + 1, searches, checks), len(contrast),
+        f"A circuit ({method}, {len(sizes)} faithfulness points, {checks} exact checks) over {len(contrast)} pairs",
+    )
+
+    def part(low: float, high: float) -> Progress | None:
+        return None if progress is None else (lambda fraction, desc: progress(low + (high - low) * fraction, desc))
+
+    scores = edge_scores(model, contrast, method, steps, progress=part(0.0, 0.4))
+    choose = SELECTIONS[selection]
+    curve = faithfulness(model, contrast, np.stack([choose(graph, scores, int(size)) for size in sizes]), ablation, progress=part(0.4, 0.7))
+    size, value = int(k), None
+    if target:
+        size, value = _smallest(model, contrast, graph, scores, choose, ablation, sizes, curve, target / 100)
+    mask = choose(graph, scores, size)
+    if value is None:
+        value = float(faithfulness(model, contrast, mask, ablation))
+    top = top_edges(graph, scores, checks)
+    checked = [(graph.writers[w], graph.readers[r]) for w, r in zip(*np.nonzero(top))]
+    checked.sort(key=lambda edge: -abs(scores[graph.writers.index(edge[0]), graph.readers.index(edge[1])]))
+    exact = exact_edge_effects(model, contrast, checked, progress=part(0.8, 1.0)) if checked else np.zeros(0)
+    return _scores_result(
+        CircuitResult, model, chosen, contrast, method, steps, scores, selection=selection, ablation=ablation, circuit=mask,
+        faithfulness=value, target=target / 100 if target else None, curve_k=sizes, curve_faithfulness=np.asarray(curve, dtype=float),
+        checked=[list(edge) for edge in checked],
+        checked_scores=np.array([scores[graph.writers.index(w), graph.readers.index(r)] for w, r in checked]), checked_exact=exact,
+    )
+
+
+def _smallest(model, pairs, graph, scores, choose, ablation, sizes, curve, target: float) -> tuple[int, float]:
+    """The smallest size whose circuit reaches `target`: the first curve size that does, then bisection
+    down to the curve's size before it (each step one exact faithfulness)."""
+    reached = np.flatnonzero(np.asarray(curve) >= target)
+    if len(reached) == 0:
+        raise ValueError(f"No circuit reaches faithfulness {target:g}: the whole graph gives {curve[-1]:.3f}. Ask for a lower target.")
+    first = int(reached[0])
+    high, value = int(sizes[first]), float(curve[first])
+    low = int(sizes[first - 1]) if first else 0  # fails (or is nothing)
+    while high - low > 1:
+        middle = (low + high) // 2
+        reached_here = float(faithfulness(model, pairs, choose(graph, scores, middle), ablation))
+        if reached_here >= target:
+            high, value = middle, reached_here
+        else:
+            low = middle
+    return high, value
+
+
+METHOD = Input("method", "choice", "eap: one gradient on the corrupted run; eap-ig: integrated gradients over `steps`", default="eap", choices=METHODS)
+STEPS = Input("steps", "int", f"EAP-IG's steps from the corrupted embeddings to the clean ones (1-{LIMITS.max_eap_ig_steps})", default=DEFAULTS.eap_ig_steps)
+
+TECHNIQUE = Technique(
+    name="edge_attribution",
+    run=edge_attribution,
+    result=EdgeAttributionResult,
+    summary="Edge attribution (EAP or EAP-IG), an APPROXIMATION: every edge of the position-summed graph scored over a task.",
+    inputs=(*TASK_INPUTS, METHOD, STEPS),
+    lane="heavy",
+    example={"task": "ioi", "n": 8, "seed": 0, "method": "eap"},
+    figures=(plots.top_edge_scores,),
+    progress=True,
+    tab="Circuit Map",
+)
+
+CIRCUIT_TECHNIQUE = Technique(
+    name="circuit",
+    run=circuit,
+    result=CircuitResult,
+    summary="A circuit from edge scores, checked exactly: its edges and nodes, its faithfulness and the curve over sizes, the top edges' exact effects.",
+    inputs=(
+        *TASK_INPUTS,
+        METHOD,
+        STEPS,
+        Input("selection", "choice", "greedy: a connected circuit grown from the logits; top: the largest |scores|", default="greedy",
+              choices=tuple(SELECTIONS)),
+        Input("k", "int", "the circuit's edges (1 to all)", default=DEFAULTS.circuit_edges),
+        Input("target", "int", "a faithfulness to reach, in percent (1-100): the smallest circuit found that reaches it (k is then ignored); 0: use k",
+              default=0),
+        Input("ablation", "choice", "what the edges outside the circuit carry: the corrupted prompt's output, or its mean over the task",
+              default="corrupted", choices=ABLATIONS),
+        Input("checks", "int", f"top edges by |score| whose exact effect alone is computed (0-{LIMITS.max_edge_checks})", default=DEFAULTS.edge_checks),
+    ),
+    lane="heavy",
+    example={"task": "ioi", "n": 8, "seed": 0, "k": 5, "checks": 5},
+    figures=(plots.circuit_graph, plots.faithfulness_curve, plots.edge_checks),
+    progress=True,
+    tab="Circuit Map",
+)
+TECHNIQUES = (CIRCUIT_TECHNIQUE,)  # the registry reads TECHNIQUE and these

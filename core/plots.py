@@ -26,7 +26,9 @@ from core.model import check_int
 from core.results import (
     ApproximatePatchingResult,
     AttentionResult,
+    CircuitResult,
     DLAResult,
+    EdgeAttributionResult,
     InductionResult,
     LogitLensResult,
     PatchingResult,
@@ -680,4 +682,169 @@ def contrast_lens(pair: dict[str, tuple[LogitLensResult, LogitLensResult]]) -> g
     )
     fig.update_xaxes(tickangle=-45)
     fig.update_annotations(font_size=11)
+    return fig
+
+
+# --- circuits (core.edges) ------------------------------------------------------------------------
+
+CIRCUIT_LEVELS = 6  # the graph's edges in this many bands of |score|; its slider hides the weaker bands
+_INPUT_OFFSET = {"q": -0.25, "k": 0.0, "v": 0.25}  # where an edge meets a head: its query, key or value input
+
+
+def _node_place(name: str, n_heads: int) -> tuple[float, float]:
+    """(x, y) of a node: by layer left to right (a layer's heads, then its MLP), heads stacked by index."""
+    if name == "embed":
+        return 0.0, (n_heads - 1) / 2
+    if name == "logits":
+        return 1e9, (n_heads - 1) / 2  # placed at the far right by the caller
+    if name.startswith("MLP"):
+        return 2 * int(name[3:]) + 2, (n_heads - 1) / 2
+    layer, head = name[1:].split("H")
+    return 2 * int(layer) + 1, float(head)
+
+
+def _edge_label(edge: dict) -> str:
+    exact = "not checked" if edge.get("exact") is None else f"{edge['exact']:+.4f}"
+    return f"{edge['writer']} → {edge['reader']}<br>approximate = {edge['score']:+.4f}<br>exact alone = {exact}"
+
+
+def circuit_graph(result: CircuitResult) -> go.Figure:
+    """The circuit: nodes placed by layer (heads by index, each MLP between layers), an edge per kept
+    edge into its reader's query, key or value input, width and colour by its approximate score (blue
+    raises the logit difference, red lowers it); hover an edge's middle for its scores; the slider
+    hides the weaker bands of edges."""
+    n_heads = sum(1 for w in result.writers if w.startswith("L0H"))
+    n_layers = sum(1 for w in result.writers if w.startswith("MLP"))
+    edges = result.edges
+    largest = max((abs(e["score"]) for e in edges), default=1.0) or 1.0
+    # bands of |score| / largest: [0, 1/32), [1/32, 1/16), ... [1/2, 1]: each its own trace, so the slider can hide it
+    bounds = [0.0] + [2.0 ** -(CIRCUIT_LEVELS - 1 - i) for i in range(CIRCUIT_LEVELS - 1)] + [np.inf]
+
+    def place(name: str) -> tuple[float, float]:
+        x, y = _node_place(name, n_heads)
+        return (2 * n_layers + 1.0 if name == "logits" else x), y
+
+    fig = go.Figure()
+    for band in range(CIRCUIT_LEVELS):
+        for sign, colour in ((1, "#2166ac"), (-1, "#b2182b")):
+            xs, ys, mx, my, labels = [], [], [], [], []
+            for edge in edges:
+                size = abs(edge["score"]) / largest
+                if not (bounds[band] <= size < bounds[band + 1]) or np.sign(edge["score"]) * sign < 0 or (edge["score"] == 0 and sign < 0):
+                    continue
+                x0, y0 = place(edge["writer"])
+                node, _, port = edge["reader"].partition(".")
+                x1, y1 = place(node)
+                y1 += _INPUT_OFFSET.get(port, 0.0)
+                xs += [x0, x1, None]
+                ys += [y0, y1, None]
+                mx.append((x0 + x1) / 2)
+                my.append((y0 + y1) / 2)
+                labels.append(_edge_label(edge))
+            fig.add_trace(
+                go.Scatter(
+                    x=xs, y=ys, mode="lines", line=dict(color=colour, width=1 + 1.4 * band), opacity=0.35 + 0.13 * band,
+                    hoverinfo="skip", showlegend=False, meta=band,
+                )
+            )
+            fig.add_trace(
+                go.Scatter(
+                    x=mx, y=my, mode="markers", marker=dict(size=7, color=colour, opacity=0.0), text=labels,
+                    hovertemplate="%{text}<extra></extra>", showlegend=False, meta=band,
+                )
+            )
+    names = result.nodes
+    xy = [place(name) for name in names]
+    fig.add_trace(
+        go.Scatter(
+            x=[x for x, _ in xy], y=[y for _, y in xy], mode="markers+text", text=names, textposition="top center", textfont=dict(size=10),
+            marker=dict(size=11, color="#444444", symbol=["square" if n.startswith("MLP") else "circle" for n in names]),
+            hovertemplate="%{text}<extra></extra>", showlegend=False, meta=-1,
+        )
+    )
+    steps = []
+    for lowest in range(CIRCUIT_LEVELS):
+        visible = [trace.meta < 0 or trace.meta >= lowest for trace in fig.data]
+        shown = sum(1 for e in edges if abs(e["score"]) / largest >= bounds[lowest])
+        steps.append(dict(method="restyle", args=[{"visible": visible}], label=f"≥{bounds[lowest] * largest:.2g} ({shown})"))
+    fig.update_layout(
+        sliders=[dict(active=0, steps=steps, currentvalue=dict(prefix="edges with |score| "), pad=dict(t=40), font=dict(size=10))]
+    )
+    ticks = [0, *[2 * layer + 1 for layer in range(n_layers)], 2 * n_layers + 1]
+    fig.update_xaxes(tickvals=ticks, ticktext=["embed", *[f"L{layer}" for layer in range(n_layers)], "logits"], title_text="layer (MLPs between)")
+    fig.update_yaxes(title_text="head", tickvals=list(range(n_heads)), range=[-1, n_heads + 0.2])
+    title = _title(
+        f"Circuit: {result.k} edges, faithfulness {result.faithfulness:.3f}",
+        f"{result.task}, {result.n_pairs} pairs; {result.selection} by {result.method.upper()}; "
+        f"outside edges carry the {result.ablation} output; width and colour: approximate score (blue raises the logit difference)",
+    )
+    fig.update_layout(template=TEMPLATE, title=title, height=560, margin_t=_top_margin(title, 0), hovermode="closest")
+    return fig
+
+
+def faithfulness_curve(result: CircuitResult) -> go.Figure:
+    """Exact faithfulness of the circuits of each size (the same selection), the chosen one marked."""
+    fig = go.Figure(
+        go.Scatter(
+            x=result.curve_k, y=result.curve_faithfulness, mode="lines+markers", name="circuits of k edges",
+            hovertemplate="k = %{x} edges<br>faithfulness = %{y:.4f}<extra></extra>",
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=[result.k], y=[result.faithfulness], mode="markers", marker=dict(size=13, symbol="star", color="#d6604d"), name="this circuit",
+            hovertemplate="this circuit: %{x} edges<br>faithfulness = %{y:.4f}<extra></extra>",
+        )
+    )
+    if result.target is not None:
+        fig.add_hline(y=result.target, line_dash="dot", line_color="#777777", annotation_text=f"target {result.target:g}")
+    title = _title(
+        "Faithfulness by circuit size (exact)",
+        f"the fraction of the clean - corrupted gap recovered with every other edge carrying the {result.ablation} output; 1 = all edges",
+    )
+    fig.update_layout(template=TEMPLATE, title=title, xaxis_title="edges in the circuit (k)", yaxis_title="faithfulness", legend=dict(orientation="h", y=-0.25))
+    fig.update_xaxes(type="log")
+    return fig
+
+
+def edge_checks(result: CircuitResult) -> go.Figure:
+    """The top edges' approximate scores against their exact effect alone."""
+    x, y = np.asarray(result.checked_exact, dtype=float), np.asarray(result.checked_scores, dtype=float)
+    stats = result.agreement
+    low, high = (float(min(x.min(), y.min(), 0.0)), float(max(x.max(), y.max(), 0.0))) if len(x) else (0.0, 1.0)
+    fig = go.Figure(go.Scatter(x=[low, high], y=[low, high], mode="lines", line=dict(color="#bbbbbb", dash="dot"), hoverinfo="skip", showlegend=False))
+    fig.add_trace(
+        go.Scatter(
+            x=x, y=y, mode="markers", marker=dict(size=7), text=[f"{w} → {r}" for w, r in result.checked],
+            hovertemplate="%{text}<br>exact alone = %{x:+.4f}<br>approximate = %{y:+.4f}<extra></extra>", showlegend=False,
+        )
+    )
+    r = "n/a" if stats["pearson_r"] is None else f"{stats['pearson_r']:.3f}"
+    slope = "n/a" if stats["slope"] is None else f"{stats['slope']:.2f}"
+    title = _title(
+        f"Top {len(x)} edges: {result.method.upper()} vs exact",
+        f"r = {r}; top-{stats['top_k']} overlap {stats['top_k_overlap']}/{stats['top_k']}; slope {slope} (1 = right size); "
+        "exact: the edge alone patched into the corrupted run",
+    )
+    fig.update_layout(template=TEMPLATE, title=title, xaxis_title="exact effect alone (logit difference)", yaxis_title="approximate score")
+    return fig
+
+
+def top_edge_scores(result: EdgeAttributionResult, top: int = 30) -> go.Figure:
+    """The `top` edges by |score|, largest first."""
+    rows = result.ranked(top)[::-1]
+    labels = [f"{escape_token(w)} → {escape_token(r)}" for w, r, _ in rows]
+    scores = [s for _, _, s in rows]
+    fig = go.Figure(
+        go.Bar(
+            x=scores, y=labels, orientation="h", marker_color=["#2166ac" if s >= 0 else "#b2182b" for s in scores],
+            hovertemplate="%{y}<br>score = %{x:+.4f}<extra></extra>",
+        )
+    )
+    title = _title(
+        f"Top {len(rows)} of {result.n_edges:,} edges by |{result.method.upper()} score|",
+        f"{result.task}, {result.n_pairs} pairs; score: the estimated change of the logit difference when the edge alone carries the clean signal",
+    )
+    fig.update_layout(template=TEMPLATE, title=title, height=max(420, 18 * len(rows) + 160), xaxis_title="score (logit difference)")
+    fig.update_yaxes(type="category")
     return fig

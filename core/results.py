@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 
 from core.config import DEFAULTS
 from core.contrast import SWEEPS
@@ -277,6 +277,107 @@ class PathPatchingResult(_Result, _OverPairs):
         "task", "description", "n_pairs", "senders", "first_receiver_layer", "clean_mean", "clean_error", "corrupted_mean",
         "corrupted_error", "gap", "gap_error", "logits", "q", "k", "v", "head_to_logits", "clean_values", "corrupted_values",
     )
+
+
+def agreement_stats(exact: np.ndarray, approximate: np.ndarray, top: int = 10) -> dict:
+    """Pearson r between exact and approximate scores; how many of the `top` with the largest |exact|
+    are also among the `top` largest |approximate|; and `slope`, the least-squares fit approximate =
+    slope x exact (through 0, which means "no effect" in both): r and the overlap say whether the
+    ranking is right, the slope whether the size is (0.3 = the approximation shows a third of the real effect)."""
+    x, y = np.ravel(exact), np.ravel(approximate)
+    k = min(top, x.size)
+    r = None if x.size < 2 or x.std() == 0 or y.std() == 0 else float(np.corrcoef(x, y)[0, 1])
+    slope = None if not np.any(x) else float(np.dot(x, y) / np.dot(x, x))
+    shared = set(np.argsort(-np.abs(x), kind="stable")[:k]) & set(np.argsort(-np.abs(y), kind="stable")[:k])
+    return {"pearson_r": r, "slope": slope, "top_k": k, "top_k_overlap": len(shared)}
+
+
+@dataclass(frozen=True)
+class _EdgeScores(_Result, _OverPairs):
+    """A task's edge scores over the position-summed graph (core.edges): writers x readers, 0.0 where
+    there is no edge; each score is the mean over the pairs, in the metric's units (logit difference)."""
+
+    task: str
+    description: str
+    method: str  # "eap" or "eap-ig"
+    steps: int  # EAP-IG's interpolation steps (1 for EAP)
+    writers: list[str]  # "embed", "L0H0", ..., "MLP0", ...: every component that writes to the residual stream
+    readers: list[str]  # "L0H0.q", "L0H0.k", "L0H0.v", ..., "MLP0", ..., "logits": every input that reads it
+    scores: Float[np.ndarray, "writer reader"]
+    n_edges: int
+    clean_values: Float[np.ndarray, " pair"]
+    corrupted_values: Float[np.ndarray, " pair"]
+
+    def ranked(self, limit: int | None = None) -> list[list]:
+        """[writer, reader, score] of the edges, largest |score| first (ties: the graph's order)."""
+        flat = np.flatnonzero(self.scores)
+        order = flat[np.argsort(-np.abs(self.scores.ravel()[flat]), kind="stable")][:limit]
+        rows, columns = np.unravel_index(order, self.scores.shape)
+        return [[self.writers[w], self.readers[r], float(self.scores[w, r])] for w, r in zip(rows, columns)]
+
+
+@dataclass(frozen=True)
+class EdgeAttributionResult(_EdgeScores):
+    """Every edge's approximate score (EAP or EAP-IG), for the logit difference."""
+
+    JSON = ("task", "description", "n_pairs", "method", "steps", "n_edges", "writers", "readers", "edges", "clean_mean", "corrupted_mean", "gap")
+    edges = property(lambda self: self.ranked())  # [writer, reader, score], every edge, largest |score| first
+
+
+@dataclass(frozen=True)
+class CircuitResult(_EdgeScores):
+    """A circuit (edges chosen by their approximate scores) and its exact checks: the faithfulness of the
+    circuit and of the curve's circuits, and the exact effect of the top edges alone."""
+
+    selection: str  # "greedy" (connected, grown from the logits) or "top" (largest |score|)
+    ablation: str  # what edges outside the circuit carry: "corrupted" (the writer's output on the corrupted prompt) or "mean"
+    circuit: Bool[np.ndarray, "writer reader"]
+    faithfulness: float  # the fraction of the clean - corrupted gap the circuit recovers, exactly
+    target: float | None  # the faithfulness asked for (None: the size k was)
+    curve_k: Int[np.ndarray, " point"]  # circuits of these sizes (same selection) ...
+    curve_faithfulness: Float[np.ndarray, " point"]  # ... and their exact faithfulness
+    checked: list[list[str]]  # [writer, reader] of the top edges by |score|, checked exactly
+    checked_scores: Float[np.ndarray, " checked"]  # their approximate scores
+    checked_exact: Float[np.ndarray, " checked"]  # their exact effect alone: mean (patched - corrupted), the same units
+
+    JSON = (
+        "task", "description", "n_pairs", "method", "steps", "selection", "ablation", "n_edges", "k", "target", "faithfulness",
+        "edges", "nodes", "curve_k", "curve_faithfulness", "checks", "agreement", "clean_mean", "corrupted_mean", "gap",
+    )
+    k = property(lambda self: int(self.circuit.sum()))  # the circuit's edges
+    agreement = property(lambda self: agreement_stats(self.checked_exact, self.checked_scores))  # the scores against the exact effects
+
+    @property
+    def exact(self) -> dict[tuple[str, str], float]:
+        return {(w, r): float(e) for (w, r), e in zip(self.checked, self.checked_exact)}
+
+    @property
+    def edges(self) -> list[dict]:
+        """The circuit's edges, largest |score| first: writer, reader, score, exact (None if not checked)."""
+        exact = self.exact
+        kept = np.where(self.circuit, self.scores, 0.0)
+        flat = np.flatnonzero(self.circuit)
+        order = flat[np.argsort(-np.abs(kept.ravel()[flat]), kind="stable")]
+        rows, columns = np.unravel_index(order, kept.shape)
+        out = []
+        for w, r in zip(rows, columns):
+            writer, reader = self.writers[w], self.readers[r]
+            out.append({"writer": writer, "reader": reader, "score": float(self.scores[w, r]), "exact": exact.get((writer, reader))})
+        return out
+
+    @property
+    def nodes(self) -> list[str]:
+        """The components the circuit's edges connect, in the model's order ("logits" last)."""
+        used = {self.writers[w] for w in np.flatnonzero(self.circuit.any(1))}
+        used |= {self.readers[r].split(".")[0] for r in np.flatnonzero(self.circuit.any(0))}
+        return [w for w in self.writers if w in used] + (["logits"] if "logits" in used else [])
+
+    @property
+    def checks(self) -> list[dict]:
+        return [
+            {"writer": w, "reader": r, "score": float(s), "exact": float(e)}
+            for (w, r), s, e in zip(self.checked, self.checked_scores, self.checked_exact)
+        ]
 
 
 # --- storing results on disk: data only, never code ------------------------------------

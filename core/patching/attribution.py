@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 import torch
 
 from core import plots
 from core.contrast import ON_A_PAIR, SWEEP_HOOKS, SWEEPS, ContrastPair, check_swing
 from core.model import Model, run_cached, str_tokens
 from core.registry import Progress, Technique
-from core.results import ApproximatePatchingResult, PatchingResult
+from core.results import ApproximatePatchingResult, PatchingResult, agreement_stats
 
 
 def attribution_patching(
@@ -76,20 +75,8 @@ def attribution_patching(
 
 
 def agreement(exact: PatchingResult, approximate: ApproximatePatchingResult, top: int = 10) -> dict[str, dict]:
-    """Per sweep: Pearson r between exact and approximate scores; how many of the `top`
-    components with the largest |exact score| are also among the `top` largest |approximate|; and
-    `slope`, the least-squares fit approximate = slope x exact (through 0, which means "no effect"
-    in both): r and the overlap say whether the ranking is right, the slope whether the size is
-    (0.3 = the approximation shows a third of the real effect)."""
-    out = {}
-    for name in SWEEPS:
-        x, y = getattr(exact, name).ravel(), getattr(approximate, name).ravel()
-        k = min(top, x.size)
-        r = None if x.std() == 0 or y.std() == 0 else float(np.corrcoef(x, y)[0, 1])
-        slope = None if not np.any(x) else float(np.dot(x, y) / np.dot(x, x))
-        shared = set(np.argsort(-np.abs(x), kind="stable")[:k]) & set(np.argsort(-np.abs(y), kind="stable")[:k])
-        out[name] = {"pearson_r": r, "slope": slope, "top_k": k, "top_k_overlap": len(shared)}
-    return out
+    """agreement_stats per sweep."""
+    return {name: agreement_stats(getattr(exact, name), getattr(approximate, name), top) for name in SWEEPS}
 
 
 TECHNIQUE = Technique(
