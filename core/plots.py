@@ -784,16 +784,17 @@ def circuit_graph(result: CircuitResult) -> go.Figure:
 
 def faithfulness_curve(result: CircuitResult) -> go.Figure:
     """Exact faithfulness of the circuits of each size (the same selection), the chosen one marked."""
-    fig = go.Figure(
+    sizes = np.asarray(result.curve_k, dtype=int)
+    fig = go.Figure(  # x: log10(k) on a linear axis, ticks named by k (a log-type axis drew these points off their y ticks)
         go.Scatter(
-            x=result.curve_k, y=result.curve_faithfulness, mode="lines+markers", name="circuits of k edges",
-            hovertemplate="k = %{x} edges<br>faithfulness = %{y:.4f}<extra></extra>",
+            x=np.log10(sizes), y=np.asarray(result.curve_faithfulness, dtype=float), customdata=sizes, mode="lines+markers",
+            name="circuits of k edges", hovertemplate="k = %{customdata} edges<br>faithfulness = %{y:.4f}<extra></extra>",
         )
     )
     fig.add_trace(
         go.Scatter(
-            x=[result.k], y=[result.faithfulness], mode="markers", marker=dict(size=13, symbol="star", color="#d6604d"), name="this circuit",
-            hovertemplate="this circuit: %{x} edges<br>faithfulness = %{y:.4f}<extra></extra>",
+            x=[np.log10(result.k)], y=[result.faithfulness], customdata=[result.k], mode="markers", marker=dict(size=13, symbol="star", color="#d6604d"),
+            name="this circuit", hovertemplate="this circuit: %{customdata} edges<br>faithfulness = %{y:.4f}<extra></extra>",
         )
     )
     if result.target is not None:
@@ -802,8 +803,11 @@ def faithfulness_curve(result: CircuitResult) -> go.Figure:
         "Faithfulness by circuit size (exact)",
         f"the fraction of the clean - corrupted gap recovered with every other edge carrying the {result.ablation} output; 1 = all edges",
     )
-    fig.update_layout(template=TEMPLATE, title=title, xaxis_title="edges in the circuit (k)", yaxis_title="faithfulness", legend=dict(orientation="h", y=-0.25))
-    fig.update_xaxes(type="log")
+    fig.update_layout(
+        template=TEMPLATE, title=title, margin_t=_top_margin(title, 0), xaxis_title="edges in the circuit (k)", yaxis_title="faithfulness",
+        legend=dict(orientation="h", y=-0.3),
+    )
+    fig.update_xaxes(tickvals=np.log10(sizes), ticktext=[f"{k:,}" for k in sizes], tickangle=-45)
     return fig
 
 
@@ -826,7 +830,7 @@ def edge_checks(result: CircuitResult) -> go.Figure:
         f"r = {r}; top-{stats['top_k']} overlap {stats['top_k_overlap']}/{stats['top_k']}; slope {slope} (1 = right size); "
         "exact: the edge alone patched into the corrupted run",
     )
-    fig.update_layout(template=TEMPLATE, title=title, xaxis_title="exact effect alone (logit difference)", yaxis_title="approximate score")
+    fig.update_layout(template=TEMPLATE, title=title, margin_t=_top_margin(title, 0), xaxis_title="exact effect alone (logit difference)", yaxis_title="approximate score")
     return fig
 
 

@@ -120,6 +120,7 @@ def cases():
         "k": "between 1 and 100", "layer": "between 0 and 4", "head": "between 0 and 3",
         "seq_len": "between 2 and 31", "batch": "between 1 and 64", "seed": "between 0 and 4294967295",
         "n": f"between 1 and {LIMITS.max_task_patching_pairs}",
+        ("/circuit", "k"): "between 1 and 761",  # a circuit's edges: 1 to all of the demo model's graph
     }
     for name, t in TECHNIQUES.items():  # a choice not offered: the message names the choices
         for position, spec in enumerate(t.inputs):
@@ -128,12 +129,12 @@ def cases():
                     out.append((f"/{name}", with_arg(f"/{name}", position, value), re.escape(spec.choices[0])))
     out_of_range = {
         "k": [0, 101, -5], "layer": [-1, 5, -5], "head": [-1, 4, -5], "seq_len": [1, 32, -5], "batch": [0, 65, -5], "seed": [-1, 2**40, -5],
-        "n": [0, 65, 257],
+        "n": [0, 65, 257], ("/circuit", "k"): [0, 762, -5],
     }
     for endpoint, fields in INT_FIELDS.items():
         for position, name in fields.items():
-            for value in [*out_of_range.get(name, []), 2.5, "3", "abc", None, [1]]:  # a number's range is its technique's to state
-                out.append((endpoint, with_arg(endpoint, position, value), f"{name} must be .*{ranges.get(name, '')}"))
+            for value in [*out_of_range.get((endpoint, name), out_of_range.get(name, [])), 2.5, "3", "abc", None, [1]]:  # a number's range is its technique's
+                out.append((endpoint, with_arg(endpoint, position, value), f"{name} must be .*{ranges.get((endpoint, name), ranges.get(name, ''))}"))
     return out
 
 

@@ -1,12 +1,15 @@
-"""The Circuit Map tab: induction, previous-token and duplicate-token scores for every head."""
+"""The Circuit Map tab: induction, previous-token and duplicate-token scores for every head; then a
+task's circuit: edge scores over the whole graph, the circuit they pick, verified exactly."""
 
 from __future__ import annotations
 
 import gradio as gr
 
 from core import DEFAULTS, LIMITS
+from core.edges import ABLATIONS, METHODS, SELECTIONS, build_graph
 from core.induction import input_errors, max_seq_len
 from core.model import Model
+from core.tasks import BUILT_IN
 from ui.common import ABOUT, HEAVY, RAW, WIDE, about, by_component, examples, user_errors, validator
 from ui.handlers import Handlers, example_rows
 
@@ -57,3 +60,58 @@ def build(h: Handlers, model: Model) -> None:
     out["loss"].render()
     out["heads"].render()
     out["download"].render()
+
+    build_task_circuit(h, model)
+
+
+def build_task_circuit(h: Handlers, model: Model) -> None:
+    """The task view: pick a task and how to find its circuit; the graph, the faithfulness curve, the exact
+    checks, the table of edges and the downloads."""
+    n_edges = build_graph(model.cfg.n_layers, model.cfg.n_heads).n_edges
+    gr.Markdown(f"### A task's circuit: every edge scored, the circuit checked exactly ({n_edges:,} edges)", elem_id="circuit-heading")
+    about(ABOUT["circuit"])
+    with gr.Row():
+        task = gr.Dropdown([*BUILT_IN, "custom"], value="ioi", label="Task", info="built in, or custom: your pairs below", min_width=140)
+        n = gr.Number(32, precision=0, label=f"Pairs (1-{LIMITS.max_task_patching_pairs})", min_width=100)
+        seed = gr.Number(0, precision=0, label="Seed", min_width=80)
+        method = gr.Radio(list(METHODS), value="eap", label="Edge scores", info="eap: one gradient; eap-ig: integrated over steps", min_width=160)
+        steps = gr.Number(DEFAULTS.eap_ig_steps, precision=0, label=f"EAP-IG steps (1-{LIMITS.max_eap_ig_steps})", min_width=100)
+    with gr.Row():
+        selection = gr.Radio(list(SELECTIONS), value="greedy", label="Circuit", info="greedy: connected, from the logits; top: largest |score|", min_width=160)
+        k = gr.Number(DEFAULTS.circuit_edges, precision=0, label=f"Edges k (1-{n_edges:,})", min_width=100)
+        target = gr.Number(0, precision=0, label="or target faithfulness % (0: use k)", min_width=120)
+        ablation = gr.Radio(list(ABLATIONS), value="corrupted", label="Edges outside carry", info="the corrupted output, or the task's mean", min_width=160)
+        checks = gr.Number(DEFAULTS.edge_checks, precision=0, label=f"Exact checks (0-{LIMITS.max_edge_checks})", min_width=100)
+        run = gr.Button("Find the circuit", variant="primary", min_width=140)
+    pairs = gr.Textbox(
+        label="Your pairs (task custom): one per line, clean | corrupted | answer | wrong; or CSV / JSONL with those fields",
+        placeholder="When Mary and John went to the store, John gave a drink to | When Mary and John went to the store, Mary gave a drink to | Mary | John",
+        lines=2, max_lines=12,
+    )
+    out = {
+        "circuit_summary": gr.Markdown("Pick a task and **Find the circuit** (32 IOI pairs take seconds on the demo model, about a minute on GPT-2).",
+                                       elem_id="circuit-summary"),
+        "circuit_graph": gr.Plot(label="Circuit graph", render=False),
+        "circuit_curve": gr.Plot(label="Faithfulness curve", render=False, **WIDE),
+        "circuit_checks": gr.Plot(label="Approximate vs exact", render=False, **WIDE),
+        "circuit_table": gr.Dataframe(headers=["writer", "reader", "score", "exact"], label="The circuit's edges (largest |score| first; exact: checked alone)",
+                                      interactive=False, render=False),
+        "circuit_json": gr.File(label="Download the circuit (JSON: edges, nodes, curve, checks)", render=False),
+        "circuit_csv": gr.File(label="Download the table (CSV)", render=False),
+    }
+    out["circuit_graph"].render()
+    with gr.Row():
+        out["circuit_curve"].render()
+        out["circuit_checks"].render()
+    out["circuit_table"].render()
+    with gr.Row():
+        out["circuit_json"].render()
+        out["circuit_csv"].render()
+
+    def task_circuit(task, n, seed, pairs, method, steps, selection, k, target, ablation, checks, progress=gr.Progress()):
+        return h.task_circuit(task, n, seed, pairs, method, steps, selection, k, target, ablation, checks, progress=progress)
+
+    run.click(
+        user_errors(by_component(task_circuit, out)), [task, n, seed, pairs, method, steps, selection, k, target, ablation, checks], list(out.values()),
+        api_name="circuit_figures", api_visibility="private", show_progress_on=[out["circuit_summary"]], **HEAVY, **RAW,
+    )

@@ -198,6 +198,17 @@ ABOUT = {
         "`get_act_patch_direct_path`; on a task, averaged like the task's patching. ([Wang et al., 2022]"
         "(https://arxiv.org/abs/2211.00593); [Goldowsky-Dill et al., 2023](https://arxiv.org/abs/2304.05969))"
     ),
+    "circuit": (
+        "The model as a **graph**: writers (the embeddings, every head, every MLP) and readers (every head's query, key and "
+        "value input, every MLP's input, the logits); an edge joins a writer to every later reader, summed over positions. "
+        "**EAP** scores every edge at once from one gradient (the corrupted run's), **EAP-IG** averages the gradient over "
+        "steps from the corrupted embeddings to the clean ones: both APPROXIMATE what restoring that edge alone does. The "
+        "circuit is the top edges (greedy: connected, grown from the logits); its **faithfulness** is EXACT: the clean run "
+        "with every other edge carrying the corrupted (or task-mean) output, the fraction of the gap it keeps. The top "
+        "edges are also patched alone, exactly, beside their scores. Drag the graph's slider to hide weak edges; hover an "
+        "edge's middle for its scores. ([Syed et al., 2023](https://arxiv.org/abs/2310.10348); "
+        "[Hanna et al., 2024](https://arxiv.org/abs/2403.17806); [Conmy et al., 2023](https://arxiv.org/abs/2304.14997))"
+    ),
     "induction": (
         "A sequence of random tokens is repeated twice. An **induction head** at a token of the second copy attends to the "
         "token that followed the same token in the first copy (its score is that attention, averaged; 0 to 1), and the "

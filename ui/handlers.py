@@ -26,6 +26,7 @@ from core import (
     plots,
     predict,
 )
+from core.edges import circuit
 from core.induction import max_seq_len
 from core.model import Model
 from core.patching.path import COMPONENTS, path_patching, task_path_patching
@@ -51,22 +52,22 @@ class Handlers:
         self.download_dir = None if download_dir is None else Path(download_dir)
         self.max_downloads = max_downloads
 
-    def _download(self, stem: str, data: dict) -> str | None:
-        """Write `data` as JSON; the name is the content's hash, so repeats do not pile up files.
-        Written to a temporary name and renamed, so a file under its final name is always whole; when
-        the disk refuses, the results are still shown, with a warning instead of a download."""
+    def _download(self, stem: str, data: dict | str, suffix: str = "json") -> str | None:
+        """Write `data` as JSON (or text given as a str, e.g. CSV); the name is the content's hash, so repeats
+        do not pile up files. Written to a temporary name and renamed, so a file under its final name is
+        always whole; when the disk refuses, the results are still shown, with a warning instead of a download."""
         if self.download_dir is None:
             return None
-        text = json.dumps(data, ensure_ascii=False)
-        path = self.download_dir / f"{stem}-{hashlib.blake2b(text.encode(), digest_size=8).hexdigest()}.json"
+        text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+        path = self.download_dir / f"{stem}-{hashlib.blake2b(text.encode(), digest_size=8).hexdigest()}.{suffix}"
         if path.exists():
             return str(path)
         try:
             write_whole(path, text.encode("utf-8"))
         except OSError as err:
-            gr.Warning(f"The results are shown, but their JSON download could not be saved on the server ({err.strerror or err}).")
+            gr.Warning(f"The results are shown, but their {suffix.upper()} download could not be saved on the server ({err.strerror or err}).")
             return None
-        files = sorted(self.download_dir.glob("*.json"), key=lambda f: f.stat().st_mtime)
+        files = sorted((f for f in self.download_dir.iterdir() if f.suffix in (".json", ".csv")), key=lambda f: f.stat().st_mtime)
         for old in files[: max(0, len(files) - self.max_downloads)]:
             old.unlink(missing_ok=True)
         return str(path)
@@ -208,6 +209,24 @@ class Handlers:
             "path_download": self._download("path-patching", result.to_dict()),
         }
 
+    def task_circuit(self, task, n, seed, pairs, method, steps, selection, k, target, ablation, checks, progress=None) -> dict:
+        """Circuit Map's task view: the circuit graph, its faithfulness curve, the exact checks, the table of
+        its edges; downloads of the whole result (JSON) and the table (CSV). The inputs: /circuit's."""
+        how = (method, whole(steps), selection, whole(k), whole(target), ablation, whole(checks))
+        result = self.runner.run(circuit, *_task_args(task, n, seed, pairs), *how, progress=_reporter(progress))
+        table = [[e["writer"], e["reader"], round(e["score"], 4), None if e["exact"] is None else round(e["exact"], 4)] for e in result.edges]
+        csv = "writer,reader,score,exact\n" + "".join(f"{w},{r},{s!r},{'' if x is None else repr(x)}\n" for w, r, s, x in (
+            (e["writer"], e["reader"], e["score"], e["exact"]) for e in result.edges))
+        return {
+            "circuit_summary": circuit_summary(result),
+            "circuit_graph": plots.circuit_graph(result),
+            "circuit_curve": plots.faithfulness_curve(result),
+            "circuit_checks": plots.edge_checks(result),
+            "circuit_table": table,
+            "circuit_json": self._download(f"circuit-{result.task}", result.to_dict()),
+            "circuit_csv": self._download(f"circuit-edges-{result.task}", csv, "csv"),
+        }
+
     def circuit_map(self, seq_len: int, batch: int, seed: int, persist: bool = False, progress=None) -> dict:
         """Circuit Map: head scores on repeated random sequences, heads above the threshold."""
         report = _reporter(progress)
@@ -236,6 +255,26 @@ def _check_shown(values) -> None:
     """What the page says is shown: a pair's or a task's four inputs (anything else: nothing run yet)."""
     if not (isinstance(values, list) and len(values) == 4):
         raise ValueError("Run patching (or task patching) first: path patching traces the pair or task whose results are shown.")
+
+
+def circuit_summary(result) -> str:
+    """A circuit in two sentences: its size and faithfulness, how it was found, and how well the scores agree with the exact effects."""
+    stats = result.agreement
+    asked = f"the smallest found reaching **{result.target:g}**" if result.target is not None else "the size asked for"
+    text = (
+        f"**{literal(result.task)}**, {result.n_pairs} pairs. Circuit: **{result.k}** of {result.n_edges:,} edges ({asked}), "
+        f"{len(result.nodes)} nodes, chosen {result.selection} by {result.method.upper()} scores"
+        + (f" ({result.steps} steps)" if result.method == "eap-ig" else "")
+        + f". **Faithfulness {result.faithfulness:.3f}** (exact): with every other edge carrying the {result.ablation} output, "
+        f"the circuit recovers that fraction of the mean clean − corrupted gap ({result.gap:+.3f})."
+    )
+    if len(result.checked):
+        text += (
+            f"\n\nThe top {len(result.checked)} edges checked exactly, each alone: Pearson r **{three_places(stats['pearson_r'])}**, "
+            f"top-{stats['top_k']} overlap **{stats['top_k_overlap']}/{stats['top_k']}**, slope **{three_places(stats['slope'])}** "
+            "(approximate ≈ slope × exact; 1 = the right size)."
+        )
+    return text
 
 
 def task_summary(result) -> str:
