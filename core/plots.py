@@ -830,7 +830,9 @@ def edge_checks(result: CircuitResult) -> go.Figure:
         f"r = {r}; top-{stats['top_k']} overlap {stats['top_k_overlap']}/{stats['top_k']}; slope {slope} (1 = right size); "
         "exact: the edge alone patched into the corrupted run",
     )
-    fig.update_layout(template=TEMPLATE, title=title, margin_t=_top_margin(title, 0), xaxis_title="exact effect alone (logit difference)", yaxis_title="approximate score")
+    fig.update_layout(
+        template=TEMPLATE, title=title, margin_t=_top_margin(title, 0), xaxis_title="exact effect alone (logit difference)", yaxis_title="approximate score"
+    )
     return fig
 
 

@@ -212,3 +212,34 @@ def test_exact_edge_effects_equal_path_patching_and_hooks(demo_model):
         expected = float((logits[0, -1, a] - logits[0, -1, w]) - (base[0, -1, a] - base[0, -1, w]))
         assert value == pytest.approx(expected, abs=1e-4), (writer, reader)
     assert gap is not None and np.abs(ours).max() > 0.1
+
+
+def test_the_circuit_view_and_its_downloads(demo_model, tmp_path):
+    """The Circuit Map's task view (what its button runs) on 8 IOI pairs: the graph holds the circuit's
+    edges in bands the slider hides, the curve ends at 1 (every edge), the table and the CSV list the
+    same edges as /circuit's JSON, and a target is met by the smallest circuit the bisection finds."""
+    import csv
+    import json
+
+    from serving.runner import Runner
+    from ui.handlers import Handlers
+
+    h = Handlers(Runner(demo_model, cache_dir=None), str(tmp_path))
+    out = h.task_circuit("ioi", 8, 0, "", "eap-ig", 3, "greedy", 6, 0, "mean", 6)
+    data = json.loads(open(out["circuit_json"]).read())
+    assert data["k"] == 6 and len(data["edges"]) == 6 and data["method"] == "eap-ig" and data["steps"] == 3
+    assert data["curve_k"][-1] == data["n_edges"] == 761 and data["curve_faithfulness"][-1] == pytest.approx(1.0, abs=1e-6)
+    assert [row[:2] for row in out["circuit_table"]] == [[e["writer"], e["reader"]] for e in data["edges"]]
+    rows = list(csv.DictReader(open(out["circuit_csv"])))
+    assert [(r["writer"], r["reader"], float(r["score"])) for r in rows] == [(e["writer"], e["reader"], e["score"]) for e in data["edges"]]
+    assert len(data["checks"]) == 6 and all(c["exact"] is not None for c in data["checks"])
+    graph = out["circuit_graph"]
+    segments = sum(len([x for x in trace.x if x is None]) for trace in graph.data if trace.mode == "lines")
+    assert segments == 6 and len(graph.layout.sliders[0].steps) > 1
+    assert "Faithfulness" in out["circuit_summary"] and "Pearson r" in out["circuit_summary"]
+    targeted = h.task_circuit("ioi", 8, 0, "", "eap", 5, "greedy", 20, 90, "mean", 0)
+    reached = json.loads(open(targeted["circuit_json"]).read())
+    assert reached["faithfulness"] >= 0.9 and reached["target"] == 0.9 and reached["checks"] == []
+    assert reached["k"] > 1  # one edge cannot carry IOI
+    smaller = json.loads(open(h.task_circuit("ioi", 8, 0, "", "eap", 5, "greedy", reached["k"] - 1, 0, "mean", 0)["circuit_json"]).read())
+    assert smaller["faithfulness"] < 0.9
