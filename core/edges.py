@@ -505,9 +505,9 @@ def circuit(
     effect alone is computed."""
     method = _method(method)
     _check_steps(steps)
-    if selection not in SELECTIONS:
+    if not isinstance(selection, str) or selection not in SELECTIONS:
         raise ValueError(f"Unknown selection {str(selection)[:40]!r}: choose 'greedy' (a connected circuit) or 'top' (the largest |scores|).")
-    if ablation not in ABLATIONS:
+    if not isinstance(ablation, str) or ablation not in ABLATIONS:
         raise ValueError(f"Unknown ablation {str(ablation)[:40]!r}: choose 'corrupted' (the corrupted prompt's output) or 'mean' (the task's mean).")
     graph = build_graph(model.cfg.n_layers, model.cfg.n_heads)
     check_int(k, "k", 1, graph.n_edges)
