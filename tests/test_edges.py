@@ -243,3 +243,19 @@ def test_the_circuit_view_and_its_downloads(demo_model, tmp_path):
     assert reached["k"] > 1  # one edge cannot carry IOI
     smaller = json.loads(open(h.task_circuit("ioi", 8, 0, "", "eap", 5, "greedy", reached["k"] - 1, 0, "mean", 0)["circuit_json"]).read())
     assert smaller["faithfulness"] < 0.9
+
+
+@pytest.mark.gpt2
+def test_gpt2_ioi_circuit_has_the_name_movers_and_s_inhibition_edges(gpt2):
+    """Wang et al. (2022) on real GPT-2 Small, IOI, 32 pairs: among the top 100 edges by |EAP-IG score|, the
+    name movers (9.9, 9.6, 10.0) into the logits, and the S-inhibition heads (7.3, 7.9, 8.6, 8.10) into a
+    name mover's query."""
+    from core.tasks import built_in_task
+
+    graph = build_graph(12, 12)
+    scores = edge_scores(gpt2, built_in_task(gpt2, "ioi", 32, seed=0).contrast_pairs(gpt2), "eap-ig")
+    top = {(graph.writers[i], graph.readers[j]) for i, j in zip(*np.nonzero(top_edges(graph, scores, 100)))}
+    movers = ("L9H9", "L9H6", "L10H0")
+    assert sum((mover, "logits") in top for mover in movers) >= 2, sorted(top)[:20]
+    inhibition = {(s, f"{m}.q") for s in ("L7H3", "L7H9", "L8H6", "L8H10") for m in movers}
+    assert len(inhibition & top) >= 2, sorted(inhibition & top)
