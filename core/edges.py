@@ -112,10 +112,13 @@ def _batches(engine: Engine, pairs: list[ContrastPair], rows: int) -> list[_Batc
                     torch.cat([pairs[i].corrupted_tokens for i in part]).to(engine.device),
                     torch.stack([d for d, _ in directions]),
                     torch.stack([torch.as_tensor(b) for _, b in directions]).to(engine.device),
-                    min(pairs[i].first_difference for i in part),
+                    min(min(pairs[i].first_difference for i in part), n - 1),
                 )
             )
     return out
+
+
+Prefix = list[tuple[Tensor, Tensor]]  # each layer's keys and values [batch, pos, head, d_head] at the positions before a run's start
 
 
 def _forward(
@@ -125,16 +128,20 @@ def _forward(
     mlp_input: Callable[[int, Tensor], Tensor | None] | None = None,
     final_input: Callable[[Tensor], Tensor] | None = None,
     written: Callable[[Tensor], None] | None = None,
+    prefix: Prefix | None = None,
+    kept: Prefix | None = None,
 ) -> Float[Tensor, "batch pos d_model"]:
     """The model's forward pass from the token embeddings, with each reader's input open to change:
     `head_input(layer, stream)` may give every head's own q, k and v input [batch, pos, qkv, head, d_model],
     `mlp_input(layer, stream)` the MLP's, `final_input(stream)` the logits'; `written(outputs [batch,
     writer, pos, d_model])` sees the writers' outputs as they come (a layer's heads, then its MLP). Returns what the
-    unembedding reads."""
+    unembedding reads. With a `prefix` (`_prefix`), `embed` holds the positions after it only: the run
+    starts there, attending to the prefix's keys and values. `kept`, if given, receives each layer's keys and values."""
     B, n, d = embed.shape
     H, dh, L = engine.n_heads, engine.d_head, engine.n_layers
-    causal = torch.ones(n, n, dtype=torch.bool, device=embed.device).tril()
-    x = embed + engine.W_pos[:n]
+    start = 0 if prefix is None else prefix[0][0].shape[1]
+    causal = torch.ones(n, start + n, dtype=torch.bool, device=embed.device).tril(start)
+    x = embed + engine.W_pos[start : start + n]
     for layer in range(L):
         own = head_input(layer, x) if head_input is not None else None
         if own is None:
@@ -143,6 +150,10 @@ def _forward(
             W = engine.W_QKV[layer].reshape(d, 3, H, dh)
             qkv = torch.einsum("bpchm,mche->bpche", engine._ln(own, engine.ln1[layer]), W) + engine.b_QKV[layer].reshape(3, H, dh)
         q, k, v = qkv.unbind(2)
+        if kept is not None:
+            kept.append((k, v))
+        if prefix is not None:
+            k, v = torch.cat([prefix[layer][0], k], 1), torch.cat([prefix[layer][1], v], 1)
         pattern = torch.softmax((torch.einsum("bqhd,bkhd->bhqk", q, k) * engine.scale).masked_fill(~causal, float("-inf")), -1)
         z = torch.einsum("bhqk,bkhd->bqhd", pattern, v)
         heads = torch.einsum("bphd,hdm->bhpm", z, engine.W_O[layer])
@@ -158,21 +169,31 @@ def _forward(
     return x if final_input is None else final_input(x)
 
 
+def _prefix(engine: Engine, tokens: Int[Tensor, "batch pos"], start: int, repeats: int = 1) -> Prefix | None:
+    """Each layer's keys and values at positions before `start` (None if 0), where a pair's clean and
+    corrupted runs agree: the runs of edge scores and faithfulness start there. `repeats`: the batch that many times over."""
+    if start == 0:
+        return None
+    kept: Prefix = []
+    _forward(engine, engine.W_E[tokens[:, :start]], kept=kept)
+    return [(k.repeat(repeats, 1, 1, 1), v.repeat(repeats, 1, 1, 1)) for k, v in kept]
+
+
 def _metric(engine: Engine, final: Tensor, batch: _Batch, repeats: int = 1) -> Float[Tensor, " batch"]:
     """The logit difference of each sequence (the batch's pairs `repeats` times over, pair-minor)."""
     normed = engine._ln(final[:, -1], engine.ln_final)
     return (normed * batch.direction.repeat(repeats, 1)).sum(-1) + batch.bias.repeat(repeats)
 
 
-def _writer_outputs(engine: Engine, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch writer pos d_model"]:
-    """Every writer's output at every position, in Graph.writers order."""
-    embed = engine.W_E[tokens]
+def _writer_outputs(engine: Engine, tokens: Int[Tensor, "batch pos"], prefix: Prefix | None = None) -> Float[Tensor, "batch writer pos d_model"]:
+    """Every writer's output at every position (after the prefix), in Graph.writers order."""
+    embed = engine.W_E[tokens[:, 0 if prefix is None else prefix[0][0].shape[1] :]]
     out = [embed[:, None]]
-    _forward(engine, embed, written=out.append)
+    _forward(engine, embed, written=out.append, prefix=prefix)
     return torch.cat(out, 1)
 
 
-def _reader_gradients(engine: Engine, embed: Tensor, batch: _Batch) -> Float[Tensor, "batch reader pos d_model"]:
+def _reader_gradients(engine: Engine, embed: Tensor, batch: _Batch, prefix: Prefix | None = None) -> Float[Tensor, "batch reader pos d_model"]:
     """d metric / d every reader's input on the run from `embed`, in Graph.readers order. Each reader's
     input is the stream plus its own zero tap (every head's q, k and v, every MLP, the logits); one
     backward pass gives every tap's gradient, each with everything downstream of that reader in it."""
@@ -188,6 +209,7 @@ def _reader_gradients(engine: Engine, embed: Tensor, batch: _Batch) -> Float[Ten
             head_input=lambda layer, x: x[:, :, None, None, :] + head_taps[layer],
             mlp_input=lambda layer, x: x + mlp_taps[layer],
             final_input=lambda x: x + final_tap,
+            prefix=prefix,
         )
         grads = torch.autograd.grad(_metric(engine, final, batch).sum(), [*head_taps, *mlp_taps, final_tap])
     out = []
@@ -228,10 +250,11 @@ def edge_scores(
         for i, batch in enumerate(batches):
             if progress is not None:
                 progress(i / len(batches), f"edge scores ({method})")
-            s = batch.start
-            delta = (_writer_outputs(engine, batch.clean) - _writer_outputs(engine, batch.corrupted))[:, :, s:]
-            clean, corrupted = engine.W_E[batch.clean], engine.W_E[batch.corrupted]
-            grads = sum(_reader_gradients(engine, corrupted + alpha * (clean - corrupted), batch)[:, :, s:] for alpha in alphas)
+            s = batch.start  # the two runs agree before it: every writer's difference is 0 there, so only later positions are run
+            prefix = _prefix(engine, batch.clean, s)
+            delta = _writer_outputs(engine, batch.clean, prefix) - _writer_outputs(engine, batch.corrupted, prefix)
+            clean, corrupted = engine.W_E[batch.clean[:, s:]], engine.W_E[batch.corrupted[:, s:]]
+            grads = sum(_reader_gradients(engine, corrupted + alpha * (clean - corrupted), batch, prefix) for alpha in alphas)
             total += torch.einsum("bwpd,brpd->wr", delta, grads).double() / len(alphas)
     return np.where(graph.edges, total.cpu().numpy() / len(pairs), 0.0)
 
@@ -240,29 +263,32 @@ def edge_scores(
 
 
 def _ablated_metrics(
-    engine: Engine, batch: _Batch, replace: Float[Tensor, "batch writer pos d_model"], excluded: Bool[Tensor, "circuit writer reader"]
+    engine: Engine, batch: _Batch, replace: Float[Tensor, "batch writer pos d_model"], excluded: Bool[Tensor, "circuit writer reader"], start: int = 0
 ) -> Float[Tensor, "circuit batch"]:
     """The metric of each pair's clean run in which every reader's input has the live output of each
     writer `excluded` for it swapped for `replace`, once per circuit: exactly the run in which those
-    edges carry the other signal (at every position)."""
-    C, (B, n), d = len(excluded), batch.clean.shape, engine.W_E.shape[-1]
+    edges carry the other signal (at every position from `start`; before it the swap must change nothing)."""
+    C, B, n, d = len(excluded), batch.clean.shape[0], batch.clean.shape[1] - start, engine.W_E.shape[-1]
     H = engine.n_heads
     per_layer = 3 * H + 1
     weights = excluded.to(engine.W_E.dtype)
-    differences = engine.W_E.new_zeros(C, B, excluded.shape[1], n, d)  # live - replace, per writer so far
+    # live - replace of each writer so far, writer-major, so each reader's swap is one batched matrix product
+    differences = engine.W_E.new_zeros(C, excluded.shape[1], B, n, d)
+    replaced = replace.transpose(0, 1)  # [writer, batch, pos, d_model]
     filled = 0
 
     def write(outputs: Tensor) -> None:  # [circuit * batch, writers, pos, d_model]
         nonlocal filled
         k = outputs.shape[1]
-        differences[:, :, filled : filled + k] = outputs.view(C, B, k, n, d) - replace[None, :, filled : filled + k]
+        differences[:, filled : filled + k] = outputs.view(C, B, k, n, d).transpose(1, 2) - replaced[None, filled : filled + k]
         filled += k
 
     def change(first: int, count: int) -> Tensor:  # [circuit * batch, readers, pos, d_model]
-        swap = torch.einsum("cwr,cbwpd->cbrpd", weights[:, :filled, first : first + count], differences[:, :, :filled])
-        return swap.reshape(C * B, count, n, d)
+        chosen = weights[:, :filled, first : first + count].transpose(1, 2)  # [circuit, reader, writer]
+        swap = torch.bmm(chosen, differences[:, :filled].reshape(C, filled, B * n * d))
+        return swap.view(C, count, B, n, d).transpose(1, 2).reshape(C * B, count, n, d)
 
-    embed = engine.W_E[batch.clean].repeat(C, 1, 1)
+    embed = engine.W_E[batch.clean[:, start:]].repeat(C, 1, 1)
     write(embed[:, None])
     final = _forward(
         engine,
@@ -271,6 +297,7 @@ def _ablated_metrics(
         mlp_input=lambda layer, x: x - change(layer * per_layer + 3 * H, 1)[:, 0],
         final_input=lambda x: x - change(excluded.shape[2] - 1, 1)[:, 0],
         written=write,
+        prefix=_prefix(engine, batch.clean, start, C),
     )
     return _metric(engine, final, batch, C).view(C, B)
 
@@ -287,11 +314,18 @@ def faithfulness(
     clean run with every edge outside the circuit carrying the corrupted run's output of its writer
     ("corrupted") or the mean of that output over the pairs of its token length's corrupted prompts,
     per position ("mean"), at every position; mean (ablated - corrupted) / mean (clean - corrupted)."""
+    values, _, _ = _faithfulness_runs(model, pairs, circuits, ablation, rows, progress)
+    return float(values[0]) if np.ndim(circuits) == 2 else values
+
+
+def _faithfulness_runs(
+    model: Model, pairs: list[ContrastPair], circuits: np.ndarray, ablation: str = "corrupted", rows: int | None = None, progress: Progress | None = None
+) -> tuple[Float[np.ndarray, " circuit"], Float[np.ndarray, " pair"], Float[np.ndarray, " pair"]]:
+    """faithfulness, with each pair's clean and corrupted metric (the reference runs)."""
     if ablation not in ABLATIONS:
         raise ValueError(f"Unknown ablation {ablation!r}: choose {' or '.join(map(repr, ABLATIONS))}.")
     engine = _engine(model)
     graph = build_graph(engine.n_layers, engine.n_heads)
-    single = np.ndim(circuits) == 2
     excluded = torch.as_tensor(graph.edges & ~np.asarray(circuits, dtype=bool).reshape(-1, *graph.edges.shape), device=engine.device)
     rows = rows or _rows(engine)
     batches = _batches(engine, pairs, rows)
@@ -306,19 +340,20 @@ def faithfulness(
         for i, batch in enumerate(batches):
             if progress is not None:
                 progress(i / len(batches), "faithfulness")
+            start = batch.start if ablation == "corrupted" else 0  # the corrupted outputs equal the clean ones before the first difference
+            prefix = _prefix(engine, batch.clean, start)
             if ablation == "mean":
                 total, count = means[batch.clean.shape[1]]
                 replace = (total / count)[None].expand(len(batch.index), -1, -1, -1)
             else:
-                replace = _writer_outputs(engine, batch.corrupted)
-            clean[batch.index] = _metric(engine, _forward(engine, engine.W_E[batch.clean]), batch).double().cpu().numpy()
-            corrupted[batch.index] = _metric(engine, _forward(engine, engine.W_E[batch.corrupted]), batch).double().cpu().numpy()
-            per_pass = max(1, rows // (len(batch.index) * batch.clean.shape[1]))
+                replace = _writer_outputs(engine, batch.corrupted, prefix)
+            for tokens, values in ((batch.clean, clean), (batch.corrupted, corrupted)):
+                values[batch.index] = _metric(engine, _forward(engine, engine.W_E[tokens[:, start:]], prefix=prefix), batch).double().cpu().numpy()
+            per_pass = max(1, rows // (len(batch.index) * (batch.clean.shape[1] - start)))
             for at in range(0, len(excluded), per_pass):
                 part = excluded[at : at + per_pass]
-                ablated[at : at + len(part), batch.index] = _ablated_metrics(engine, batch, replace, part).double().cpu().numpy()
-    values = (ablated.mean(1) - corrupted.mean()) / (clean.mean() - corrupted.mean())
-    return float(values[0]) if single else values
+                ablated[at : at + len(part), batch.index] = _ablated_metrics(engine, batch, replace, part, start).double().cpu().numpy()
+    return (ablated.mean(1) - corrupted.mean()) / (clean.mean() - corrupted.mean()), clean, corrupted
 
 
 # --- exact edge effects --------------------------------------------------------------------------
@@ -431,18 +466,23 @@ SELECTIONS = {"greedy": greedy_edges, "top": top_edges}
 METHODS = ("eap", "eap-ig")
 
 
-def _forward_flops(model: Model, pairs: list[ContrastPair]) -> float:
-    """The matrix products of one unpatched forward pass over every pair (core.patching.cost)."""
-    return pairs_flops(model, pairs, sweeps=()) / 2
-
-
-def circuit_flops(model: Model, pairs: list[ContrastPair], method: str, steps: int, points: int = 0, searches: int = 0, checks: int = 0) -> float:
-    """What a circuit request costs in forward passes' matrix products: the edge scores (two writer
-    passes, then a forward and backward pass, about three, per gradient), the faithfulness of `points`
-    + `searches` circuits (and the two reference runs), `checks` single edges (at most a pass each)."""
+def circuit_flops(
+    model: Model, pairs: list[ContrastPair], method: str, steps: int, points: int = 0, searches: int = 0, checks: int = 0, ablation: str = "corrupted"
+) -> float:
+    """What a circuit request costs in forward passes' matrix products (core.patching.cost's count of one
+    unpatched pass), each pair's passes over its positions from the first difference: the edge scores (two
+    writer passes, then a forward and backward pass, about three, per gradient), the faithfulness of
+    `points` + `searches` circuits and the two reference runs (every position under the mean ablation),
+    `checks` single edges (from the reader's layer on: half a pass on average)."""
     gradients = 1 if method == "eap" else steps
-    passes = 2 + 3 * gradients + (points + searches + 3 if points or searches else 0) + checks
-    return passes * _forward_flops(model, pairs)
+    total = 0.0
+    for pair in pairs:
+        n = pair.clean_tokens.shape[-1]
+        one = pairs_flops(model, [pair], sweeps=()) / 2
+        after = (n - min(pair.first_difference, n - 1)) / n
+        curve = (points + searches + 2) * (after if ablation == "corrupted" else 1.0) if points or searches else 0.0
+        total += one * ((2 + 3 * gradients) * after + curve + checks * after / 2)
+    return total
 
 
 def _check_steps(steps: int) -> None:
@@ -455,9 +495,11 @@ def _task_pairs(model: Model, task: str, n: int, seed: int, pairs: str) -> tuple
     return chosen, chosen.contrast_pairs(model)
 
 
-def _scores_result(cls, model: Model, task: Task, pairs: list[ContrastPair], method: str, steps: int, scores: np.ndarray, **more):
+def _scores_result(cls, model: Model, task: Task, pairs: list[ContrastPair], method: str, steps: int, scores: np.ndarray, values=None, **more):
+    """The result, with each pair's clean and corrupted metric (`values`, or computed here)."""
     graph = build_graph(model.cfg.n_layers, model.cfg.n_heads)
-    values = metric_values(model, [(p.clean_tokens, p.metric) for p in pairs]), metric_values(model, [(p.corrupted_tokens, p.metric) for p in pairs])
+    if values is None:
+        values = metric_values(model, [(p.clean_tokens, p.metric) for p in pairs]), metric_values(model, [(p.corrupted_tokens, p.metric) for p in pairs])
     return cls(
         task=task.name, description=task.description, method=method, steps=steps if method == "eap-ig" else 1, writers=graph.writers,
         readers=graph.readers, scores=scores, n_edges=graph.n_edges, clean_values=values[0], corrupted_values=values[1], **more,
@@ -517,7 +559,7 @@ def circuit(
     sizes = curve_sizes(graph.n_edges)
     searches = int(np.ceil(np.log2(graph.n_edges))) if target else 0
     check_budget(
-        circuit_flops(model, contrast, method, steps, len(sizes) + 1, searches, checks), len(contrast),
+        circuit_flops(model, contrast, method, steps, len(sizes) + 1, searches, checks, ablation), len(contrast),
         f"A circuit ({method}, {len(sizes)} faithfulness points, {checks} exact checks) over {len(contrast)} pairs",
     )
 
@@ -526,19 +568,20 @@ def circuit(
 
     scores = edge_scores(model, contrast, method, steps, progress=part(0.0, 0.4))
     choose = SELECTIONS[selection]
-    curve = faithfulness(model, contrast, np.stack([choose(graph, scores, int(size)) for size in sizes]), ablation, progress=part(0.4, 0.7))
-    size, value = int(k), None
+    circuits = [choose(graph, scores, int(size)) for size in sizes] + ([] if target else [choose(graph, scores, int(k))])  # the asked-for size with the curve's
+    values, clean, corrupted = _faithfulness_runs(model, contrast, np.stack(circuits), ablation, progress=part(0.4, 0.7))
+    curve = values[: len(sizes)]
     if target:
         size, value = _smallest(model, contrast, graph, scores, choose, ablation, sizes, curve, target / 100)
+    else:
+        size, value = int(k), float(values[-1])
     mask = choose(graph, scores, size)
-    if value is None:
-        value = float(faithfulness(model, contrast, mask, ablation))
     top = top_edges(graph, scores, checks)
     checked = [(graph.writers[w], graph.readers[r]) for w, r in zip(*np.nonzero(top))]
     checked.sort(key=lambda edge: -abs(scores[graph.writers.index(edge[0]), graph.readers.index(edge[1])]))
     exact = exact_edge_effects(model, contrast, checked, progress=part(0.8, 1.0)) if checked else np.zeros(0)
     return _scores_result(
-        CircuitResult, model, chosen, contrast, method, steps, scores, selection=selection, ablation=ablation, circuit=mask,
+        CircuitResult, model, chosen, contrast, method, steps, scores, (clean, corrupted), selection=selection, ablation=ablation, circuit=mask,
         faithfulness=value, target=target / 100 if target else None, curve_k=sizes, curve_faithfulness=np.asarray(curve, dtype=float),
         checked=[list(edge) for edge in checked],
         checked_scores=np.array([scores[graph.writers.index(w), graph.readers.index(r)] for w, r in checked]), checked_exact=exact,

@@ -219,3 +219,38 @@ def test_a_task_and_where_its_heads_send_their_effect(browser, page_url, tmp_pat
     page.get_by_role("button", name="Run task patching").click()
     page.wait_for_selector("text=Line 2: expected an object", timeout=60_000)
     assert [e for e in errors if "status of 422" not in e] == [], errors
+
+
+def test_a_task_circuit_on_the_circuit_map(browser, page_url):
+    """Circuit Map's task view: find a 6-edge circuit on 8 IOI pairs; the graph (with its band slider),
+    the curve and the checks are drawn, titles fit, the table lists the circuit's edges; moving the slider
+    to its last band hides the weaker edges."""
+    errors: list[str] = []
+    page = open_page(browser, page_url, 1400, errors)
+    page.get_by_role("tab", name="Circuit Map").click()
+    page.wait_for_function(f"{VISIBLE_PLOTS}.length >= 5", timeout=30_000)
+    page.locator("#circuit-heading").scroll_into_view_if_needed()
+    page.get_by_label("Pairs (1-64)").last.fill("8")
+    page.get_by_label("Edges k (1-761)").fill("6")
+    page.get_by_role("button", name="Find the circuit").click()
+    page.wait_for_selector("text=Circuit: 6 edges", timeout=120_000)
+    page.wait_for_function(f"{VISIBLE_PLOTS}.some(p => (p.layout.title.text || '').startsWith('Faithfulness by circuit size'))", timeout=30_000)
+    summary = page.locator("#circuit-summary").inner_text()
+    assert "8 pairs" in summary and "Faithfulness" in summary and "Pearson r" in summary
+    graph = f"{VISIBLE_PLOTS}.find(p => (p.layout.title.text || '').startsWith('Circuit: 6 edges'))"
+    assert page.evaluate(f"{graph}.layout.sliders[0].steps.length") == 6
+    shown = "(g => g._fullData.filter(t => t.mode === 'lines' && t.visible === true).length)"
+    before = page.evaluate(f"{shown}({graph})")
+    page.locator(".slider-rail-rect").first.scroll_into_view_if_needed()  # the only slider on the page: the graph's
+    rail = page.locator(".slider-rail-rect").first.bounding_box()
+    grip = page.locator(".slider-grip-rect").first.bounding_box()
+    page.mouse.move(grip["x"] + grip["width"] / 2, grip["y"] + grip["height"] / 2)  # drag it to its last step: the strongest band only
+    page.mouse.down()
+    page.mouse.move(rail["x"] + rail["width"], grip["y"] + grip["height"] / 2, steps=10)
+    page.mouse.up()
+    page.wait_for_function(f"{shown}({graph}) < {before}", timeout=10_000)
+    shoot(page, "task-circuit-strongest")
+    assert "L4H0" in page.locator("#circuit-table").inner_text()
+    assert clipped_titles(page) == []
+    shoot(page, "task-circuit")
+    assert errors == [], errors

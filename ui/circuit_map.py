@@ -95,7 +95,7 @@ def build_task_circuit(h: Handlers, model: Model) -> None:
         "circuit_curve": gr.Plot(label="Faithfulness curve", render=False, **WIDE),
         "circuit_checks": gr.Plot(label="Approximate vs exact", render=False, **WIDE),
         "circuit_table": gr.Dataframe(headers=["writer", "reader", "score", "exact"], label="The circuit's edges (largest |score| first; exact: checked alone)",
-                                      interactive=False, render=False),
+                                      interactive=False, render=False, elem_id="circuit-table"),
         "circuit_json": gr.File(label="Download the circuit (JSON: edges, nodes, curve, checks)", render=False),
         "circuit_csv": gr.File(label="Download the table (CSV)", render=False),
     }
