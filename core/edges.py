@@ -241,6 +241,9 @@ def edge_scores(
     corrupted run. EAP-IG: the mean gradient over `steps` runs whose token embeddings go from the
     corrupted prompt's towards the clean one's (alpha = 1/steps, 2/steps, ..., 1, as Hanna et al.'s
     code), times the same clean - corrupted outputs."""
+    method = _method(method)
+    if method == "eap-ig":
+        _check_steps(steps)
     engine = _engine(model)
     graph = build_graph(engine.n_layers, engine.n_heads)
     alphas = [0.0] if method == "eap" else [k / steps for k in range(1, steps + 1)]
