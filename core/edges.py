@@ -32,7 +32,7 @@ from core.model import Model, check_int
 from core.patching.cost import check_budget, pairs_flops
 from core.patching.exact import fast_engine, run_pairs
 from core.patching.fast import Engine, FastRun, Job, evaluate_jobs
-from core.patching.path import COMPONENTS, Sender, receiver_writes, sender_writes
+from core.patching.path import COMPONENTS, parse_senders, receiver_writes, sender_writes
 from core.registry import Input, Progress, Technique
 from core.results import CircuitResult, EdgeAttributionResult
 from core.tasks import TASK_INPUTS, Task, chosen_task, metric_values
@@ -161,8 +161,7 @@ def _forward(
         if written is not None:
             written(heads)
         into = mlp_input(layer, x) if mlp_input is not None else None
-        mlp = engine.act(engine._ln(x if into is None else into, engine.ln2[layer]) @ engine.W_in[layer] + engine.b_in[layer]) @ engine.W_out[layer]
-        mlp = mlp + engine.b_out[layer]
+        mlp = _mlp(engine, layer, x if into is None else into)
         x = x + mlp
         if written is not None:
             written(mlp[:, None])
@@ -362,15 +361,6 @@ def _faithfulness_runs(
 # --- exact edge effects --------------------------------------------------------------------------
 
 
-def _sender(writer: str) -> Sender:
-    if writer == "embed":
-        return Sender(-1)
-    if writer.startswith("MLP"):
-        return Sender(int(writer[3:]))
-    layer, head = writer[1:].split("H")
-    return Sender(int(layer), int(head))
-
-
 def exact_edge_effects(
     model: Model,
     pairs: list[ContrastPair],
@@ -388,12 +378,15 @@ def exact_edge_effects(
         raise ValueError("Exact edge effects need the fast engine, which does not match this model.")
     raw = np.zeros((len(pairs), len(edges)))
     L = engine.n_layers
+    writers = list(dict.fromkeys(writer for writer, _ in edges))
+    senders = dict(zip(writers, parse_senders(", ".join(writers), L, engine.n_heads)))  # "L9H9", "MLP3", "embed" as path patching reads them
 
     def jobs_of(run: FastRun, start: int, local: int):
-        clean, base = run.clean, run.corrupted
+        base = run.corrupted
+        writes = {writer: write for writer, (_, write) in zip(senders, sender_writes(engine, run.clean, base, start, list(senders.values())))}
         receivers: dict[tuple[str, int], Tensor] = {}  # (writer, layer) -> every head's write change at that layer
         for e, (writer, reader) in enumerate(edges):
-            (_, write), = sender_writes(engine, clean, base, start, [_sender(writer)])
+            write = writes[writer]
             if reader == "logits":
                 job = Job(L, Job.PRE, base.resid_pre[L, start:] + write, 0, local)
             elif reader.startswith("MLP"):
