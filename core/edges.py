@@ -168,14 +168,14 @@ def _forward(
     return x if final_input is None else final_input(x)
 
 
-def _prefix(engine: Engine, tokens: Int[Tensor, "batch pos"], start: int, repeats: int = 1) -> Prefix | None:
+def _prefix(engine: Engine, tokens: Int[Tensor, "batch pos"], start: int) -> Prefix | None:
     """Each layer's keys and values at positions before `start` (None if 0), where a pair's clean and
-    corrupted runs agree: the runs of edge scores and faithfulness start there. `repeats`: the batch that many times over."""
+    corrupted runs agree: the runs of edge scores and faithfulness start there."""
     if start == 0:
         return None
     kept: Prefix = []
     _forward(engine, engine.W_E[tokens[:, :start]], kept=kept)
-    return [(k.repeat(repeats, 1, 1, 1), v.repeat(repeats, 1, 1, 1)) for k, v in kept]
+    return kept
 
 
 def _metric(engine: Engine, final: Tensor, batch: _Batch, repeats: int = 1) -> Float[Tensor, " batch"]:
@@ -265,11 +265,17 @@ def edge_scores(
 
 
 def _ablated_metrics(
-    engine: Engine, batch: _Batch, replace: Float[Tensor, "batch writer pos d_model"], excluded: Bool[Tensor, "circuit writer reader"], start: int = 0
+    engine: Engine,
+    batch: _Batch,
+    replace: Float[Tensor, "batch writer pos d_model"],
+    excluded: Bool[Tensor, "circuit writer reader"],
+    start: int = 0,
+    prefix: Prefix | None = None,
 ) -> Float[Tensor, "circuit batch"]:
     """The metric of each pair's clean run in which every reader's input has the live output of each
     writer `excluded` for it swapped for `replace`, once per circuit: exactly the run in which those
-    edges carry the other signal (at every position from `start`; before it the swap must change nothing)."""
+    edges carry the other signal (at every position from `start`; before it the swap must change nothing).
+    `prefix`: the batch's `_prefix` at `start`, if already computed."""
     C, B, n, d = len(excluded), batch.clean.shape[0], batch.clean.shape[1] - start, engine.W_E.shape[-1]
     H = engine.n_heads
     per_layer = 3 * H + 1
@@ -292,6 +298,7 @@ def _ablated_metrics(
 
     embed = engine.W_E[batch.clean[:, start:]].repeat(C, 1, 1)
     write(embed[:, None])
+    prefix = _prefix(engine, batch.clean, start) if prefix is None else prefix
     final = _forward(
         engine,
         embed,
@@ -299,7 +306,7 @@ def _ablated_metrics(
         mlp_input=lambda layer, x: x - change(layer * per_layer + 3 * H, 1)[:, 0],
         final_input=lambda x: x - change(excluded.shape[2] - 1, 1)[:, 0],
         written=write,
-        prefix=_prefix(engine, batch.clean, start, C),
+        prefix=None if prefix is None else [(k.repeat(C, 1, 1, 1), v.repeat(C, 1, 1, 1)) for k, v in prefix],
     )
     return _metric(engine, final, batch, C).view(C, B)
 
@@ -354,7 +361,7 @@ def _faithfulness_runs(
             per_pass = max(1, rows // (len(batch.index) * (batch.clean.shape[1] - start)))
             for at in range(0, len(excluded), per_pass):
                 part = excluded[at : at + per_pass]
-                ablated[at : at + len(part), batch.index] = _ablated_metrics(engine, batch, replace, part, start).double().cpu().numpy()
+                ablated[at : at + len(part), batch.index] = _ablated_metrics(engine, batch, replace, part, start, prefix).double().cpu().numpy()
     return (ablated.mean(1) - corrupted.mean()) / (clean.mean() - corrupted.mean()), clean, corrupted
 
 
@@ -381,18 +388,26 @@ def exact_edge_effects(
     writers = list(dict.fromkeys(writer for writer, _ in edges))
     senders = dict(zip(writers, parse_senders(", ".join(writers), L, engine.n_heads)))  # "L9H9", "MLP3", "embed" as path patching reads them
 
+    into_mlp: dict[int, list[int]] = {}  # MLP layer -> the edges into it
+    for e, (_, reader) in enumerate(edges):
+        if reader.startswith("MLP"):
+            into_mlp.setdefault(int(reader[3:]), []).append(e)
+
     def jobs_of(run: FastRun, start: int, local: int):
         base = run.corrupted
         writes = {writer: write for writer, (_, write) in zip(senders, sender_writes(engine, run.clean, base, start, list(senders.values())))}
         receivers: dict[tuple[str, int], Tensor] = {}  # (writer, layer) -> every head's write change at that layer
+        mlps: dict[int, Tensor] = {}  # edge -> its MLP's output change; each layer's edges in one pass (small products are slow)
+        for layer, chosen in into_mlp.items():
+            inputs = torch.stack([base.resid_mid[layer, start:] + writes[edges[e][0]] for e in chosen])
+            mlps.update(zip(chosen, _mlp(engine, layer, inputs) - base.mlp_out[layer, start:]))
         for e, (writer, reader) in enumerate(edges):
             write = writes[writer]
             if reader == "logits":
                 job = Job(L, Job.PRE, base.resid_pre[L, start:] + write, 0, local)
-            elif reader.startswith("MLP"):
+            elif e in mlps:
                 layer = int(reader[3:])
-                new = _mlp(engine, layer, base.resid_mid[layer, start:] + write) - base.mlp_out[layer, start:]
-                job = Job(layer + 1, Job.PRE, base.resid_pre[layer + 1, start:] + new, 0, local)
+                job = Job(layer + 1, Job.PRE, base.resid_pre[layer + 1, start:] + mlps[e], 0, local)
             else:
                 head, component = reader.split(".")
                 layer, index = (int(part) for part in head[1:].split("H"))

@@ -13,6 +13,9 @@ from core import SWEEPS, activation_patching
 from core.config import LIMITS
 from core.model import to_tokens
 from core.patching.cost import pairs_flops
+from core.patching.exact import fast_engine
+from core.patching.fast import FastRun
+from core.patching.hooks import HookRun
 from core.patching.path import task_path_patching
 from core.patching.task import patch_task, raw_task_sweeps, task_patching, task_sweeps
 from core.tasks import built_in_task
@@ -31,6 +34,19 @@ def test_batched_pairs_equal_each_pair_patched_alone(demo_model):
     assert result.gap == pytest.approx(float((clean - corrupted).mean()), abs=1e-9) and result.note is None
     for name in SWEEPS:
         np.testing.assert_allclose(getattr(result, name), (raw[name] - corrupted[:, None, None]).mean(0) / result.gap, atol=1e-6)  # other chunks
+
+
+def test_pairs_traced_together_equal_the_models_own_runs_and_each_pair_alone(demo_model):
+    """FastRun.many traces a task's prompts of one token length in one pass (several lengths, small chunks here)."""
+    pairs = built_in_task(demo_model, "ioi", 12, seed=0).contrast_pairs(demo_model)
+    assert len({pair.clean_tokens.shape[-1] for pair in pairs}) > 1
+    engine = fast_engine(demo_model)
+    for run, pair in zip(FastRun.many(engine, pairs, rows_per_pass=60), pairs, strict=True):
+        reference = HookRun(demo_model, pair)  # the model's own forward pass
+        assert (run.clean_value, run.corrupted_value) == pytest.approx((reference.clean_value, reference.corrupted_value), abs=1e-4)
+        alone = FastRun(engine, pair)
+        for field in ("resid_pre", "resid_mid", "attn_out", "mlp_out", "z", "k", "v"):
+            torch.testing.assert_close(getattr(run.corrupted, field), getattr(alone.corrupted, field), atol=1e-5, rtol=1e-5)
 
 
 def test_pairs_of_several_lengths_keep_the_head_sweep_only(demo_model):

@@ -59,7 +59,11 @@ def run_pair(model: Model, pair: ContrastPair, engine: Literal["auto", "hooks"] 
 
 def run_pairs(model: Model, pairs: list[ContrastPair], engine: Literal["auto", "hooks"] = "auto"):
     """(each pair's run, the clean values, the corrupted values) of a task's pairs, its mean swing checked."""
-    runs = [run_pair(model, pair, engine) for pair in pairs]  # the first checks the fast engine against the model (or falls back)
+    runs = [run_pair(model, pair, engine) for pair in pairs[:1]]  # the first checks the fast engine against the model (or falls back)
+    if runs and isinstance(runs[0], FastRun):
+        runs += FastRun.many(runs[0].engine, pairs[1:])  # the rest traced together, by token length
+    else:
+        runs += [HookRun(model, pair) for pair in pairs[1:]]
     clean = np.array([run.clean_value for run in runs])
     corrupted = np.array([run.corrupted_value for run in runs])
     check_swing(float(clean.mean()), float(corrupted.mean()))

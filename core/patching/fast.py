@@ -119,18 +119,23 @@ class Engine:
     # --- one whole run, every activation kept --------------------------------------------
 
     def trace(self, tokens: Int[Tensor, " pos"], direction) -> Trace:
-        n, H, dh = tokens.shape[-1], self.n_heads, self.d_head
+        return self.traces(tokens[None], [direction])[0]
+
+    def traces(self, tokens: Int[Tensor, "batch pos"], directions: Sequence) -> list[Trace]:
+        """Each prompt's Trace (prompts of one token length, one pass: small matrix products run several
+        times below the machine's throughput, so a task's prompts travel together)."""
+        B, n, H, dh = *tokens.shape, self.n_heads, self.d_head
         x = self.W_E[tokens] + self.W_pos[:n]
         causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
         keep: dict[str, list[Tensor]] = {k: [] for k in ("resid_pre", "resid_mid", "attn_out", "mlp_out", "z", "k", "v")}
         for layer in range(self.n_layers):
             keep["resid_pre"].append(x)
             qkv = self._ln(x, self.ln1[layer]) @ self.W_QKV[layer] + self.b_QKV[layer]
-            q, k, v = (t.reshape(n, H, dh) for t in qkv.split(H * dh, -1))
-            scores = torch.einsum("qhd,khd->hqk", q, k) * self.scale
+            q, k, v = (t.reshape(B, n, H, dh) for t in qkv.split(H * dh, -1))
+            scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * self.scale
             pattern = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
-            z = torch.einsum("hqk,khd->qhd", pattern, v)
-            attn_out = z.reshape(n, H * dh) @ self.W_O_flat[layer] + self.b_O[layer]
+            z = torch.einsum("bhqk,bkhd->bqhd", pattern, v)
+            attn_out = z.reshape(B, n, H * dh) @ self.W_O_flat[layer] + self.b_O[layer]
             x = x + attn_out
             keep["resid_mid"].append(x)
             mlp_out = self.act(self._ln(x, self.ln2[layer]) @ self.W_in[layer] + self.b_in[layer]) @ self.W_out[layer] + self.b_out[layer]
@@ -138,8 +143,11 @@ class Engine:
             for name, value in (("attn_out", attn_out), ("mlp_out", mlp_out), ("z", z), ("k", k), ("v", v)):
                 keep[name].append(value)
         keep["resid_pre"].append(x)
-        stacked = {name: torch.stack(values) for name, values in keep.items()}
-        return Trace(**stacked, metric=float(self._metric(x[-1], direction)))
+        stacked = {name: torch.stack(values, 1) for name, values in keep.items()}  # [batch, layer, ...]
+        return [
+            Trace(**{name: value[b] for name, value in stacked.items()}, metric=float(self._metric(x[b, -1], direction)))
+            for b, direction in enumerate(directions)
+        ]
 
     def head_dla(self, trace: Trace, direction) -> Float[Tensor, "layer head"]:
         """Each head's direct logit attribution at the final position: its output, centred and
@@ -395,13 +403,32 @@ def evaluate_jobs(
 class FastRun:
     """One contrast pair on the fast engine: both prompts traced once, then every patch from the traces."""
 
-    def __init__(self, engine: Engine, pair: ContrastPair):
+    def __init__(self, engine: Engine, pair: ContrastPair, traces: tuple[Trace, Trace] | None = None):
         self.engine, self.pair = engine, pair
         self.direction = pair.metric.direction(engine.W_U, engine.b_U)
-        with torch.no_grad():
-            self.clean = engine.trace(pair.clean_tokens[0], self.direction)
-            self.corrupted = engine.trace(pair.corrupted_tokens[0], self.direction)
+        if traces is None:
+            with torch.no_grad():
+                traces = tuple(engine.traces(torch.cat([pair.clean_tokens, pair.corrupted_tokens]), [self.direction] * 2))
+        self.clean, self.corrupted = traces
         self.clean_value, self.corrupted_value = self.clean.metric, self.corrupted.metric
+
+    @classmethod
+    def many(cls, engine: Engine, pairs: Sequence[ContrastPair], rows_per_pass: int = DEFAULTS.patch_rows_per_pass) -> list[FastRun]:
+        """Every pair's run, the prompts of each token length traced together (`rows_per_pass` positions a pass)."""
+        directions = [pair.metric.direction(engine.W_U, engine.b_U) for pair in pairs]
+        groups: dict[int, list[int]] = {}
+        for i, pair in enumerate(pairs):
+            groups.setdefault(pair.clean_tokens.shape[-1], []).append(i)
+        traces: dict[int, tuple[Trace, Trace]] = {}
+        with torch.no_grad():
+            for length, members in groups.items():
+                per_pass = max(1, rows_per_pass // (2 * length))
+                for at in range(0, len(members), per_pass):
+                    part = members[at : at + per_pass]
+                    tokens = torch.cat([torch.cat([pairs[i].clean_tokens, pairs[i].corrupted_tokens]) for i in part])
+                    done = engine.traces(tokens, [directions[i] for i in part for _ in range(2)])
+                    traces.update((i, (done[2 * j], done[2 * j + 1])) for j, i in enumerate(part))
+        return [cls(engine, pair, traces[i]) for i, pair in enumerate(pairs)]
 
     def sweeps(self, progress: Progress | None = None, rows_per_pass: int = DEFAULTS.patch_rows_per_pass) -> dict[str, Float[Tensor, "layer index"]]:
         return exact_sweeps(self.engine, self.clean, self.corrupted, self.pair.first_difference, self.direction, rows_per_pass, progress)
