@@ -70,10 +70,14 @@ def _prepare(model: Model, target: str, competing: str | None = None, scale_by_l
     competing = competing or None
     competing_id = single_token_id(model, competing, "competing token") if competing is not None else None
     _check_different(target, target_id, competing_id)
+    return _hooks(model), (target, competing, LogitDiff(target_id, competing_id), scale_by_ln)
+
+
+def _hooks(model: Model):
     n_layers = model.cfg.n_layers
     needed = {"hook_embed", "hook_pos_embed", f"blocks.{n_layers - 1}.hook_resid_post", "ln_final.hook_scale"}
     needed |= {f"blocks.{layer}.{hook}" for layer in range(n_layers) for hook in ("attn.hook_z", "hook_mlp_out")}
-    return needed.__contains__, (target, competing, LogitDiff(target_id, competing_id), scale_by_ln)
+    return needed.__contains__
 
 
 def _read(model: Model, run: PromptRun, prepared: tuple[str, str | None, LogitDiff, bool]) -> DLAResult:
@@ -107,7 +111,7 @@ def _read(model: Model, run: PromptRun, prepared: tuple[str, str | None, LogitDi
     )
 
 
-READER = PromptReader(_prepare, _read)
+READER = PromptReader(_prepare, _read, _hooks)
 
 
 TECHNIQUE = Technique(

@@ -309,17 +309,27 @@ class PromptRun:
 class PromptReader:
     """How a technique reads one forward pass over a prompt, so that several can share one pass.
     `prepare(model, *inputs)` checks the technique's other inputs and returns (the hooks it reads,
-    what `read` needs); `read(model, run, prepared)` computes its result from the `PromptRun`."""
+    what `read` needs); `read(model, run, prepared)` computes its result from the `PromptRun`.
+    `hooks(model)`, where the hooks it reads do not depend on its inputs: then its inputs may wait for
+    the results of the readers before it in the same pass (read_prompt)."""
 
     prepare: Callable[..., tuple[Names, Any]]
     read: Callable[[Model, PromptRun, Any], Any]
+    hooks: Callable[[Model], Names] | None = None
 
 
-def read_prompt(model: Model, prompt: str, *requests: tuple[PromptReader, tuple]) -> list:
+def read_prompt(model: Model, prompt: str, *requests: tuple[PromptReader, tuple | Callable[[list], tuple]]) -> list:
     """One forward pass over `prompt` answers every (reader, inputs) request, in order; it caches the
-    union of the hooks they read. The prompt is checked first, then each request's inputs."""
+    union of the hooks they read. The prompt is checked first, then each request's inputs. A request's
+    inputs may be a function of the earlier requests' results (e.g. the top prediction as the target),
+    for a reader with `hooks`: those inputs are checked after the pass."""
     tokens = to_tokens(model, prompt)
-    prepared = [reader.prepare(model, *inputs) for reader, inputs in requests]
-    logits, cache = run_cached(model, tokens, lambda name: any(names(name) for names, _ in prepared))
+    prepared = [None if callable(inputs) else reader.prepare(model, *inputs) for reader, inputs in requests]
+    hooks = [reader.hooks(model) if ready is None else ready[0] for (reader, _), ready in zip(requests, prepared)]
+    logits, cache = run_cached(model, tokens, lambda name: any(names(name) for names in hooks))
     run = PromptRun(tokens, logits, cache)
-    return [reader.read(model, run, value) for (reader, _), (_, value) in zip(requests, prepared)]
+    results: list = []
+    for (reader, inputs), ready in zip(requests, prepared):
+        _, value = reader.prepare(model, *inputs(results)) if ready is None else ready
+        results.append(reader.read(model, run, value))
+    return results

@@ -393,11 +393,22 @@ _ARRAY_DTYPES = ("float64", "float32", "int64", "int32", "bool")  # what a store
 _PLAIN = (str, int, float, bool, type(None))
 
 
+def storable(result) -> bool:
+    """A registered technique's result, or a tuple of them (one pass read several ways): what `dumps` writes."""
+    types = result_types()
+    return type(result).__name__ in types or (isinstance(result, tuple) and bool(result) and all(type(item).__name__ in types for item in result))
+
+
 def dumps(result) -> bytes:
-    """A result as JSON that `loads` reads back exactly (floats by repr, arrays with dtype and shape).
-    JSON cannot carry code, so a file planted in the cache can at worst be refused, never executed."""
-    if type(result).__name__ not in result_types():
+    """A result (or a tuple of results) as JSON that `loads` reads back exactly (floats by repr, arrays
+    with dtype and shape). JSON cannot carry code, so a file planted in the cache can at worst be refused, never executed."""
+    if not storable(result):
         raise TypeError(f"not a result type: {type(result).__name__}")
+    stored = {"type": "tuple", "items": [_stored(item) for item in result]} if isinstance(result, tuple) else _stored(result)
+    return json.dumps(stored, allow_nan=True).encode("utf-8")
+
+
+def _stored(result) -> dict:
     fields = {}
     for field in dataclasses.fields(result):
         value = getattr(result, field.name)
@@ -406,7 +417,7 @@ def dumps(result) -> bytes:
         elif isinstance(value, np.generic):
             value = value.item()
         fields[field.name] = value
-    return json.dumps({"type": type(result).__name__, "fields": fields}, allow_nan=True).encode("utf-8")
+    return {"type": type(result).__name__, "fields": fields}
 
 
 def _plain(value) -> bool:
@@ -419,22 +430,32 @@ def loads(data: bytes):
     a known type, exactly its fields, arrays of an allowed dtype whose data fits their shape)."""
     try:
         stored = json.loads(data.decode("utf-8"))
-        cls = result_types()[stored["type"]]
-        fields = stored["fields"]
-        names = [field.name for field in dataclasses.fields(cls)]
-        if not isinstance(fields, dict) or sorted(fields) != sorted(names):
-            raise ValueError("the stored fields are not the result's")
-        values = {}
-        for name, value in fields.items():
-            if isinstance(value, dict):
-                if value.get("dtype") not in _ARRAY_DTYPES or not _plain(value.get("data")):
-                    raise ValueError(f"{name}: not a stored array")
-                array = np.asarray(value["data"], dtype=value["dtype"])
-                values[name] = array.reshape([int(n) for n in value["shape"]])
-            elif _plain(value):
-                values[name] = value
-            else:
-                raise ValueError(f"{name}: not plain data")
-        return cls(**values)
+        if isinstance(stored, dict) and stored.get("type") == "tuple":
+            items = stored["items"]
+            if not isinstance(items, list) or not items:
+                raise ValueError("a stored tuple holds results")
+            return tuple(_restored(item) for item in items)
+        return _restored(stored)
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as err:
         raise ValueError(f"not a stored result: {err}") from None
+
+
+def _restored(stored):
+    """One stored result (dumps's `_stored`), checked against its type's fields."""
+    cls = result_types()[stored["type"]]
+    fields = stored["fields"]
+    names = [field.name for field in dataclasses.fields(cls)]
+    if not isinstance(fields, dict) or sorted(fields) != sorted(names):
+        raise ValueError("the stored fields are not the result's")
+    values = {}
+    for name, value in fields.items():
+        if isinstance(value, dict):
+            if value.get("dtype") not in _ARRAY_DTYPES or not _plain(value.get("data")):
+                raise ValueError(f"{name}: not a stored array")
+            array = np.asarray(value["data"], dtype=value["dtype"])
+            values[name] = array.reshape([int(n) for n in value["shape"]])
+        elif _plain(value):
+            values[name] = value
+        else:
+            raise ValueError(f"{name}: not plain data")
+    return cls(**values)

@@ -30,7 +30,7 @@ import torch
 
 from core.config import LIMITS, Limits
 from core.model import Model
-from core.results import dumps, loads, result_types
+from core.results import dumps, loads, storable
 
 CORE_DIR = Path(__file__).resolve().parent.parent / "core"  # the source that computes results
 DEFAULT_CACHE_DIR = Path(os.environ.get("CIRCUITBREAKER_CACHE_DIR", Path.home() / ".cache" / "circuitbreaker"))
@@ -217,7 +217,7 @@ class Runner:
 
     def _store(self, key: str, result) -> None:
         path = self._path(key)
-        if path is None or type(result).__name__ not in result_types():
+        if path is None or not storable(result):
             return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,12 @@ def test_every_result_type_reads_back_exactly(results):
     assert {type(r).__name__ for r in results} == set(result_types())
     for result in results:
         assert same(loads(dumps(result)), result), type(result).__name__
+    together = tuple(results[:4])  # the Prompt Explorer's one pass is stored as a tuple of results
+    back = loads(dumps(together))
+    assert isinstance(back, tuple) and len(back) == 4 and all(same(a, b) for a, b in zip(back, together))
+    for bad in (b'{"type": "tuple", "items": []}', b'{"type": "tuple", "items": [{"type": "tuple", "items": []}]}', b'{"type": "tuple"}'):
+        with pytest.raises(ValueError):
+            loads(bad)
 
 
 class Planted:

@@ -15,7 +15,8 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 import app
-from core import plots
+from core import attention_patterns, direct_logit_attribution, logit_lens, plots, predict
+from core.explorer import explore
 from core.model import Model, read_prompt, str_tokens, to_tokens
 from core.registry import PROMPT, Input, Technique, techniques
 from core.results import _Result
@@ -63,6 +64,29 @@ def test_the_prompt_explorer_techniques_share_one_forward_pass(demo_model, monke
     monkeypatch.setattr(demo_model, "run_with_cache", lambda *args, **kwargs: passes.append(1) or forward(*args, **kwargs))
     together = read_prompt(demo_model, IOI_CLEAN, *[(t.reads_prompt, t.arguments()[1:]) for t in readers])
     assert len(passes) == 1 and [result.to_dict() for result in together] == alone
+
+
+def test_the_prompt_explorer_reads_all_four_from_one_pass_following_the_top_prediction(demo_model, monkeypatch):
+    """core.explorer.explore: an empty target is the model's top prediction, read after the pass; the
+    results equal the four techniques run alone with that target."""
+    top = predict(demo_model, IOI_CLEAN)
+    target, competing = top.top_tokens[0], top.top_tokens[1]
+    passes = []
+    forward = demo_model.run_with_cache
+    monkeypatch.setattr(demo_model, "run_with_cache", lambda *args, **kwargs: passes.append(1) or forward(*args, **kwargs))
+    together = explore(demo_model, IOI_CLEAN, None, competing, 2)
+    assert len(passes) == 1
+    monkeypatch.undo()
+    alone = (
+        top,
+        logit_lens(demo_model, IOI_CLEAN, target),
+        direct_logit_attribution(demo_model, IOI_CLEAN, target, competing),
+        attention_patterns(demo_model, IOI_CLEAN, 2),
+    )
+    assert [result.to_dict() for result in together] == [result.to_dict() for result in alone]
+    assert together[1].target == target and together[1].target_probs is not None
+    with pytest.raises(ValueError, match="same"):  # the competing token is checked against the top prediction, after the pass
+        explore(demo_model, IOI_CLEAN, None, target, 2)
 
 
 # --- a toy technique, declared here only ----------------------------------------------------

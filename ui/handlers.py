@@ -20,13 +20,12 @@ from core import (
     agreement,
     attention_patterns,
     attribution_patching,
-    direct_logit_attribution,
     induction_scores,
     logit_lens,
     plots,
-    predict,
 )
 from core.edges import circuit
+from core.explorer import explore
 from core.induction import max_seq_len
 from core.model import Model
 from core.patching.path import COMPONENTS, path_patching, task_path_patching
@@ -76,11 +75,8 @@ class Handlers:
 
     def explore(self, prompt: str, target: str, competing: str, layer: int, head: int = 0, persist: bool = False) -> dict:
         """Prompt Explorer: predictions, logit lens, DLA and one layer's attention (one head large, all heads small)."""
-        top = self.runner.run(predict, prompt, DEFAULTS.top_k, persist=persist)
-        target = target or top.top_tokens[0]  # default: the model's own top prediction
-        lens = self.runner.run(logit_lens, prompt, target, persist=persist)
-        dla = self.runner.run(direct_logit_attribution, prompt, target, competing or None, persist=persist)
-        attention = self.runner.run(attention_patterns, prompt, layer, persist=persist)
+        # one forward pass; an empty target: the model's own top prediction
+        top, lens, dla, attention = self.runner.run(explore, prompt, target or None, competing or None, whole(layer), DEFAULTS.top_k, persist=persist)
         data = {"predictions": top.to_dict(), "logit_lens": lens.to_dict(), "dla": dla.to_dict(), "attention": attention.to_dict()}
         return {
             "predictions": plots.top_predictions(top),
