@@ -28,6 +28,7 @@ class Defaults:
     fast_path_tolerance: float = 1e-3  # the fast engine's unpatched runs must match the model's own this closely
     # --- how work is batched (memory and time, not results) ---
     tokens_per_forward: int = 1024  # batch x pos per forward pass, bounds memory (logits: 200 MB for GPT-2; README: "Limits")
+    lens_vocab_block: int = 2048  # logit lens: every checkpoint and position unembedded this many tokens at a time (summarised in cache)
     patch_batch_size: int = 32  # patched runs evaluated together in one forward pass (hook engine)
     patch_rows_per_pass: int = 4096  # patched positions evaluated together by the fast engine (bounds memory)
     edge_floats_per_pass: int = 2**25  # edge scores / faithfulness: one pass holds every writer's output at this many floats' worth of positions (128 MB)

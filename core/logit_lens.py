@@ -8,9 +8,13 @@ unembedding and a softmax, so the `final_post` row is exactly the model's output
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
 from core import plots
+from core.config import DEFAULTS
 from core.model import Model, PromptReader, PromptRun, read_prompt, single_token_id, str_tokens
 from core.registry import PROMPT, Input, Technique
 from core.results import LogitLensResult
@@ -19,10 +23,14 @@ from examples import EIFFEL
 _RESID_HOOKS = ("hook_resid_pre", "hook_resid_post")
 
 
+def _hooks(model: Model):
+    return lambda name: name.endswith(_RESID_HOOKS)
+
+
 def _prepare(model: Model, target: str | None):
     target = target or None
     target_id = single_token_id(model, target, "target") if target is not None else None
-    return (lambda name: name.endswith(_RESID_HOOKS)), (target, target_id)
+    return _hooks(model), (target, target_id)
 
 
 def _read(model: Model, run: PromptRun, prepared: tuple[str | None, int | None]) -> LogitLensResult:
@@ -30,31 +38,54 @@ def _read(model: Model, run: PromptRun, prepared: tuple[str | None, int | None])
     cache = run.cache
     with torch.no_grad():
         resid, labels = cache.accumulated_resid(incl_mid=False, return_labels=True)
-        normed = cache.apply_ln_to_stack(resid, layer=model.cfg.n_layers, recompute_ln=True)
-        top_probs, top_ids, target_probs, target_ranks = [], [], [], []
-        for checkpoint in normed[:, 0]:  # [pos, d_model] at a time keeps memory at one [pos, vocab]
-            logits = model.unembed(checkpoint[None])[0].double()
-            probs = torch.softmax(logits, dim=-1)
-            best = probs.max(dim=-1)
-            top_probs.append(best.values)
-            top_ids.append(best.indices)
-            if target_id is not None:
-                target_logit = logits[:, target_id : target_id + 1]
-                target_probs.append(probs[:, target_id])
-                target_ranks.append((logits > target_logit).sum(dim=-1))
+        normed = cache.apply_ln_to_stack(resid, layer=model.cfg.n_layers, recompute_ln=True)[:, 0]  # [checkpoint, pos, d_model]
+        top_logit, top_id, total, target_logit, target_rank = _unembed_summary(model, normed.reshape(-1, normed.shape[-1]), target_id)
+    shape = normed.shape[:2]
+
+    def probability(logit: Tensor) -> np.ndarray:  # exp(logit - logsumexp), the subtraction in double
+        return torch.exp(logit.double() - total.double()).reshape(shape).cpu().numpy()
+
     decode = model.tokenizer.decode
     return LogitLensResult(
         tokens=str_tokens(model, run.tokens),
         layers=list(labels),
-        top_tokens=[[decode([int(i)]) for i in row] for row in top_ids],
-        top_probs=torch.stack(top_probs).cpu().numpy(),
+        top_tokens=[[decode([int(i)]) for i in row] for row in top_id.reshape(shape)],
+        top_probs=probability(top_logit),
         target=target,
-        target_probs=torch.stack(target_probs).cpu().numpy() if target_id is not None else None,
-        target_ranks=torch.stack(target_ranks).cpu().numpy() if target_id is not None else None,
+        target_probs=probability(target_logit) if target_id is not None else None,
+        target_ranks=target_rank.long().reshape(shape).cpu().numpy() if target_id is not None else None,
     )
 
 
-READER = PromptReader(_prepare, _read)
+def _unembed_summary(model: Model, rows: Float[Tensor, "row d_model"], target_id: int | None):
+    """(top logit, its token, logsumexp, the target's logit, its rank: how many logits exceed it) of every
+    row's float32 logits, the unembedding taken DEFAULTS.lens_vocab_block tokens at a time so that each
+    block's logits are summarised while they are in cache (about 1.5x faster than one [row, vocab] product
+    and passes over it). The target's block comes first, so its logit is the one every block is compared with."""
+    weight, bias = model.W_U.T.contiguous(), model.b_U  # [vocab, d_model]: a token block is contiguous
+    size = DEFAULTS.lens_vocab_block
+    starts = list(range(0, weight.shape[0], size))
+    if target_id is not None:
+        starts.insert(0, starts.pop(target_id // size))
+    top_logit = torch.full((rows.shape[0],), float("-inf"), device=rows.device)
+    top_id = torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device)
+    total = top_logit.clone()
+    target_logit, target_rank = None, torch.zeros(rows.shape[0], dtype=torch.int32, device=rows.device)
+    for start in starts:
+        logits = torch.nn.functional.linear(rows, weight[start : start + size], bias[start : start + size])
+        if target_logit is None and target_id is not None:
+            target_logit = logits[:, target_id - start].clone()
+        if target_logit is not None:
+            target_rank += (logits > target_logit[:, None]).sum(-1, dtype=torch.int32)
+        best = logits.max(-1)
+        ids = best.indices + start
+        better = (best.values > top_logit) | ((best.values == top_logit) & (ids < top_id))  # ties: the lowest token id, as one max would
+        top_logit, top_id = torch.where(better, best.values, top_logit), torch.where(better, ids, top_id)
+        total = torch.logaddexp(total, torch.logsumexp(logits, -1))
+    return top_logit, top_id, total, target_logit, target_rank
+
+
+READER = PromptReader(_prepare, _read, _hooks)
 
 
 def logit_lens(model: Model, prompt: str, target: str | None = None) -> LogitLensResult:

@@ -5,6 +5,7 @@ patching, on the trained demo model too."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import numpy as np
 import pytest
@@ -202,6 +203,26 @@ def test_logit_lens_middle_layer_normalises_that_checkpoint_afresh(gpt2_shaped):
     assert result.layers[6] == "6_pre"
     np.testing.assert_allclose(result.target_probs[6], probs[:, 5335].cpu().numpy(), atol=1e-6)
     np.testing.assert_allclose(result.top_probs[6], probs.max(-1).values.cpu().numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("block", [1000, 2048, 60000])
+def test_logit_lens_token_blocks_equal_one_full_product(gpt2_shaped, monkeypatch, block):
+    """The lens unembeds a block of tokens at a time (the target's first): the same top token, logsumexp,
+    target logit and rank as one [row, vocab] product, whatever the block size and wherever the target sits."""
+    lens_module = importlib.import_module("core.logit_lens")  # the module (core re-exports the function under its name)
+
+    model = gpt2_shaped
+    monkeypatch.setattr(lens_module, "DEFAULTS", dataclasses.replace(lens_module.DEFAULTS, lens_vocab_block=block))
+    rows = torch.randn(40, model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = rows @ model.W_U + model.b_U
+        for target_id in (0, 1500, 5335, model.cfg.d_vocab - 1):
+            top_logit, top_id, total, target_logit, rank = lens_module._unembed_summary(model, rows, target_id)
+            torch.testing.assert_close(top_logit, logits.max(-1).values)
+            assert torch.equal(top_id, logits.argmax(-1))
+            torch.testing.assert_close(total, torch.logsumexp(logits.double(), -1).float())
+            torch.testing.assert_close(target_logit, logits[:, target_id])
+            assert (rank.long() - (logits > logits[:, target_id : target_id + 1]).sum(-1)).abs().max() <= 1  # float32 ties at most
 
 
 def test_attention_equals_cached_pattern_and_rows_sum_to_one(gpt2_shaped):
