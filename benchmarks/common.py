@@ -11,11 +11,11 @@ import torch
 
 
 def arguments(description: str | None = None, **more: int) -> argparse.Namespace:
-    """--threads (set for torch here: 2, like this project's machines), --repeats (median of), and a
-    whole-number option for each of `more` (name=default; `tl_pairs` is --tl-pairs)."""
+    """--threads (set for torch here: 2, like this project's machines), --repeats (median of; 3 unless
+    `more` names another default), and a whole-number option for each of `more` (name=default; `tl_pairs` is --tl-pairs)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=more.pop("repeats", 3))
     for name, default in more.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
     args = parser.parse_args()

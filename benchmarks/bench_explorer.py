@@ -1,0 +1,102 @@
+"""The Prompt Explorer: one forward pass for its four readings, against the bare forward pass and
+against the four techniques run one by one, in one run; then end to end through gradio_client,
+`/explore` against `/predict` on prompts of the same length, same server.
+
+    python -m benchmarks.bench_explorer [--threads 2] [--repeats 7]
+
+GPT-2 Small-shaped model (random weights, GPT-2's tokenizer). Every call gets a prompt not seen before
+(the app caches answers): one template, one word varied, all of the same token length. Medians; peak
+resident memory above the loaded model.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import tempfile
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import torch  # noqa: E402
+from gradio_client import Client  # noqa: E402
+
+import app  # noqa: E402
+from benchmarks.common import arguments, peak_memory, rss_bytes  # noqa: E402
+from core import attention_patterns, direct_logit_attribution, load_model, logit_lens, predict, save_random_gpt2  # noqa: E402
+from core.explorer import explore  # noqa: E402
+from core.model import to_tokens  # noqa: E402
+from serving.runner import Runner  # noqa: E402
+
+TEMPLATE = "After a long day at work, when John and Mary went to the {}, John gave a bottle of milk to"
+WORDS = [" store", " park", " bank", " school", " beach", " market", " house", " office", " church", " river", " garden", " station",
+         " library", " hospital", " restaurant", " hotel", " museum", " theater", " airport", " farm", " castle", " village", " forest",
+         " island", " bridge", " kitchen", " lake", " city", " town", " street", " hall", " camp", " club", " shop", " court", " field"]
+
+
+def main() -> None:
+    args = arguments(repeats=7)
+    with tempfile.TemporaryDirectory() as model_dir, tempfile.TemporaryDirectory() as cache_dir:
+        model = load_model(save_random_gpt2(model_dir))
+        lengths = {to_tokens(model, TEMPLATE.format(w)).shape[-1] for w in WORDS}
+        words = [w for w in WORDS if to_tokens(model, TEMPLATE.format(w)).shape[-1] == to_tokens(model, TEMPLATE.format(WORDS[0])).shape[-1]]
+        n_tokens = to_tokens(model, TEMPLATE.format(words[0])).shape[-1]
+        fresh = iter(TEMPLATE.format(w) for w in words * 100)  # a prompt per call (the cache only matters in the app)
+        base = rss_bytes()
+
+        def forward(prompt):
+            with torch.no_grad():
+                return model(to_tokens(model, prompt))
+
+        def separately(prompt):
+            top = predict(model, prompt)
+            target = top.top_tokens[0]
+            return top, logit_lens(model, prompt, target), direct_logit_attribution(model, prompt, target, None), attention_patterns(model, prompt, 0)
+
+        parts = {
+            "bare forward pass (the bridge, no cache)": forward,
+            "predict": lambda p: predict(model, p),
+            "logit lens (a target)": lambda p: logit_lens(model, p, " Mary"),
+            "DLA": lambda p: direct_logit_attribution(model, p, " Mary", " John"),
+            "attention (one layer)": lambda p: attention_patterns(model, p, 0),
+            "the four, one after another (before)": separately,
+            "`explore`: the four from one pass": lambda p: explore(model, p, None, None, 0),
+        }
+        for fn in parts.values():  # warm-up
+            fn(next(fresh))
+        times, peaks = {}, {}
+        for name, fn in parts.items():
+            runs = [peak_memory(lambda: fn(next(fresh)), base) for _ in range(args.repeats)]
+            times[name], peaks[name] = statistics.median(s for _, s, _ in runs), max(m for _, _, m in runs)
+
+        demo = app.build_demo(model, runner=Runner(model, cache_dir=cache_dir), warm=False)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        demo.launch(prevent_thread_lock=True, server_port=port, quiet=True)
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        served = {"/predict": lambda p: client.predict(p, 10, api_name="/predict"),
+                  "/explore": lambda p: client.predict(p, "", "", 0, 0, api_name="/explore")}
+        for fn in served.values():
+            fn(next(fresh))
+        over_http = {name: statistics.median(peak_memory(lambda: fn(next(fresh)))[1] for _ in range(args.repeats)) for name, fn in served.items()}
+        demo.close()
+
+    forward_s = times["bare forward pass (the bridge, no cache)"]
+    print(f"GPT-2 Small-shaped model (random weights), {args.threads} threads, torch {torch.__version__}; a {n_tokens}-token prompt "
+          f"(BOS included; {len(lengths)} lengths in the template's variants, one used), median of {args.repeats}, a new prompt each call\n")
+    print("| in process | median seconds | x the bare forward pass | peak memory (MB) |")
+    print("|---|---:|---:|---:|")
+    for name, value in times.items():
+        print(f"| {name} | {value:.3f} | {value / forward_s:.2f} | {peaks[name] / 2**20:.0f} |")
+    ratio = over_http["/explore"] / over_http["/predict"]
+    print("\n| through gradio_client, same server | median seconds |")
+    print("|---|---:|")
+    for name, value in over_http.items():
+        print(f"| `{name}` | {value:.3f} |")
+    print(f"| `/explore` / `/predict` | {ratio:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
