@@ -2,7 +2,7 @@
 against the four techniques run one by one, in one run; then end to end through gradio_client,
 `/explore` against `/predict` on prompts of the same length, same server.
 
-    python -m benchmarks.bench_explorer [--threads 2] [--repeats 7]
+    python -m benchmarks.bench_explorer [--threads 2] [--repeats 15]
 
 GPT-2 Small-shaped model (random weights, GPT-2's tokenizer). Every call gets a prompt not seen before
 (the app caches answers): one template, one word varied, all of the same token length. Medians; peak
@@ -36,7 +36,7 @@ WORDS = [" store", " park", " bank", " school", " beach", " market", " house", "
 
 
 def main() -> None:
-    args = arguments(repeats=7)
+    args = arguments(repeats=15)
     with tempfile.TemporaryDirectory() as model_dir, tempfile.TemporaryDirectory() as cache_dir:
         model = load_model(save_random_gpt2(model_dir))
         lengths = {to_tokens(model, TEMPLATE.format(w)).shape[-1] for w in WORDS}
