@@ -39,9 +39,9 @@ def main() -> None:
     args = arguments(repeats=15)
     with tempfile.TemporaryDirectory() as model_dir, tempfile.TemporaryDirectory() as cache_dir:
         model = load_model(save_random_gpt2(model_dir))
-        lengths = {to_tokens(model, TEMPLATE.format(w)).shape[-1] for w in WORDS}
-        words = [w for w in WORDS if to_tokens(model, TEMPLATE.format(w)).shape[-1] == to_tokens(model, TEMPLATE.format(WORDS[0])).shape[-1]]
-        n_tokens = to_tokens(model, TEMPLATE.format(words[0])).shape[-1]
+        length_of = {w: to_tokens(model, TEMPLATE.format(w)).shape[-1] for w in WORDS}
+        lengths, n_tokens = set(length_of.values()), length_of[WORDS[0]]
+        words = [w for w in WORDS if length_of[w] == n_tokens]
         fresh = iter(TEMPLATE.format(w) for w in words * 100)  # a prompt per call (the cache only matters in the app)
         base = rss_bytes()
 

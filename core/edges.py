@@ -161,7 +161,7 @@ def _forward(
         if written is not None:
             written(heads)
         into = mlp_input(layer, x) if mlp_input is not None else None
-        mlp = _mlp(engine, layer, x if into is None else into)
+        mlp = engine.mlp(layer, x if into is None else into)
         x = x + mlp
         if written is not None:
             written(mlp[:, None])
@@ -400,7 +400,7 @@ def exact_edge_effects(
         mlps: dict[int, Tensor] = {}  # edge -> its MLP's output change; each layer's edges in one pass (small products are slow)
         for layer, chosen in into_mlp.items():
             inputs = torch.stack([base.resid_mid[layer, start:] + writes[edges[e][0]] for e in chosen])
-            mlps.update(zip(chosen, _mlp(engine, layer, inputs) - base.mlp_out[layer, start:]))
+            mlps.update(zip(chosen, engine.mlp(layer, inputs) - base.mlp_out[layer, start:]))
         for e, (writer, reader) in enumerate(edges):
             write = writes[writer]
             if reader == "logits":
@@ -420,10 +420,6 @@ def exact_edge_effects(
     for i, _, e, value in evaluate_jobs(runs, jobs_of, lambda run, start: len(edges), rows_per_pass, progress, "exact edge effects"):
         raw[i, e] = value
     return (raw - corrupted[:, None]).mean(0)
-
-
-def _mlp(engine: Engine, layer: int, x: Tensor) -> Tensor:
-    return engine.act(engine._ln(x, engine.ln2[layer]) @ engine.W_in[layer] + engine.b_in[layer]) @ engine.W_out[layer] + engine.b_out[layer]
 
 
 # --- choosing a circuit ------------------------------------------------------------------------------

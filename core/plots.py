@@ -329,7 +329,7 @@ def attention_heads(result: AttentionResult, wrap: int = 4) -> go.Figure:
     for number in range(1, rows * cols + 1):
         row, col = divmod(number - 1, cols)  # row from the bottom
         x0, y0 = col * (width + col_gap), row * (height + row_gap)
-        name = "" if number == 1 else str(number)
+        name = _axis_suffix(number)
         first = {"scaleanchor": "y", "constrain": "domain"} if number == 1 else {"matches": "x"}
         layout[f"xaxis{name}"] = dict(anchor=f"y{name}", domain=[x0, x0 + width], **first, showticklabels=False, type="category")
         first = {"autorange": "reversed", "constrain": "domain"} if number == 1 else {"matches": "y"}
@@ -339,7 +339,7 @@ def attention_heads(result: AttentionResult, wrap: int = 4) -> go.Figure:
                               y=y0 + height, yanchor="bottom", yref="paper"))
     data = [
         dict(type="heatmap", z=result.patterns[head], x=labels, y=labels, coloraxis="coloraxis", name=str(head),
-             xaxis="x" + ("" if number == 1 else str(number)), yaxis="y" + ("" if number == 1 else str(number)),
+             xaxis=f"x{_axis_suffix(number)}", yaxis=f"y{_axis_suffix(number)}",
              hovertemplate=f"head L{result.layer}H{head}<br>" + _ATTENTION_HOVER)
         for number, head in sorted(heads.items(), key=lambda item: item[1])
     ]
@@ -351,6 +351,11 @@ def attention_heads(result: AttentionResult, wrap: int = 4) -> go.Figure:
         height=260 * rows + 100,
     )
     return go.Figure(data=data, layout=layout)
+
+
+def _axis_suffix(number: int) -> str:
+    """Plotly's name for subplot `number`'s axes: x, y for the first, x2, y2 for the second ..."""
+    return "" if number == 1 else str(number)
 
 
 def attention_head(result: AttentionResult, head: int) -> go.Figure:

@@ -124,22 +124,12 @@ class Engine:
     def traces(self, tokens: Int[Tensor, "batch pos"], directions: Sequence) -> list[Trace]:
         """Each prompt's Trace (prompts of one token length, one pass: small matrix products run several
         times below the machine's throughput, so a task's prompts travel together)."""
-        keep: dict[str, list[Tensor]] = {k: [] for k in ("resid_pre", "resid_mid", "attn_out", "mlp_out", "z", "k", "v")}
-        x = self.forward(tokens, keep)
-        stacked = {name: torch.stack(values, 1) for name, values in keep.items()}  # [batch, layer, ...]
-        return [
-            Trace(**{name: value[b] for name, value in stacked.items()}, metric=float(self._metric(x[b, -1], direction)))
-            for b, direction in enumerate(directions)
-        ]
-
-    def forward(self, tokens: Int[Tensor, "batch pos"], keep: dict[str, list[Tensor]] | None = None) -> Float[Tensor, "batch pos d_model"]:
-        """The model's forward pass: the final residual stream. `keep`, if given, collects every layer's
-        activations (Trace's fields)."""
         B, n, H, dh = *tokens.shape, self.n_heads, self.d_head
         x = self.W_E[tokens] + self.W_pos[:n]
         causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
+        keep: dict[str, list[Tensor]] = {k: [] for k in ("resid_pre", "resid_mid", "attn_out", "mlp_out", "z", "k", "v")}
         for layer in range(self.n_layers):
-            resid_pre = x
+            keep["resid_pre"].append(x)
             qkv = self._ln(x, self.ln1[layer]) @ self.W_QKV[layer] + self.b_QKV[layer]
             q, k, v = (t.reshape(B, n, H, dh) for t in qkv.split(H * dh, -1))
             scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * self.scale
@@ -147,16 +137,21 @@ class Engine:
             z = torch.einsum("bhqk,bkhd->bqhd", pattern, v)
             attn_out = z.reshape(B, n, H * dh) @ self.W_O_flat[layer] + self.b_O[layer]
             x = x + attn_out
-            resid_mid = x
-            mlp_out = self.act(self._ln(x, self.ln2[layer]) @ self.W_in[layer] + self.b_in[layer]) @ self.W_out[layer] + self.b_out[layer]
+            keep["resid_mid"].append(x)
+            mlp_out = self.mlp(layer, x)
             x = x + mlp_out
-            if keep is not None:
-                values = {"resid_pre": resid_pre, "resid_mid": resid_mid, "attn_out": attn_out, "mlp_out": mlp_out, "z": z, "k": k, "v": v}
-                for name, value in values.items():
-                    keep[name].append(value)
-        if keep is not None:
-            keep["resid_pre"].append(x)
-        return x
+            for name, value in (("attn_out", attn_out), ("mlp_out", mlp_out), ("z", z), ("k", k), ("v", v)):
+                keep[name].append(value)
+        keep["resid_pre"].append(x)
+        stacked = {name: torch.stack(values, 1) for name, values in keep.items()}  # [batch, layer, ...]
+        return [
+            Trace(**{name: value[b] for name, value in stacked.items()}, metric=float(self._metric(x[b, -1], direction)))
+            for b, direction in enumerate(directions)
+        ]
+
+    def mlp(self, layer: int, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """The layer's MLP output for residual stream `x` (its LayerNorm included)."""
+        return self.act(self._ln(x, self.ln2[layer]) @ self.W_in[layer] + self.b_in[layer]) @ self.W_out[layer] + self.b_out[layer]
 
     def head_dla(self, trace: Trace, direction) -> Float[Tensor, "layer head"]:
         """Each head's direct logit attribution at the final position: its output, centred and
