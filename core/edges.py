@@ -192,6 +192,21 @@ def _writer_outputs(engine: Engine, tokens: Int[Tensor, "batch pos"], prefix: Pr
     return torch.cat(out, 1)
 
 
+def _traced(engine: Engine, runs: list[FastRun], batch: _Batch, start: int) -> tuple[Prefix | None, Tensor, Tensor]:
+    """The batch's `_prefix` at `start` and its clean and corrupted prompts' `_writer_outputs`, read from
+    its pairs' traces (`run_pairs`) instead of run again: the whole circuit view traces every prompt once."""
+    out = []
+    for side, tokens in (("clean", batch.clean), ("corrupted", batch.corrupted)):
+        traces = [getattr(runs[i], side) for i in batch.index]
+        heads = torch.einsum("blphd,lhdm->blhpm", torch.stack([t.z[:, start:] for t in traces]), engine.W_O)  # [batch, layer, head, pos, d_model]
+        mlps = torch.stack([t.mlp_out[:, start:] for t in traces])[:, :, None]
+        out.append(torch.cat([engine.W_E[tokens[:, start:]][:, None], torch.cat([heads, mlps], 2).flatten(1, 2)], 1))
+    traces = [runs[i].clean for i in batch.index]
+    keys, values = torch.stack([t.k[:, :start] for t in traces]), torch.stack([t.v[:, :start] for t in traces])  # [batch, layer, pos, head, d_head]
+    prefix = None if start == 0 else [(keys[:, layer], values[:, layer]) for layer in range(engine.n_layers)]
+    return prefix, out[0], out[1]
+
+
 def _reader_gradients(engine: Engine, embed: Tensor, batch: _Batch, prefix: Prefix | None = None) -> Float[Tensor, "batch reader pos d_model"]:
     """d metric / d every reader's input on the run from `embed`, in Graph.readers order. Each reader's
     input is the stream plus its own zero tap (every head's q, k and v, every MLP, the logits); one
@@ -235,11 +250,12 @@ def edge_scores(
     steps: int = DEFAULTS.eap_ig_steps,
     rows: int | None = None,
     progress: Progress | None = None,
+    runs: list[FastRun] | None = None,
 ) -> Float[np.ndarray, "writer reader"]:
     """Every edge's score (0 where there is no edge), the mean over `pairs`. EAP: the gradient on the
     corrupted run. EAP-IG: the mean gradient over `steps` runs whose token embeddings go from the
     corrupted prompt's towards the clean one's (alpha = 1/steps, 2/steps, ..., 1, as Hanna et al.'s
-    code), times the same clean - corrupted outputs."""
+    code), times the same clean - corrupted outputs. `runs`: the pairs' `run_pairs`, if already traced."""
     method = _method(method)
     if method == "eap-ig":
         _check_steps(steps)
@@ -253,8 +269,12 @@ def edge_scores(
             if progress is not None:
                 progress(i / len(batches), f"edge scores ({method})")
             s = batch.start  # the two runs agree before it: every writer's difference is 0 there, so only later positions are run
-            prefix = _prefix(engine, batch.clean, s)
-            delta = _writer_outputs(engine, batch.clean, prefix) - _writer_outputs(engine, batch.corrupted, prefix)
+            if runs is None:
+                prefix = _prefix(engine, batch.clean, s)
+                delta = _writer_outputs(engine, batch.clean, prefix) - _writer_outputs(engine, batch.corrupted, prefix)
+            else:
+                prefix, clean_outputs, corrupted_outputs = _traced(engine, runs, batch, s)
+                delta = clean_outputs - corrupted_outputs
             clean, corrupted = engine.W_E[batch.clean[:, s:]], engine.W_E[batch.corrupted[:, s:]]
             grads = sum(_reader_gradients(engine, corrupted + alpha * (clean - corrupted), batch, prefix) for alpha in alphas)
             total += torch.einsum("bwpd,brpd->wr", delta, grads).double() / len(alphas)
@@ -275,40 +295,89 @@ def _ablated_metrics(
     """The metric of each pair's clean run in which every reader's input has the live output of each
     writer `excluded` for it swapped for `replace`, once per circuit: exactly the run in which those
     edges carry the other signal (at every position from `start`; before it the swap must change nothing).
-    `prefix`: the batch's `_prefix` at `start`, if already computed."""
+    `prefix`: the batch's `_prefix` at `start`, if already computed.
+
+    Three kinds of reader, per circuit. One with every edge into it excluded ("ablated") reads the
+    ablated stream: the positions, the biases and the replaced writers, the same in every circuit (so an
+    ablated MLP is computed once for all circuits). One with none excluded reads the circuit's live
+    stream. Only the rest ("mixed") get their own input, the live stream minus their excluded writers'
+    live - replace, and their own LayerNorm: small circuits have few of them, large ones few excluded
+    edges; the whole curve's circuits had about a sixth of their readers mixed (GPT-2-shaped, IOI)."""
     C, B, n, d = len(excluded), batch.clean.shape[0], batch.clean.shape[1] - start, engine.W_E.shape[-1]
-    H = engine.n_heads
+    H, dh, L = engine.n_heads, engine.d_head, engine.n_layers
     per_layer = 3 * H + 1
     weights = excluded.to(engine.W_E.dtype)
-    # live - replace of each writer so far, writer-major, so each reader's swap is one batched matrix product
-    differences = engine.W_E.new_zeros(C, excluded.shape[1], B, n, d)
+    edges_in = torch.as_tensor(build_graph(L, H).edges.sum(0), device=excluded.device)  # writers before each reader
+    count = excluded.sum(1)  # [circuit, reader]
+    ablated_kind, live_kind = count == edges_in, count == 0
+    mixed_kind = ~ablated_kind & ~live_kind
+    prefix = _prefix(engine, batch.clean, start) if prefix is None else prefix
+
+    # live - replace of each writer so far, writer-major, so each mixed reader's swap is one matrix product
+    differences = engine.W_E.new_empty(C, excluded.shape[1], B, n, d)  # each writer's slot is written before any reader reads it
     replaced = replace.transpose(0, 1)  # [writer, batch, pos, d_model]
     filled = 0
 
-    def write(outputs: Tensor) -> None:  # [circuit * batch, writers, pos, d_model]
+    def write(outputs: Tensor) -> None:  # [circuit, writers, batch, pos, d_model]
         nonlocal filled
         k = outputs.shape[1]
-        differences[:, filled : filled + k] = outputs.view(C, B, k, n, d).transpose(1, 2) - replaced[None, filled : filled + k]
+        differences[:, filled : filled + k] = outputs - replaced[None, filled : filled + k]
         filled += k
 
-    def change(first: int, count: int) -> Tensor:  # [circuit * batch, readers, pos, d_model]
-        chosen = weights[:, :filled, first : first + count].transpose(1, 2)  # [circuit, reader, writer]
-        swap = torch.bmm(chosen, differences[:, :filled].reshape(C, filled, B * n * d))
-        return swap.view(C, count, B, n, d).transpose(1, 2).reshape(C * B, count, n, d)
+    def mixed_input(x: Tensor, c: int, readers: Tensor) -> Tensor:  # [reader, batch, pos, d_model]: circuit c's mixed readers' input
+        chosen = weights[c, :filled, readers].T  # [reader, writer]
+        return x[c] - (chosen @ differences[c, :filled].reshape(filled, B * n * d)).view(len(readers), B, n, d)
 
-    embed = engine.W_E[batch.clean[:, start:]].repeat(C, 1, 1)
-    write(embed[:, None])
-    prefix = _prefix(engine, batch.clean, start) if prefix is None else prefix
-    final = _forward(
-        engine,
-        embed,
-        head_input=lambda layer, x: x[:, :, None, None] - change(layer * per_layer, 3 * H).view(C * B, H, 3, n, d).permute(0, 3, 2, 1, 4),
-        mlp_input=lambda layer, x: x - change(layer * per_layer + 3 * H, 1)[:, 0],
-        final_input=lambda x: x - change(excluded.shape[2] - 1, 1)[:, 0],
-        written=write,
-        prefix=None if prefix is None else [(k.repeat(C, 1, 1, 1), v.repeat(C, 1, 1, 1)) for k, v in prefix],
-    )
-    return _metric(engine, final, batch, C).view(C, B)
+    def reader_input(x: Tensor, reader: int) -> tuple[Tensor, Tensor]:  # an MLP's or the logits': (the circuits where it is not ablated, their inputs)
+        own = (~ablated_kind[:, reader]).nonzero()[:, 0]
+        inputs = x[own]
+        for i, c in enumerate(own.tolist()):
+            if mixed_kind[c, reader]:
+                inputs[i] = mixed_input(x, c, torch.tensor([reader], device=x.device))[0]
+        return own, inputs
+
+    embed = engine.W_E[batch.clean[:, start:]]
+    write(embed.expand(C, 1, B, n, d))
+    x = (embed + engine.W_pos[start : start + n]).expand(C, B, n, d).clone()  # each circuit's live stream
+    stream = engine.W_pos[start : start + n] + replace[:, 0]  # the ablated stream: positions, biases and every writer's replacement so far
+    keys = None if prefix is None else [(k.repeat(C, 1, 1, 1), v.repeat(C, 1, 1, 1)) for k, v in prefix]
+    causal = torch.ones(n, start + n, dtype=torch.bool, device=x.device).tril(start)
+    for layer in range(L):
+        first = layer * per_layer
+        W, bias = engine.W_QKV[layer], engine.b_QKV[layer]
+        qkv = (engine._ln(x, engine.ln1[layer]) @ W + bias).view(C, B, n, 3, H, dh)  # every reader on its circuit's live stream
+        ablated = ablated_kind[:, first : first + 3 * H].view(C, H, 3)
+        if ablated.any():
+            on_stream = (engine._ln(stream, engine.ln1[layer]) @ W + bias).view(B, n, 3, H, dh)
+            qkv = torch.where(ablated.transpose(1, 2)[:, None, None, :, :, None], on_stream, qkv)
+        for c in mixed_kind[:, first : first + 3 * H].any(1).nonzero()[:, 0].tolist():
+            readers = mixed_kind[c, first : first + 3 * H].nonzero()[:, 0]
+            head, component = readers // 3, readers % 3
+            normed = engine._ln(mixed_input(x, c, readers + first), engine.ln1[layer]).view(len(readers), B * n, d)
+            slices = W.view(d, 3, H, dh)[:, component, head].transpose(0, 1)  # [reader, d_model, d_head]
+            own = torch.bmm(normed, slices) + bias.view(3, H, 1, dh)[component, head]
+            qkv[c].permute(2, 3, 0, 1, 4)[component, head] = own.view(len(readers), B, n, dh)
+        q, k, v = qkv.view(C * B, n, 3, H, dh).unbind(2)
+        if keys is not None:
+            k, v = torch.cat([keys[layer][0], k], 1), torch.cat([keys[layer][1], v], 1)
+        pattern = torch.softmax((torch.einsum("bqhd,bkhd->bhqk", q, k) * engine.scale).masked_fill(~causal, float("-inf")), -1)
+        heads = torch.einsum("bphd,hdm->bhpm", torch.einsum("bhqk,bkhd->bqhd", pattern, v), engine.W_O[layer])
+        x += heads.sum(1).view(C, B, n, d) + engine.b_O[layer]
+        write(heads.view(C, B, H, n, d).transpose(1, 2))
+        stream = stream + replace[:, 1 + layer * (H + 1) : 1 + layer * (H + 1) + H].sum(1) + engine.b_O[layer]
+        mlp = torch.empty_like(x)
+        if ablated_kind[:, first + 3 * H].any():
+            mlp[ablated_kind[:, first + 3 * H]] = engine.mlp(layer, stream)  # the ablated MLP, the same in every circuit
+        circuits, inputs = reader_input(x, first + 3 * H)
+        if len(circuits):
+            mlp[circuits] = engine.mlp(layer, inputs)
+        write(mlp[:, None])
+        x += mlp
+        stream = stream + replace[:, 1 + layer * (H + 1) + H]
+    final = stream[None, :, -1:].expand(C, B, 1, d).clone()
+    circuits, inputs = reader_input(x, excluded.shape[2] - 1)
+    final[circuits] = inputs[:, :, -1:]
+    return _metric(engine, final.view(C * B, 1, d), batch, C).view(C, B)
 
 
 def faithfulness(
@@ -318,19 +387,27 @@ def faithfulness(
     ablation: Literal["corrupted", "mean"] = "corrupted",
     rows: int | None = None,
     progress: Progress | None = None,
+    runs: list[FastRun] | None = None,
 ) -> float | Float[np.ndarray, " circuit"]:
     """The fraction of the task's clean - corrupted gap each circuit recovers, exactly: each pair's
     clean run with every edge outside the circuit carrying the corrupted run's output of its writer
     ("corrupted") or the mean of that output over the pairs of its token length's corrupted prompts,
     per position ("mean"), at every position; mean (ablated - corrupted) / mean (clean - corrupted)."""
-    values, _, _ = _faithfulness_runs(model, pairs, circuits, ablation, rows, progress)
+    values, _, _ = _faithfulness_runs(model, pairs, circuits, ablation, rows, progress, runs)
     return float(values[0]) if np.ndim(circuits) == 2 else values
 
 
 def _faithfulness_runs(
-    model: Model, pairs: list[ContrastPair], circuits: np.ndarray, ablation: str = "corrupted", rows: int | None = None, progress: Progress | None = None
+    model: Model,
+    pairs: list[ContrastPair],
+    circuits: np.ndarray,
+    ablation: str = "corrupted",
+    rows: int | None = None,
+    progress: Progress | None = None,
+    runs: list[FastRun] | None = None,
 ) -> tuple[Float[np.ndarray, " circuit"], Float[np.ndarray, " pair"], Float[np.ndarray, " pair"]]:
-    """faithfulness, with each pair's clean and corrupted metric (the reference runs)."""
+    """faithfulness, with each pair's clean and corrupted metric (the reference runs; from `runs`, the
+    pairs' `run_pairs`, if given, as are the prefix and the corrupted outputs)."""
     if ablation not in ABLATIONS:
         raise ValueError(f"Unknown ablation {ablation!r}: choose {' or '.join(map(repr, ABLATIONS))}.")
     engine = _engine(model)
@@ -345,19 +422,24 @@ def _faithfulness_runs(
         if ablation == "mean":
             for batch in batches:
                 total, count = means.get(batch.clean.shape[1], (0.0, 0))
-                means[batch.clean.shape[1]] = (total + _writer_outputs(engine, batch.corrupted).sum(0), count + len(batch.index))
+                outputs = _writer_outputs(engine, batch.corrupted) if runs is None else _traced(engine, runs, batch, 0)[2]
+                means[batch.clean.shape[1]] = (total + outputs.sum(0), count + len(batch.index))
         for i, batch in enumerate(batches):
             if progress is not None:
                 progress(i / len(batches), "faithfulness")
             start = batch.start if ablation == "corrupted" else 0  # the corrupted outputs equal the clean ones before the first difference
-            prefix = _prefix(engine, batch.clean, start)
+            if runs is None:
+                prefix = _prefix(engine, batch.clean, start)
+                replace = _writer_outputs(engine, batch.corrupted, prefix) if ablation == "corrupted" else None
+                for tokens, values in ((batch.clean, clean), (batch.corrupted, corrupted)):
+                    values[batch.index] = _metric(engine, _forward(engine, engine.W_E[tokens[:, start:]], prefix=prefix), batch).double().cpu().numpy()
+            else:
+                prefix, _, replace = _traced(engine, runs, batch, start)
+                clean[batch.index] = [runs[j].clean_value for j in batch.index]
+                corrupted[batch.index] = [runs[j].corrupted_value for j in batch.index]
             if ablation == "mean":
                 total, count = means[batch.clean.shape[1]]
                 replace = (total / count)[None].expand(len(batch.index), -1, -1, -1)
-            else:
-                replace = _writer_outputs(engine, batch.corrupted, prefix)
-            for tokens, values in ((batch.clean, clean), (batch.corrupted, corrupted)):
-                values[batch.index] = _metric(engine, _forward(engine, engine.W_E[tokens[:, start:]], prefix=prefix), batch).double().cpu().numpy()
             per_pass = max(1, rows // (len(batch.index) * (batch.clean.shape[1] - start)))
             for at in range(0, len(excluded), per_pass):
                 part = excluded[at : at + per_pass]
@@ -374,13 +456,15 @@ def exact_edge_effects(
     edges: list[tuple[str, str]],
     rows_per_pass: int = DEFAULTS.patch_rows_per_pass,
     progress: Progress | None = None,
+    traced: tuple[list[FastRun], np.ndarray, np.ndarray] | None = None,
 ) -> Float[np.ndarray, " edge"]:
     """Each edge alone patched, exactly: the corrupted run with the writer's clean - corrupted output
     added to that one reader's input (path patching of one edge, as TransformerLens's
     `get_act_patch_direct_path` for a head sender), everything downstream of the reader recomputed;
-    the mean over `pairs` of (patched - corrupted), in the metric's units like the edge scores."""
+    the mean over `pairs` of (patched - corrupted), in the metric's units like the edge scores.
+    `traced`: the pairs' `run_pairs`, if already run."""
     engine = _engine(model)
-    runs, _, corrupted = run_pairs(model, pairs)
+    runs, _, corrupted = traced or run_pairs(model, pairs)
     if not all(isinstance(run, FastRun) for run in runs):
         raise ValueError("Exact edge effects need the fast engine, which does not match this model.")
     raw = np.zeros((len(pairs), len(edges)))
@@ -393,21 +477,36 @@ def exact_edge_effects(
         if reader.startswith("MLP"):
             into_mlp.setdefault(int(reader[3:]), []).append(e)
 
+    # each writer's write, and each edge into an MLP its output's change, for the pairs of one token length
+    # together (one product, not one per pair: small products run slowly)
+    prepared: dict[int, tuple[int, dict[str, Tensor], dict[int, Tensor]]] = {}  # run index -> (its place, writes, MLP changes)
+    groups: dict[int, list[int]] = {}
+    for i, run in enumerate(runs):
+        groups.setdefault(run.corrupted.resid_pre.shape[1], []).append(i)
+    for members in groups.values():
+        start = min(runs[i].pair.first_difference for i in members)  # as evaluate_jobs starts them
+        cleans, bases = [runs[i].clean for i in members], [runs[i].corrupted for i in members]
+        writes = {writer: write for writer, (_, write) in zip(senders, sender_writes(engine, cleans, bases, start, list(senders.values())))}
+        mlps: dict[int, Tensor] = {}  # edge -> [pair, pos, d_model]
+        for layer, chosen in into_mlp.items():
+            resid = torch.stack([base.resid_mid[layer, start:] for base in bases])
+            out = torch.stack([base.mlp_out[layer, start:] for base in bases])
+            mlps.update(zip(chosen, engine.mlp(layer, torch.stack([resid + writes[edges[e][0]] for e in chosen])) - out))
+        prepared.update((i, (j, writes, mlps)) for j, i in enumerate(members))
+    place = {id(run): i for i, run in enumerate(runs)}
+
     def jobs_of(run: FastRun, start: int, local: int):
         base = run.corrupted
-        writes = {writer: write for writer, (_, write) in zip(senders, sender_writes(engine, run.clean, base, start, list(senders.values())))}
+        j, all_writes, all_mlps = prepared[place[id(run)]]
+        writes = {writer: write[j] for writer, write in all_writes.items()}
         receivers: dict[tuple[str, int], Tensor] = {}  # (writer, layer) -> every head's write change at that layer
-        mlps: dict[int, Tensor] = {}  # edge -> its MLP's output change; each layer's edges in one pass (small products are slow)
-        for layer, chosen in into_mlp.items():
-            inputs = torch.stack([base.resid_mid[layer, start:] + writes[edges[e][0]] for e in chosen])
-            mlps.update(zip(chosen, engine.mlp(layer, inputs) - base.mlp_out[layer, start:]))
         for e, (writer, reader) in enumerate(edges):
             write = writes[writer]
             if reader == "logits":
                 job = Job(L, Job.PRE, base.resid_pre[L, start:] + write, 0, local)
-            elif e in mlps:
+            elif e in all_mlps:
                 layer = int(reader[3:])
-                job = Job(layer + 1, Job.PRE, base.resid_pre[layer + 1, start:] + mlps[e], 0, local)
+                job = Job(layer + 1, Job.PRE, base.resid_pre[layer + 1, start:] + all_mlps[e][j], 0, local)
             else:
                 head, component = reader.split(".")
                 layer, index = (int(part) for part in head[1:].split("H"))
@@ -573,20 +672,22 @@ def circuit(
     def part(low: float, high: float) -> Progress | None:
         return None if progress is None else (lambda fraction, desc: progress(low + (high - low) * fraction, desc))
 
-    scores = edge_scores(model, contrast, method, steps, progress=part(0.0, 0.4))
+    traced = run_pairs(model, contrast)  # every prompt traced once: EAP, faithfulness and the checks read these
+    runs = traced[0] if all(isinstance(run, FastRun) for run in traced[0]) else None
+    scores = edge_scores(model, contrast, method, steps, progress=part(0.0, 0.4), runs=runs)
     choose = SELECTIONS[selection]
     circuits = [choose(graph, scores, int(size)) for size in sizes] + ([] if target else [choose(graph, scores, int(k))])  # the asked-for size with the curve's
-    values, clean, corrupted = _faithfulness_runs(model, contrast, np.stack(circuits), ablation, progress=part(0.4, 0.7))
+    values, clean, corrupted = _faithfulness_runs(model, contrast, np.stack(circuits), ablation, progress=part(0.4, 0.7), runs=runs)
     curve = values[: len(sizes)]
     if target:
-        size, value = _smallest(model, contrast, graph, scores, choose, ablation, sizes, curve, target / 100)
+        size, value = _smallest(model, contrast, graph, scores, choose, ablation, sizes, curve, target / 100, runs)
     else:
         size, value = int(k), float(values[-1])
     mask = choose(graph, scores, size)
     top = top_edges(graph, scores, checks)
     checked = [(graph.writers[w], graph.readers[r]) for w, r in zip(*np.nonzero(top))]
     checked.sort(key=lambda edge: -abs(scores[graph.writers.index(edge[0]), graph.readers.index(edge[1])]))
-    exact = exact_edge_effects(model, contrast, checked, progress=part(0.8, 1.0)) if checked else np.zeros(0)
+    exact = exact_edge_effects(model, contrast, checked, progress=part(0.8, 1.0), traced=traced) if checked else np.zeros(0)
     return _scores_result(
         CircuitResult, model, chosen, contrast, method, steps, scores, (clean, corrupted), selection=selection, ablation=ablation, circuit=mask,
         faithfulness=value, target=target / 100 if target else None, curve_k=sizes, curve_faithfulness=np.asarray(curve, dtype=float),
@@ -595,7 +696,7 @@ def circuit(
     )
 
 
-def _smallest(model, pairs, graph, scores, choose, ablation, sizes, curve, target: float) -> tuple[int, float]:
+def _smallest(model, pairs, graph, scores, choose, ablation, sizes, curve, target: float, runs=None) -> tuple[int, float]:
     """The smallest size whose circuit reaches `target`: the first curve size that does, then bisection
     down to the curve's size before it (each step one exact faithfulness)."""
     reached = np.flatnonzero(np.asarray(curve) >= target)
@@ -606,7 +707,7 @@ def _smallest(model, pairs, graph, scores, choose, ablation, sizes, curve, targe
     low = int(sizes[first - 1]) if first else 0  # fails (or is nothing)
     while high - low > 1:
         middle = (low + high) // 2
-        reached_here = float(faithfulness(model, pairs, choose(graph, scores, middle), ablation))
+        reached_here = float(faithfulness(model, pairs, choose(graph, scores, middle), ablation, runs=runs))
         if reached_here >= target:
             high, value = middle, reached_here
         else:

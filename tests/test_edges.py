@@ -11,6 +11,7 @@ from transformer_lens.tools.analysis.attribution_patching import EdgeAttribution
 
 from core.contrast import ContrastPair
 from core.edges import build_graph, edge_scores, exact_edge_effects, faithfulness, greedy_edges, top_edges
+from core.patching.exact import run_pairs
 from tests.conftest import IOI_CLEAN, IOI_CORRUPTED
 from tests.test_crosscheck import _best_conditioned_answers
 
@@ -141,7 +142,7 @@ def test_eap_ig_with_one_step_is_the_gradient_at_the_clean_run(demo_model):
 
 def test_pairs_batched_equal_each_pair_alone(demo_model):
     """Pairs of several token lengths, batched (and cut into passes): the mean of each pair's own scores and
-    faithfulness terms; several circuits at once equal each alone."""
+    faithfulness terms; several circuits at once equal each alone; read from the traces, the same."""
     from core.tasks import built_in_task
 
     model = demo_model
@@ -154,6 +155,11 @@ def test_pairs_batched_equal_each_pair_alone(demo_model):
     circuits = np.stack([top_edges(graph, together, k) for k in (3, 30, 300)])
     batched = faithfulness(model, pairs, circuits, rows=40)
     assert np.allclose(batched, [faithfulness(model, pairs, c) for c in circuits], atol=1e-5)
+    # the circuit view reads the prefix, the writers' outputs and the reference metrics from the pairs' traces instead
+    runs = run_pairs(model, pairs)[0]
+    assert np.abs(edge_scores(model, pairs, runs=runs) - together).max() <= 1e-5 * np.abs(together).max()
+    for ablation in ("corrupted", "mean"):
+        assert np.allclose(faithfulness(model, pairs, circuits, ablation, runs=runs), faithfulness(model, pairs, circuits, ablation), atol=1e-5)
 
 
 def test_mean_ablation_over_one_corrupted_prompt_is_the_corrupted_ablation(demo_model):

@@ -127,18 +127,26 @@ def receiver_writes(engine: Engine, corrupted: Trace, layer: int, start: int, ch
     return torch.einsum("cphd,hdm->chpm", z - corrupted.z[layer, start:], engine.W_O[layer])
 
 
-def sender_writes(engine: Engine, clean: Trace, corrupted: Trace, start: int, senders: Sequence[Sender]) -> list[tuple[int, Tensor]]:
-    """(layer, clean-minus-corrupted write [pos, d_model] at positions start..) of each sender."""
+def sender_writes(
+    engine: Engine, clean: Trace | Sequence[Trace], corrupted: Trace | Sequence[Trace], start: int, senders: Sequence[Sender]
+) -> list[tuple[int, Tensor]]:
+    """(layer, clean-minus-corrupted write [pos, d_model] at positions start..) of each sender; given
+    several pairs' traces (of one token length), each write is [pair, pos, d_model], in one product."""
+    one = isinstance(clean, Trace)
+    cleans, corrupteds = ([clean], [corrupted]) if one else (list(clean), list(corrupted))
+
+    def stacked(field: str, *index) -> Tensor:  # [pair, pos, ...]: clean minus corrupted
+        return torch.stack([getattr(a, field)[index] - getattr(b, field)[index] for a, b in zip(cleans, corrupteds)])
 
     def write(sender: Sender) -> Tensor:
         layer, head = sender
         if layer < 0:
-            return clean.resid_pre[0, start:] - corrupted.resid_pre[0, start:]
+            return stacked("resid_pre", 0, slice(start, None))
         if head is None:
-            return clean.mlp_out[layer, start:] - corrupted.mlp_out[layer, start:]
-        return (clean.z[layer, start:, head] - corrupted.z[layer, start:, head]) @ engine.W_O[layer, head]
+            return stacked("mlp_out", layer, slice(start, None))
+        return stacked("z", layer, slice(start, None), head) @ engine.W_O[layer, head]
 
-    return [(sender.layer, write(sender)) for sender in senders]
+    return [(sender.layer, write(sender)[0] if one else write(sender)) for sender in senders]
 
 
 def path_jobs(engine: Engine, run: FastRun, start: int, senders: Sequence[Sender], pair: int = 0) -> Iterator[tuple[str, Head, Job]]:
