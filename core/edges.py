@@ -345,11 +345,15 @@ def _ablated_metrics(
     for layer in range(L):
         first = layer * per_layer
         W, bias = engine.W_QKV[layer], engine.b_QKV[layer]
-        qkv = (engine._ln(x, engine.ln1[layer]) @ W + bias).view(C, B, n, 3, H, dh)  # every reader on its circuit's live stream
         ablated = ablated_kind[:, first : first + 3 * H].view(C, H, 3)
         if ablated.any():
-            on_stream = (engine._ln(stream, engine.ln1[layer]) @ W + bias).view(B, n, 3, H, dh)
-            qkv = torch.where(ablated.transpose(1, 2)[:, None, None, :, :, None], on_stream, qkv)
+            qkv = (engine._ln(stream, engine.ln1[layer]) @ W + bias).view(1, B, n, 3, H, dh).expand(C, -1, -1, -1, -1, -1).clone()
+            live = (~ablated).flatten(1).any(1)  # the circuits with a reader on their own stream in this layer
+            if live.any():
+                own = (engine._ln(x[live], engine.ln1[layer]) @ W + bias).view(-1, B, n, 3, H, dh)
+                qkv[live] = torch.where(ablated[live].transpose(1, 2)[:, None, None, :, :, None], qkv[live], own)
+        else:
+            qkv = (engine._ln(x, engine.ln1[layer]) @ W + bias).view(C, B, n, 3, H, dh)  # every reader on its circuit's live stream
         for c in mixed_kind[:, first : first + 3 * H].any(1).nonzero()[:, 0].tolist():
             readers = mixed_kind[c, first : first + 3 * H].nonzero()[:, 0]
             head, component = readers // 3, readers % 3
@@ -440,10 +444,13 @@ def _faithfulness_runs(
             if ablation == "mean":
                 total, count = means[batch.clean.shape[1]]
                 replace = (total / count)[None].expand(len(batch.index), -1, -1, -1)
+            ablated[:, batch.index] = clean[batch.index]  # a circuit with every edge is the clean run: only the others are run
+            runnable = excluded.flatten(1).any(1).nonzero()[:, 0]
             per_pass = max(1, rows // (len(batch.index) * (batch.clean.shape[1] - start)))
-            for at in range(0, len(excluded), per_pass):
-                part = excluded[at : at + per_pass]
-                ablated[at : at + len(part), batch.index] = _ablated_metrics(engine, batch, replace, part, start, prefix).double().cpu().numpy()
+            for at in range(0, len(runnable), per_pass):
+                part = runnable[at : at + per_pass]
+                values = _ablated_metrics(engine, batch, replace, excluded[part], start, prefix)
+                ablated[np.ix_(part.cpu().numpy(), batch.index)] = values.double().cpu().numpy()
     return (ablated.mean(1) - corrupted.mean()) / (clean.mean() - corrupted.mean()), clean, corrupted
 
 
