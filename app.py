@@ -65,13 +65,15 @@ def launch_options() -> dict:
 def build_demo(
     model: Model | None = None,
     runner: Runner | None = None,
-    warm: bool = True,
+    warm: bool | str = True,
     notice: str | None = None,
     say=None,
     registry: dict[str, Technique] | None = None,
 ) -> gr.Blocks:
     """The whole app around `model` (default: the configured model, or the demo model when it cannot
-    be loaded). `warm` precomputes every example; `notice` is shown at the top of the page;
+    be loaded). `warm`: True precomputes every example before the page is built; "background" leaves
+    them to `demo.warm_examples(stopping=...)` (a thread, started once the page serves; each tab's first example is
+    still computed here, for the page); `notice` is shown at the top of the page;
     `say(line)` hears start-up progress; `registry`: the techniques (default: every one in core)."""
     registry = techniques() if registry is None else registry
     untabbed = {name: t for name, t in registry.items() if t.tab is None}
@@ -82,7 +84,7 @@ def build_demo(
     model = runner.model
     downloads, downloads_off = download_folder()
     handlers = ui.handlers.Handlers(runner, downloads)
-    if warm:
+    if warm is True:
         ui.handlers.warm_examples(handlers, say)
     with gr.Blocks(title="CircuitBreaker", delete_cache=(600, 3600)) as demo:  # served files: hourly clean-up
         gr.Markdown(
@@ -107,6 +109,8 @@ def build_demo(
     # too); Gradio would otherwise leave /gradio_api/run/<name> open, which skips both.
     demo.queue(default_concurrency_limit=1, max_size=LIMITS.max_queue_size, api_open=False)
     serving.guard_queue(demo, LIMITS.max_requests_per_client)
+    if warm == "background":
+        demo.warm_examples = functools.partial(ui.handlers.warm_in_background, handlers, say)
     return demo
 
 
@@ -165,10 +169,9 @@ def main(argv: list[str] | None = None) -> None:
         say(notice)
     say(
         f"loaded {model_label(model)} ({model.cfg.n_layers} layers x {model.cfg.n_heads} heads) in {time.perf_counter() - start:.1f} s; "
-        "checking every example against the cache (a first start computes them: a few minutes for GPT-2 on a CPU)"
+        "building the page with each tab's first example"
     )
-    demo = build_demo(model, notice=notice, say=say)
-    say(f"ready in {time.perf_counter() - start:.1f} s")
+    demo = build_demo(model, notice=notice, say=say, warm="background")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # a Space stopping or Ctrl-C: finish running requests first
         signal.signal(sig, lambda *_: stop.set())
@@ -176,12 +179,16 @@ def main(argv: list[str] | None = None) -> None:
         server_name=settings.host, server_port=settings.port, share=settings.share, footer_links=["api"],
         prevent_thread_lock=True, **launch_options(),
     )
+    say(f"ready in {time.perf_counter() - start:.1f} s; the other examples are computed in the background (a first start: a few minutes "
+        "for GPT-2 on a CPU), each from the cache if there, and one not ready yet runs when clicked")
+    warming = demo.warm_examples(stopping=stop.is_set)  # a stop ends the warming too: nothing is said after "stopping"
     while not stop.wait(0.5):
         pass
     signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C (or SIGTERM) stops at once
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     say(f"stopping: refusing new requests, finishing the running ones (at most {LIMITS.drain_s:.0f} s) ...")
     finished = serving.drain(demo, LIMITS.drain_s)
+    warming.join(LIMITS.drain_s)  # its example under way (a thread still inside torch at exit would abort the process)
     demo.close()
     say("stopped" if finished else f"stopped; requests still running after {LIMITS.drain_s:.0f} s were cut off")
 

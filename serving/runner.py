@@ -129,6 +129,8 @@ class Runner:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._remove_stale_partials()
         self.computed = 0  # calls that really ran the model (not answered from memory or disk)
+        self.waiting = 0  # calls waiting for the lock now (background work yields to them)
+        self._counting = threading.Lock()
 
     def _key(self, fn: Callable, args: tuple, kwargs: dict) -> str:
         call = (fn.__module__, fn.__qualname__, args, sorted((k, v) for k, v in kwargs.items() if k not in UNCACHED_KWARGS))
@@ -139,7 +141,13 @@ class Runner:
         key = self._key(fn, args, kwargs)
         if "progress" in inspect.signature(fn).parameters:  # its step boundaries: stop there when abandoned
             kwargs["progress"] = self._checking(kwargs.get("progress"))
-        self._acquire()
+        with self._counting:
+            self.waiting += 1
+        try:
+            self._acquire()
+        finally:
+            with self._counting:
+                self.waiting -= 1
         try:
             if key in self._memory:
                 self._memory.move_to_end(key)

@@ -64,6 +64,14 @@ class App:
             time.sleep(0.5)  # polling a server that is still starting
         pytest.fail(f"app.py did not answer within {START_DEADLINE_S} s\n{report()}")
 
+    def wait_for_examples(self, report) -> None:
+        """Until the console says every example is ready (they are computed after the page serves)."""
+        deadline = time.monotonic() + START_DEADLINE_S
+        while "CircuitBreaker: examples ready" not in self.console():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"app.py did not say its examples were ready\n{report()}")
+            time.sleep(0.5)  # polling the console of a server that is still warming
+
     def page(self) -> str:
         """The page and its configuration (where Gradio keeps every Markdown's text)."""
         texts = []
@@ -98,7 +106,7 @@ def lines(console: str) -> list[str]:
 
 
 def missing_console_lines(console: str, first_start: bool) -> list[str]:
-    """What the start-up progress should say and does not: loading, where from, warming, serving."""
+    """What the start-up progress should say and does not: loading, where from, serving, then warming."""
     ours = lines(console)
     checks = {
         "a line 'CircuitBreaker: loading gpt2'": any(line.startswith("CircuitBreaker: loading gpt2") for line in ours),
@@ -106,6 +114,9 @@ def missing_console_lines(console: str, first_start: bool) -> list[str]:
             "warming examples" in line and re.search(r"\b1/\d+", line) for line in ours
         ),
         "Gradio's 'Running on local URL'": "Running on local URL" in console,
+        "'ready in' before the first warming line (the page serves first)": any(line.startswith("CircuitBreaker: ready in") for line in ours)
+        and not any("warming examples" in line for line in ours[: next((i for i, line in enumerate(ours) if "ready in" in line), 0)]),
+        "a last line 'CircuitBreaker: examples ready'": any(line.startswith("CircuitBreaker: examples ready") for line in ours),
         "no Traceback": "Traceback" not in console,
     }
     loading = [line for line in ours if line.startswith("CircuitBreaker: loading gpt2")]
@@ -165,6 +176,7 @@ def test_gpt2_downloads_from_the_hub_then_restarts_from_the_cache_with_the_hub_g
         # First start: an empty Hugging Face cache, the Hub reachable.
         app = App(env, tmp_path / "console-first.txt")
         app.wait_until_serving(report)
+        app.wait_for_examples(report)
         assert hub.count("GET", "model.safetensors", status=200) == 1, f"the weights were not downloaded once\n{report()}"
         assert hub.count("GET", "config.json", status=200) >= 1, report()
         snapshot = hf_home / "hub" / "models--gpt2" / "snapshots" / hub.commit
@@ -179,6 +191,7 @@ def test_gpt2_downloads_from_the_hub_then_restarts_from_the_cache_with_the_hub_g
         hub.stop()
         app = App(env, tmp_path / "console-second.txt")
         app.wait_until_serving(report)
+        app.wait_for_examples(report)
         check_serves_gpt2(app, expected, report)
         after = files_with_mtimes(example_cache)
         if after != examples and code_fingerprint.__wrapped__() != code:  # the cache is keyed by core/'s source

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -309,18 +310,46 @@ def example_rows(model: Model) -> dict[str, tuple[list[str], list[list]]]:
     }
 
 
-def warm_examples(handlers: Handlers, say=None) -> None:
-    """Compute every example once (or load it from disk), so clicking one answers at once.
-    `say(line)`, if given, hears one line per example: which, and whether it was computed or cached."""
+def warm_examples(handlers: Handlers, say=None, yield_to_users: bool = False, stopping=None) -> None:
+    """Compute every example once (or load it from disk), in the order listed, so clicking one answers
+    at once. `say(line)`, if given, hears one line per example (which, and whether it was computed or
+    cached) and a last line when all are ready. `yield_to_users`: before each example, wait while a
+    request is waiting for the model (a user's click runs before the examples nobody asked for yet).
+    `stopping()`, if given, is asked before each example and each line: once true, nothing more is done or said."""
+    stopped = stopping or (lambda: False)
     rows = example_rows(handlers.runner.model)
     work = [
         (name, handler, row)
         for tab, handler in (("explorer", handlers.explore), ("contrast", handlers.contrast), ("circuit_map", handlers.circuit_map))
         for name, row in zip(*rows[tab])
     ]
+    began, computed_before = time.perf_counter(), handlers.runner.computed
     for i, (name, handler, row) in enumerate(work, 1):
+        while yield_to_users and handlers.runner.waiting and not stopped():
+            time.sleep(0.1)
+        if stopped():
+            return
         computed, start = handlers.runner.computed, time.perf_counter()
         handler(*row, persist=True)
-        if say is not None:
+        if say is not None and not stopped():
             how = "from the cache" if handlers.runner.computed == computed else f"computed in {time.perf_counter() - start:.1f} s"
             say(f"warming examples {i}/{len(work)}: {name} ({how})")
+    if say is not None and not stopped():
+        fresh = handlers.runner.computed - computed_before
+        say(f"examples ready: {len(work)} ({fresh} computed, {len(work) - fresh} from the cache) in {time.perf_counter() - began:.1f} s")
+
+
+def warm_in_background(handlers: Handlers, say=None, stopping=None) -> threading.Thread:
+    """warm_examples on a daemon thread, yielding to users, until `stopping()`: the page serves meanwhile,
+    and an example not computed yet runs when clicked. A failure is said, not raised (the app serves on)."""
+
+    def work() -> None:
+        try:
+            warm_examples(handlers, say, yield_to_users=True, stopping=stopping)
+        except Exception as err:  # noqa: BLE001 - a background thread has nobody to raise to
+            if say is not None:
+                say(f"warming examples stopped: {type(err).__name__}: {err} (examples are computed when clicked)")
+
+    thread = threading.Thread(target=work, name="warm-examples", daemon=True)
+    thread.start()
+    return thread
