@@ -138,3 +138,35 @@ def test_the_code_fingerprint_covers_every_source_file_under_core(tmp_path, monk
     engine = copy / "patching" / "fast.py"
     engine.write_text(engine.read_text() + "\n# edited\n")
     assert runner.code_fingerprint.__wrapped__() != before
+
+
+def test_background_warming_yields_to_waiting_requests_and_stops_when_asked(demo_model, tmp_path):
+    """The app's examples are computed after its page serves (ui.handlers.warm_in_background): never while
+    a request waits for the model (the runner counts waiters), all of them in the end, and nothing more
+    once the app is stopping."""
+    import threading
+
+    from ui.handlers import Handlers, example_rows, warm_in_background
+
+    runner = Runner(demo_model, cache_dir=tmp_path / "cache")
+    runner.lock.acquire()  # the model busy: a request arrives and waits
+    user = threading.Thread(target=runner.run, args=(predict, IOI_CLEAN, 3))
+    user.start()
+    deadline = time.monotonic() + 30
+    while runner.waiting != 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert runner.waiting == 1
+    said: list[str] = []
+    warming = warm_in_background(Handlers(runner, str(tmp_path)), said.append)
+    time.sleep(0.5)
+    assert said == [] and runner.computed == 0 and runner.waiting == 1  # the warming does not even queue behind the waiting request
+    runner.lock.release()
+    user.join(30)
+    warming.join(300)
+    n = sum(len(labels) for labels, _ in example_rows(demo_model).values())
+    assert runner.waiting == 0 and len(said) == n + 1 and all(f"warming examples {i}/{n}: " in line for i, line in enumerate(said[:-1], 1))
+    assert said[-1].startswith(f"examples ready: {n} ({n} computed, 0 from the cache)")
+
+    quiet: list[str] = []
+    warm_in_background(Handlers(runner, str(tmp_path)), quiet.append, stopping=lambda: True).join(30)
+    assert quiet == []  # stopping: nothing computed or said

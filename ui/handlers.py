@@ -323,7 +323,7 @@ def warm_examples(handlers: Handlers, say=None, yield_to_users: bool = False, st
         for tab, handler in (("explorer", handlers.explore), ("contrast", handlers.contrast), ("circuit_map", handlers.circuit_map))
         for name, row in zip(*rows[tab])
     ]
-    began, computed_before = time.perf_counter(), handlers.runner.computed
+    began, fresh = time.perf_counter(), 0  # examples computed (not all from the cache)
     for i, (name, handler, row) in enumerate(work, 1):
         while yield_to_users and handlers.runner.waiting and not stopped():
             time.sleep(0.1)
@@ -331,11 +331,11 @@ def warm_examples(handlers: Handlers, say=None, yield_to_users: bool = False, st
             return
         computed, start = handlers.runner.computed, time.perf_counter()
         handler(*row, persist=True)
+        fresh += handlers.runner.computed != computed
         if say is not None and not stopped():
             how = "from the cache" if handlers.runner.computed == computed else f"computed in {time.perf_counter() - start:.1f} s"
             say(f"warming examples {i}/{len(work)}: {name} ({how})")
     if say is not None and not stopped():
-        fresh = handlers.runner.computed - computed_before
         say(f"examples ready: {len(work)} ({fresh} computed, {len(work) - fresh} from the cache) in {time.perf_counter() - began:.1f} s")
 
 
