@@ -110,7 +110,7 @@ def build_demo(
     demo.queue(default_concurrency_limit=1, max_size=LIMITS.max_queue_size, api_open=False)
     serving.guard_queue(demo, LIMITS.max_requests_per_client)
     if warm == "background":
-        demo.warm_examples = functools.partial(ui.handlers.warm_in_background, handlers, say)
+        demo.warm_examples = functools.partial(ui.handlers.warm_in_background, handlers, say=say)
     return demo
 
 
@@ -181,12 +181,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     say(f"ready in {time.perf_counter() - start:.1f} s; the other examples are computed in the background (a first start: a few minutes "
         "for GPT-2 on a CPU), each from the cache if there, and one not ready yet runs when clicked")
-    warming = demo.warm_examples(stopping=stop.is_set)  # a stop ends the warming too: nothing is said after "stopping"
+    console = threading.Lock()  # the warming's lines and "stopping": none of them after "stopping"
+
+    def say_warming(line: str) -> None:
+        with console:
+            if not stop.is_set():
+                say(line)
+
+    warming = demo.warm_examples(stopping=stop.is_set, say=say_warming)  # a stop ends the warming too
     while not stop.wait(0.5):
         pass
     signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C (or SIGTERM) stops at once
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    say(f"stopping: refusing new requests, finishing the running ones (at most {LIMITS.drain_s:.0f} s) ...")
+    with console:
+        say(f"stopping: refusing new requests, finishing the running ones (at most {LIMITS.drain_s:.0f} s) ...")
     finished = serving.drain(demo, LIMITS.drain_s)
     warming.join(LIMITS.drain_s)  # its example under way (a thread still inside torch at exit would abort the process)
     demo.close()

@@ -495,10 +495,13 @@ def exact_edge_effects(
         cleans, bases = [runs[i].clean for i in members], [runs[i].corrupted for i in members]
         writes = {writer: write for writer, (_, write) in zip(senders, sender_writes(engine, cleans, bases, start, list(senders.values())))}
         mlps: dict[int, Tensor] = {}  # edge -> [pair, pos, d_model]
-        for layer, chosen in into_mlp.items():
+        per_pass = max(1, rows_per_pass // (len(members) * (runs[members[0]].corrupted.resid_pre.shape[1] - start)))  # edges a product
+        for layer, into in into_mlp.items():
             resid = torch.stack([base.resid_mid[layer, start:] for base in bases])
             out = torch.stack([base.mlp_out[layer, start:] for base in bases])
-            mlps.update(zip(chosen, engine.mlp(layer, torch.stack([resid + writes[edges[e][0]] for e in chosen])) - out))
+            for at in range(0, len(into), per_pass):
+                chosen = into[at : at + per_pass]
+                mlps.update(zip(chosen, engine.mlp(layer, torch.stack([resid + writes[edges[e][0]] for e in chosen])) - out))
         prepared.update((i, (j, writes, mlps)) for j, i in enumerate(members))
     place = {id(run): i for i, run in enumerate(runs)}
 

@@ -33,7 +33,7 @@ from core.patching.path import COMPONENTS, path_patching, task_path_patching
 from core.patching.task import patch_task
 from core.registry import Technique
 from examples import EXAMPLES
-from serving.runner import Runner, write_whole
+from serving.runner import Runner, ServerBusy, write_whole
 from ui.common import literal, three_places, whole
 
 
@@ -314,7 +314,8 @@ def warm_examples(handlers: Handlers, say=None, yield_to_users: bool = False, st
     """Compute every example once (or load it from disk), in the order listed, so clicking one answers
     at once. `say(line)`, if given, hears one line per example (which, and whether it was computed or
     cached) and a last line when all are ready. `yield_to_users`: before each example, wait while a
-    request is waiting for the model (a user's click runs before the examples nobody asked for yet).
+    request is waiting for the model (a user's click runs before the examples nobody asked for yet; an
+    example under way runs to its end), and try again when the model stays busy too long.
     `stopping()`, if given, is asked before each example and each line: once true, nothing more is done or said."""
     stopped = stopping or (lambda: False)
     rows = example_rows(handlers.runner.model)
@@ -330,7 +331,13 @@ def warm_examples(handlers: Handlers, say=None, yield_to_users: bool = False, st
         if stopped():
             return
         computed, start = handlers.runner.computed, time.perf_counter()
-        handler(*row, persist=True)
+        while True:
+            try:
+                handler(*row, persist=True)
+                break
+            except ServerBusy:  # users kept the model longer than a request may wait: try again
+                if stopped():
+                    return
         fresh += handlers.runner.computed != computed
         if say is not None and not stopped():
             how = "from the cache" if handlers.runner.computed == computed else f"computed in {time.perf_counter() - start:.1f} s"
