@@ -192,19 +192,23 @@ def _writer_outputs(engine: Engine, tokens: Int[Tensor, "batch pos"], prefix: Pr
     return torch.cat(out, 1)
 
 
-def _traced(engine: Engine, runs: list[FastRun], batch: _Batch, start: int) -> tuple[Prefix | None, Tensor, Tensor]:
-    """The batch's `_prefix` at `start` and its clean and corrupted prompts' `_writer_outputs`, read from
-    its pairs' traces (`run_pairs`) instead of run again: the whole circuit view traces every prompt once."""
+def _traced(
+    engine: Engine, runs: list[FastRun], batch: _Batch, start: int, sides: tuple[str, ...] = ("clean", "corrupted")
+) -> tuple[Prefix | None, list[Tensor]]:
+    """The batch's `_prefix` at `start` and the `_writer_outputs` of each of its prompts' `sides`, read
+    from its pairs' traces (`run_pairs`) instead of run again: the whole circuit view traces every prompt once."""
     out = []
-    for side, tokens in (("clean", batch.clean), ("corrupted", batch.corrupted)):
+    for side in sides:
         traces = [getattr(runs[i], side) for i in batch.index]
         heads = torch.einsum("blphd,lhdm->blhpm", torch.stack([t.z[:, start:] for t in traces]), engine.W_O)  # [batch, layer, head, pos, d_model]
         mlps = torch.stack([t.mlp_out[:, start:] for t in traces])[:, :, None]
-        out.append(torch.cat([engine.W_E[tokens[:, start:]][:, None], torch.cat([heads, mlps], 2).flatten(1, 2)], 1))
+        embed = engine.W_E[getattr(batch, side)[:, start:]][:, None]
+        out.append(torch.cat([embed, torch.cat([heads, mlps], 2).flatten(1, 2)], 1))
+    if start == 0:
+        return None, out
     traces = [runs[i].clean for i in batch.index]
     keys, values = torch.stack([t.k[:, :start] for t in traces]), torch.stack([t.v[:, :start] for t in traces])  # [batch, layer, pos, head, d_head]
-    prefix = None if start == 0 else [(keys[:, layer], values[:, layer]) for layer in range(engine.n_layers)]
-    return prefix, out[0], out[1]
+    return [(keys[:, layer], values[:, layer]) for layer in range(engine.n_layers)], out
 
 
 def _reader_gradients(engine: Engine, embed: Tensor, batch: _Batch, prefix: Prefix | None = None) -> Float[Tensor, "batch reader pos d_model"]:
@@ -273,7 +277,7 @@ def edge_scores(
                 prefix = _prefix(engine, batch.clean, s)
                 delta = _writer_outputs(engine, batch.clean, prefix) - _writer_outputs(engine, batch.corrupted, prefix)
             else:
-                prefix, clean_outputs, corrupted_outputs = _traced(engine, runs, batch, s)
+                prefix, (clean_outputs, corrupted_outputs) = _traced(engine, runs, batch, s)
                 delta = clean_outputs - corrupted_outputs
             clean, corrupted = engine.W_E[batch.clean[:, s:]], engine.W_E[batch.corrupted[:, s:]]
             grads = sum(_reader_gradients(engine, corrupted + alpha * (clean - corrupted), batch, prefix) for alpha in alphas)
@@ -420,13 +424,14 @@ def _faithfulness_runs(
     rows = rows or _rows(engine)
     batches = _batches(engine, pairs, rows)
     ablated = np.zeros((len(excluded), len(pairs)))
+    runnable = excluded.flatten(1).any(1).nonzero()[:, 0]  # the circuits that leave out an edge
     clean, corrupted = np.zeros(len(pairs)), np.zeros(len(pairs))
     with torch.no_grad():
         means = {}
         if ablation == "mean":
             for batch in batches:
                 total, count = means.get(batch.clean.shape[1], (0.0, 0))
-                outputs = _writer_outputs(engine, batch.corrupted) if runs is None else _traced(engine, runs, batch, 0)[2]
+                outputs = _writer_outputs(engine, batch.corrupted) if runs is None else _traced(engine, runs, batch, 0, ("corrupted",))[1][0]
                 means[batch.clean.shape[1]] = (total + outputs.sum(0), count + len(batch.index))
         for i, batch in enumerate(batches):
             if progress is not None:
@@ -438,14 +443,14 @@ def _faithfulness_runs(
                 for tokens, values in ((batch.clean, clean), (batch.corrupted, corrupted)):
                     values[batch.index] = _metric(engine, _forward(engine, engine.W_E[tokens[:, start:]], prefix=prefix), batch).double().cpu().numpy()
             else:
-                prefix, _, replace = _traced(engine, runs, batch, start)
+                prefix, outputs = _traced(engine, runs, batch, start, ("corrupted",) if ablation == "corrupted" else ())
+                replace = outputs[0] if outputs else None
                 clean[batch.index] = [runs[j].clean_value for j in batch.index]
                 corrupted[batch.index] = [runs[j].corrupted_value for j in batch.index]
             if ablation == "mean":
                 total, count = means[batch.clean.shape[1]]
                 replace = (total / count)[None].expand(len(batch.index), -1, -1, -1)
             ablated[:, batch.index] = clean[batch.index]  # a circuit with every edge is the clean run: only the others are run
-            runnable = excluded.flatten(1).any(1).nonzero()[:, 0]
             per_pass = max(1, rows // (len(batch.index) * (batch.clean.shape[1] - start)))
             for at in range(0, len(runnable), per_pass):
                 part = runnable[at : at + per_pass]
@@ -485,17 +490,16 @@ def exact_edge_effects(
             into_mlp.setdefault(int(reader[3:]), []).append(e)
 
     # each writer's write, and each edge into an MLP its output's change, for the pairs of one token length
-    # together (one product, not one per pair: small products run slowly)
-    prepared: dict[int, tuple[int, dict[str, Tensor], dict[int, Tensor]]] = {}  # run index -> (its place, writes, MLP changes)
-    groups: dict[int, list[int]] = {}
-    for i, run in enumerate(runs):
-        groups.setdefault(run.corrupted.resid_pre.shape[1], []).append(i)
-    for members in groups.values():
-        start = min(runs[i].pair.first_difference for i in members)  # as evaluate_jobs starts them
+    # together (one product, not one per pair: small products run slowly), when evaluate_jobs reaches that length
+    prepared: dict[int, tuple[int, dict[str, Tensor], dict[int, Tensor]]] = {}  # run index -> (its place in its length, writes, MLP changes)
+    place = {id(run): i for i, run in enumerate(runs)}
+
+    def prepare(length: int, start: int) -> None:
+        members = [i for i, run in enumerate(runs) if run.corrupted.resid_pre.shape[1] == length]
         cleans, bases = [runs[i].clean for i in members], [runs[i].corrupted for i in members]
         writes = {writer: write for writer, (_, write) in zip(senders, sender_writes(engine, cleans, bases, start, list(senders.values())))}
         mlps: dict[int, Tensor] = {}  # edge -> [pair, pos, d_model]
-        per_pass = max(1, rows_per_pass // (len(members) * (runs[members[0]].corrupted.resid_pre.shape[1] - start)))  # edges a product
+        per_pass = max(1, rows_per_pass // (len(members) * (length - start)))  # edges a product
         for layer, into in into_mlp.items():
             resid = torch.stack([base.resid_mid[layer, start:] for base in bases])
             out = torch.stack([base.mlp_out[layer, start:] for base in bases])
@@ -503,10 +507,11 @@ def exact_edge_effects(
                 chosen = into[at : at + per_pass]
                 mlps.update(zip(chosen, engine.mlp(layer, torch.stack([resid + writes[edges[e][0]] for e in chosen])) - out))
         prepared.update((i, (j, writes, mlps)) for j, i in enumerate(members))
-    place = {id(run): i for i, run in enumerate(runs)}
 
     def jobs_of(run: FastRun, start: int, local: int):
         base = run.corrupted
+        if place[id(run)] not in prepared:
+            prepare(base.resid_pre.shape[1], start)
         j, all_writes, all_mlps = prepared[place[id(run)]]
         writes = {writer: write[j] for writer, write in all_writes.items()}
         receivers: dict[tuple[str, int], Tensor] = {}  # (writer, layer) -> every head's write change at that layer
