@@ -16,8 +16,8 @@ first 50 requests (warm) and at the end, and the growth from warm to end.
 from __future__ import annotations
 
 import argparse
+import base64
 import concurrent.futures
-import hashlib
 import json
 import os
 import random
@@ -32,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+import numpy as np  # noqa: E402
 from gradio_client import Client  # noqa: E402
 
 from core.registry import techniques  # noqa: E402
@@ -39,14 +40,15 @@ from demo_model import corpus  # noqa: E402
 
 TECHNIQUES = techniques()
 ENDPOINTS = [*(f"/{name}" for name in TECHNIQUES), "/explore", "/circuit_map", "/contrast"]  # every technique's, and the tabs' events
+LIGHT = [*(f"/{name}" for name, t in TECHNIQUES.items() if t.lane == "light"), "/explore"]  # one forward pass each: batched together
 
 
-def make_requests(n: int, seed: int, n_layers: int) -> list[tuple[str, tuple]]:
-    """n requests, round-robin over the endpoints, with seeded IOI prompts, facts and induction sizes."""
+def make_requests(n: int, seed: int, n_layers: int, endpoints: list[str] = ENDPOINTS) -> list[tuple[str, tuple]]:
+    """n requests, round-robin over `endpoints`, with seeded IOI prompts, facts and induction sizes."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        endpoint = ENDPOINTS[i % len(ENDPOINTS)]
+        endpoint = endpoints[i % len(endpoints)]
         subject, io, other = rng.sample(corpus.NAMES, 3)
         template, place, obj = rng.choice(corpus.IOI_TEMPLATES), rng.choice(corpus.PLACES), rng.choice(corpus.OBJECTS)
         order = rng.choice(["ABBA", "BABA"])
@@ -74,14 +76,46 @@ def make_requests(n: int, seed: int, n_layers: int) -> list[tuple[str, tuple]]:
 
 
 def comparable(value):
-    """An answer with downloaded files replaced by a hash of their content (paths differ per run)."""
+    """An answer with downloaded files replaced by their content (paths differ per run), figures by their
+    parsed JSON (so their numbers are compared as numbers)."""
     if isinstance(value, (list, tuple)):
         return [comparable(v) for v in value]
+    if isinstance(value, dict) and value.get("type") == "plotly" and isinstance(value.get("plot"), str):
+        return comparable(value | {"plot": json.loads(value["plot"])})
+    if isinstance(value, dict) and isinstance(value.get("bdata"), str) and "dtype" in value:  # Plotly's packed array
+        return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"]).tolist()
     if isinstance(value, dict):
         return {k: comparable(v) for k, v in value.items()}
     if isinstance(value, str) and value.endswith(".json") and os.path.isfile(value):
-        return hashlib.blake2b(Path(value).read_bytes(), digest_size=16).hexdigest()
+        return json.loads(Path(value).read_text())
     return value
+
+
+def difference(a, b, key: str = "") -> float | None:
+    """How far answer `a` is from the serial answer `b`: None where they differ in structure, text or a
+    count, else the largest absolute difference of their numbers (0.0: bit for bit). A batched forward
+    pass adds its rows in another order than a pass over one prompt (float32 rounding, about 1e-6 of a
+    logit), so a rank among the vocabulary (a key ending "ranks") may move by one where two logits tie
+    to rounding."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        parts = [difference(a[k], b[k], k) for k in b] if a.keys() == b.keys() else [None]
+    elif isinstance(a, list) and isinstance(b, list):
+        parts = [difference(x, y, key) for x, y in zip(a, b)] if len(a) == len(b) else [None]
+    elif isinstance(b, float) and isinstance(a, (int, float)):
+        return abs(a - b)
+    elif isinstance(b, int) and isinstance(a, int) and key.endswith("ranks") and abs(a - b) <= 1:
+        return 0.0 if a == b else 1e-12  # a tie broken the other way: not bit for bit
+    else:
+        return 0.0 if a == b else None
+    return None if None in parts else max(parts, default=0.0)
+
+
+def agreement(answers: list, serial: list, atol: float = 1e-4) -> str:
+    """"yes, bit for bit", "yes, to <largest absolute difference>" (at most `atol`), or "NO"."""
+    worst = [difference(a, s) for a, s in zip(answers, serial)]
+    if None in worst or max(worst) > atol:
+        return "NO"
+    return "yes, bit for bit" if max(worst) == 0 else f"yes, to {max(worst):.0e}"
 
 
 class Server:
@@ -110,9 +144,10 @@ class Server:
                 time.sleep(0.5)
         raise RuntimeError("the app did not start in 15 minutes")
 
-    def rss_mib(self) -> float:
+    def rss_mib(self, field: str = "VmRSS") -> float:
+        """Resident memory now (VmRSS) or at its peak so far (VmHWM)."""
         with open(f"/proc/{self.process.pid}/status") as f:
-            line = next(line for line in f if line.startswith("VmRSS:"))
+            line = next(line for line in f if line.startswith(f"{field}:"))
         return int(line.split()[1]) / 1024
 
     def stop(self) -> None:
@@ -157,25 +192,26 @@ def model_argument(name: str, workdir: str) -> tuple[str, int]:
 def load(args) -> None:
     with tempfile.TemporaryDirectory() as workdir:
         model, n_layers = model_argument(args.model, workdir)
-        requests = make_requests(args.requests, seed=0, n_layers=n_layers)
+        endpoints = LIGHT if args.lane == "light" else ENDPOINTS
+        requests = make_requests(args.requests, seed=0, n_layers=n_layers, endpoints=endpoints)
         server = Server(model, tempfile.mkdtemp(dir=workdir))
         try:
             serial, _, serial_errors, _ = run_users(server.url, requests, 1)
         finally:
             server.stop()
         assert serial_errors == 0, [a for a in serial if isinstance(a, str) and a.startswith("ERROR")][:3]
-        print(f"model: {args.model}; {len(requests)} distinct requests over {len(ENDPOINTS)} endpoints; fresh server per row\n")
-        print("| users | requests/s | p50 latency (s) | p95 latency (s) | errors | every answer = serial answer |")
-        print("|---:|---:|---:|---:|---:|:---:|")
+        print(f"model: {args.model}; {len(requests)} distinct requests over {len(endpoints)} endpoints ({', '.join(endpoints)}); fresh server per row\n")
+        print("| users | requests/s | p50 latency (s) | p95 latency (s) | errors | every answer = serial answer | peak memory (MiB) |")
+        print("|---:|---:|---:|---:|---:|:---:|---:|")
         for users in args.users:
             server = Server(model, tempfile.mkdtemp(dir=workdir))
             try:
                 answers, latencies, errors, wall = run_users(server.url, requests, users)
+                peak = server.rss_mib("VmHWM")
             finally:
                 server.stop()
-            same = all(a == s for a, s in zip(answers, serial))
             p50, p95 = percentile(latencies, 50), percentile(latencies, 95)
-            print(f"| {users} | {len(requests) / wall:.2f} | {p50:.2f} | {p95:.2f} | {errors} | {'yes' if same else 'NO'} |", flush=True)
+            print(f"| {users} | {len(requests) / wall:.2f} | {p50:.2f} | {p95:.2f} | {errors} | {agreement(answers, serial)} | {peak:.0f} |", flush=True)
 
 
 def soak(args) -> None:
@@ -209,6 +245,7 @@ def main() -> None:
     p_load.add_argument("--model", choices=["demo", "gpt2-shaped"], default="demo")
     p_load.add_argument("--users", type=int, nargs="+", default=[1, 4, 16])
     p_load.add_argument("--requests", type=int, default=60)
+    p_load.add_argument("--lane", choices=["all", "light"], default="all", help="light: the one-pass endpoints only (they share passes)")
     p_soak = sub.add_parser("soak")
     p_soak.add_argument("--model", choices=["demo", "gpt2-shaped"], default="demo")
     p_soak.add_argument("--requests", type=int, default=500)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from core import plots
-from core.model import Model, PromptReader, PromptRun, check_int, read_prompt, str_tokens
+from core.model import Model, PromptJob, PromptReader, PromptRun, check_int, one_pass, str_tokens
 from core.registry import PROMPT, Input, Technique
 from core.results import AttentionResult
 from examples import IOI_CLEAN
@@ -25,10 +25,11 @@ def _read(model: Model, run: PromptRun, layer: int) -> AttentionResult:
 READER = PromptReader(_prepare, _read)
 
 
+@one_pass
 def attention_patterns(model: Model, prompt: str, layer: int) -> AttentionResult:
+    """Every head's attention pattern in `layer`."""
     _prepare(model, layer)  # the layer is checked before the prompt
-    (result,) = read_prompt(model, prompt, (READER, (layer,)))
-    return result
+    return PromptJob(prompt, ((READER, (layer,)),))  # one_pass runs it
 
 
 TECHNIQUE = Technique(

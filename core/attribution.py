@@ -15,7 +15,7 @@ import torch
 
 from core import plots
 from core.contrast import LogitDiff
-from core.model import Model, PromptReader, PromptRun, read_prompt, single_token_id, str_tokens, to_tokens
+from core.model import Model, PromptJob, PromptReader, PromptRun, one_pass, single_token_id, str_tokens, to_tokens
 from core.registry import PROMPT, Input, Technique
 from core.results import DLAResult
 from examples import IOI_CLEAN
@@ -49,6 +49,7 @@ def input_errors(model: Model, prompt: str, target: str = "", competing: str = "
     return errors
 
 
+@one_pass
 def direct_logit_attribution(
     model: Model,
     prompt: str,
@@ -61,8 +62,7 @@ def direct_logit_attribution(
     `scale_by_ln=False` gives the raw projections with no LayerNorm scale (as the seed
     notebook reported them); those do not add up to the logit.
     """
-    (result,) = read_prompt(model, prompt, (READER, (target, competing, scale_by_ln)))
-    return result
+    return PromptJob(prompt, ((READER, (target, competing, scale_by_ln)),))  # one_pass runs it
 
 
 def _prepare(model: Model, target: str, competing: str | None = None, scale_by_ln: bool = True):

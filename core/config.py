@@ -63,6 +63,8 @@ class Limits:
     max_requests_per_client: int = 32  # waiting + running requests from one address (half the queue: others keep room)
     validation_wait_s: float = 2.0  # input checks wait this long for a busy model, then leave checking to the run
     lock_poll_s: float = 0.25  # a request waiting for the model checks this often whether it is still wanted
+    max_batch_calls: int = 16  # one-pass calls (predictions, logit lens, DLA, attention, the Explorer) answered from one batched pass
+    batch_poll_s: float = 0.02  # a call waiting in a batch checks this often whether another request's pass answered it
     max_wait_s: float = 120.0  # a request that cannot start within this long gets "busy, try again"
     drain_s: float = 20.0  # on SIGTERM, running requests get this long to finish (waiting ones are told to retry)
     hub_timeout_s: float = 2.0  # how long to wait for the Hugging Face Hub before giving up

@@ -1,5 +1,5 @@
 """The Prompt Explorer's four readings of one prompt (predictions, the logit lens, DLA, one layer's
-attention) from one forward pass: each technique's `PromptReader`, through `core.model.read_prompt`."""
+attention) from one forward pass: each technique's `PromptReader`, in one `PromptJob` (core.model.one_pass)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ from core.attention import _prepare as _check_layer
 from core.attribution import READER as DLA
 from core.config import DEFAULTS
 from core.logit_lens import READER as LENS
-from core.model import Model, read_prompt
+from core.model import Model, PromptJob, one_pass
 from core.predictions import READER as PREDICTIONS
 from core.predictions import _prepare as _check_k
 from core.results import AttentionResult, DLAResult, LogitLensResult, Predictions
 
 
+@one_pass
 def explore(
     model: Model, prompt: str, target: str | None = None, competing: str | None = None, layer: int = 0, k: int = DEFAULTS.top_k
 ) -> tuple[Predictions, LogitLensResult, DLAResult, AttentionResult]:
@@ -25,13 +26,4 @@ def explore(
     def targeted(*rest):  # the target (given, or the top prediction once the pass has run), then `rest`
         return (target, *rest) if target else lambda results: (results[0].top_tokens[0], *rest)
 
-    return tuple(
-        read_prompt(
-            model,
-            prompt,
-            (PREDICTIONS, (k,)),
-            (LENS, targeted()),
-            (DLA, targeted(competing)),
-            (ATTENTION, (layer,)),
-        )
-    )
+    return PromptJob(prompt, ((PREDICTIONS, (k,)), (LENS, targeted()), (DLA, targeted(competing)), (ATTENTION, (layer,))))  # one_pass runs it

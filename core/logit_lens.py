@@ -15,7 +15,7 @@ from torch import Tensor
 
 from core import plots
 from core.config import DEFAULTS
-from core.model import Model, PromptReader, PromptRun, read_prompt, single_token_id, str_tokens
+from core.model import Model, PromptJob, PromptReader, PromptRun, one_pass, single_token_id, str_tokens
 from core.registry import PROMPT, Input, Technique
 from core.results import LogitLensResult
 from examples import EIFFEL
@@ -88,10 +88,10 @@ def _unembed_summary(model: Model, rows: Float[Tensor, "row d_model"], target_id
 READER = PromptReader(_prepare, _read, _hooks)
 
 
+@one_pass
 def logit_lens(model: Model, prompt: str, target: str | None = None) -> LogitLensResult:
     """Top-1 token and probability at every (checkpoint, position); P and rank of `target`."""
-    (result,) = read_prompt(model, prompt, (READER, (target,)))
-    return result
+    return PromptJob(prompt, ((READER, (target,)),))  # one_pass runs it
 
 
 TECHNIQUE = Technique(

@@ -286,10 +286,11 @@ def check_int(value, name: str, low: int, high: int) -> int:
     return int(value)
 
 
-def run_cached(model: Model, tokens: Tensor, names):
-    """One forward pass caching only the hooks a technique needs: (logits, ActivationCache)."""
+def run_cached(model: Model, tokens: Tensor, names, **kwargs):
+    """One forward pass caching only the hooks a technique needs: (logits, ActivationCache). `kwargs` go
+    to the model's forward (e.g. Hugging Face's `logits_to_keep`)."""
     with torch.no_grad():
-        return model.run_with_cache(tokens, names_filter=names)
+        return model.run_with_cache(tokens, names_filter=names, **kwargs)
 
 
 Names = Callable[[str], bool]  # which hooks a forward pass caches
@@ -298,10 +299,11 @@ NO_HOOKS: Names = lambda name: False  # noqa: E731  (a technique that reads only
 
 @dataclass(frozen=True)
 class PromptRun:
-    """One forward pass over one prompt: its tokens, logits, and the activations its readers asked for."""
+    """One forward pass over one prompt: its tokens, logits, and the activations its readers asked for.
+    The logits of a batched pass are the final position's only (readers read `logits[:, -1]`)."""
 
     tokens: Int[Tensor, "1 pos"]
-    logits: Float[Tensor, "1 pos vocab"]
+    logits: Float[Tensor, "1 pos_or_1 vocab"]
     cache: ActivationCache
 
 
@@ -318,18 +320,118 @@ class PromptReader:
     hooks: Callable[[Model], Names] | None = None
 
 
-def read_prompt(model: Model, prompt: str, *requests: tuple[PromptReader, tuple | Callable[[list], tuple]]) -> list:
+Request = tuple[PromptReader, "tuple | Callable[[list], tuple]"]  # (reader, its inputs or a function of earlier results)
+_QUERY_KEY_HOOKS = ("hook_pattern", "hook_attn_scores")  # [batch, head, dest pos, src pos]; every other hook is [batch, pos, ...]
+
+
+@dataclass(frozen=True)
+class PromptJob:
+    """One call of a technique that reads one forward pass over its prompt: the prompt and its (reader,
+    inputs) requests. The call returns the one request's result, or all of them as a tuple (always a
+    tuple with `every`)."""
+
+    prompt: str
+    requests: tuple[Request, ...]
+    every: bool = False
+
+
+def one_pass(describe: Callable[..., PromptJob]) -> Callable:
+    """A technique written as `describe(model, *inputs) -> PromptJob` (it checks the inputs that need no
+    pass and says what to read). Calling the decorated function runs that job alone and returns its
+    result; its `.job` is `describe`, so a runner can answer many users' calls from one batched pass
+    (read_prompts)."""
+
+    @functools.wraps(describe)
+    def technique(model: Model, *args, **kwargs):
+        (outcome,) = read_prompts(model, [functools.partial(describe, model, *args, **kwargs)])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    technique.job = describe
+    return technique
+
+
+def read_prompt(model: Model, prompt: str, *requests: Request) -> list:
     """One forward pass over `prompt` answers every (reader, inputs) request, in order; it caches the
     union of the hooks they read. The prompt is checked first, then each request's inputs. A request's
     inputs may be a function of the earlier requests' results (e.g. the top prediction as the target),
     for a reader with `hooks`: those inputs are checked after the pass."""
-    tokens = to_tokens(model, prompt)
-    prepared = [None if callable(inputs) else reader.prepare(model, *inputs) for reader, inputs in requests]
-    hooks = [reader.hooks(model) if ready is None else ready[0] for (reader, _), ready in zip(requests, prepared)]
-    logits, cache = run_cached(model, tokens, lambda name: any(names(name) for names in hooks))
-    run = PromptRun(tokens, logits, cache)
+    (outcome,) = read_prompts(model, [lambda: PromptJob(prompt, requests, every=True)])
+    if isinstance(outcome, Exception):
+        raise outcome
+    return list(outcome)
+
+
+def read_prompts(model: Model, jobs: list[Callable[[], PromptJob]], max_tokens: int = DEFAULTS.tokens_per_forward) -> list:
+    """Every job's result, or the exception it raised: a bad input fails its own job only. `job()` checks
+    its inputs and describes its pass (it tokenizes, so it is called here, under the caller's lock).
+    One job is one forward pass over its prompt. Several share passes: sorted by length, as many as fit
+    in `max_tokens` padded tokens per pass, each padded on the right to the longest. Causal attention
+    never reads the padding, so every real position is computed as in a pass over its prompt alone, up to
+    float32 rounding (about 1e-6: the batched products add in another order)."""
+    outcomes: list = [None] * len(jobs)
+    plans = []
+    for index, job in enumerate(jobs):
+        try:
+            plans.append((index, *_plan(model, job())))
+        except Exception as err:  # noqa: BLE001  (handed to the job's caller, who raises it)
+            outcomes[index] = err
+    plans.sort(key=lambda plan: plan[2].shape[-1])
+    while plans:
+        count = 1
+        while count < len(plans) and (count + 1) * plans[count][2].shape[-1] <= max_tokens:
+            count += 1
+        group, plans = plans[:count], plans[count:]
+        for (index, job, tokens, prepared, _), run in zip(group, _forward(model, [plan[2] for plan in group], [plan[4] for plan in group])):
+            try:
+                outcomes[index] = _read_job(model, job, run, prepared)
+            except Exception as err:  # noqa: BLE001
+                outcomes[index] = err
+    return outcomes
+
+
+def _plan(model: Model, job: PromptJob):
+    """(job, tokens, each request's prepared inputs or None (they wait for earlier results), the hooks it reads)."""
+    tokens = to_tokens(model, job.prompt)
+    prepared = [None if callable(inputs) else reader.prepare(model, *inputs) for reader, inputs in job.requests]
+    hooks = [reader.hooks(model) if ready is None else ready[0] for (reader, _), ready in zip(job.requests, prepared)]
+    return job, tokens, prepared, hooks
+
+
+def _forward(model: Model, tokens: list[Tensor], hooks: list[list[Names]]) -> list[PromptRun]:
+    """One pass over every prompt (one prompt: exactly its own pass), caching the union of the hooks read."""
+    names = [names for job_hooks in hooks for names in job_hooks]
+    wanted = lambda name: any(read(name) for read in names)  # noqa: E731
+    if len(tokens) == 1:
+        logits, cache = run_cached(model, tokens[0], wanted)
+        return [PromptRun(tokens[0], logits, cache)]
+    longest = max(t.shape[-1] for t in tokens)
+    batch = torch.full((len(tokens), longest), int(tokens[0][0, 0]), dtype=tokens[0].dtype, device=tokens[0].device)
+    for row, t in enumerate(tokens):
+        batch[row, : t.shape[-1]] = t[0]  # the rest is padding (BOS), after the prompt: never attended to
+    finals = sorted({t.shape[-1] - 1 for t in tokens})  # readers read the final position's logits only
+    try:
+        logits, cache = run_cached(model, batch, wanted, logits_to_keep=torch.tensor(finals, device=batch.device))
+    except TypeError:  # a model whose forward has no logits_to_keep: every position's
+        logits, cache = run_cached(model, batch, wanted)
+        finals = list(range(longest))
+    runs = []
+    for row, t in enumerate(tokens):
+        n, final = t.shape[-1], finals.index(t.shape[-1] - 1)
+
+        def cut(name: str, value: Tensor) -> Tensor:
+            rows = value[row : row + 1] if value.shape[0] == len(tokens) else value  # a hook without the batch axis: shared
+            return rows[:, :, :n, :n] if name.endswith(_QUERY_KEY_HOOKS) else rows[:, :n]
+
+        cut_cache = ActivationCache({name: cut(name, value) for name, value in cache.items()}, model)
+        runs.append(PromptRun(t, logits[row : row + 1, final : final + 1], cut_cache))
+    return runs
+
+
+def _read_job(model: Model, job: PromptJob, run: PromptRun, prepared: list):
     results: list = []
-    for (reader, inputs), ready in zip(requests, prepared):
+    for (reader, inputs), ready in zip(job.requests, prepared):
         _, value = reader.prepare(model, *inputs(results)) if ready is None else ready
         results.append(reader.read(model, run, value))
-    return results
+    return results[0] if len(results) == 1 and not job.every else tuple(results)

@@ -6,7 +6,7 @@ import torch
 
 from core import plots
 from core.config import DEFAULTS, LIMITS
-from core.model import NO_HOOKS, Model, PromptReader, PromptRun, check_int, read_prompt, str_tokens
+from core.model import NO_HOOKS, Model, PromptJob, PromptReader, PromptRun, check_int, one_pass, str_tokens
 from core.registry import PROMPT, Input, Technique
 from core.results import Predictions
 from examples import EIFFEL
@@ -29,10 +29,11 @@ def _read(model: Model, run: PromptRun, k: int) -> Predictions:
 READER = PromptReader(_prepare, _read)
 
 
+@one_pass
 def predict(model: Model, prompt: str, k: int = DEFAULTS.top_k) -> Predictions:
+    """The k likeliest next tokens at the final position, with their probabilities."""
     _prepare(model, k)  # k is checked before the prompt
-    (result,) = read_prompt(model, prompt, (READER, (k,)))
-    return result
+    return PromptJob(prompt, ((READER, (k,)),))  # one_pass runs it
 
 
 TECHNIQUE = Technique(

@@ -4,6 +4,10 @@
   at once could corrupt each other's results. Every call holds the runner's lock; a call that
   cannot get it within `limits.max_wait_s` is turned away with "busy, try again" (ServerBusy,
   a ValueError, so the app shows it as a message).
+- Batched: calls of one-pass techniques (`core.model.one_pass`: predictions, the logit lens, DLA,
+  attention, the Explorer) wait together; whichever of them gets the lock answers every waiting one
+  from shared forward passes (`core.model.read_prompts`), so many users' light requests cost
+  little more than one. Each call still gets its own result or its own error.
 - Memoised: results are immutable, so a repeated call (an example clicked again, a layer
   slider moved back) is answered from a bounded in-memory LRU.
 - Persisted where asked (the app's examples): on disk, keyed by a fingerprint of the model's
@@ -106,6 +110,21 @@ def _always() -> bool:
     return True
 
 
+class _Call:
+    """A one-pass call waiting for a batched pass: its job, and then its result or error."""
+
+    def __init__(self, job: Callable, key: str, persist: bool):
+        self.job, self.key, self.persist = job, key, persist
+        self.taken = False  # a pass that answers it has started (it can no longer leave the batch)
+        self.done = threading.Event()
+        self.outcome: Any = None  # the result, or the exception to raise in the caller's thread
+
+    def answer(self):
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
+
 class Runner:
     """A model plus a lock, an LRU of results and an on-disk store for persistent ones."""
 
@@ -130,7 +149,9 @@ class Runner:
         self._remove_stale_partials()
         self.computed = 0  # calls that really ran the model (not answered from memory or disk)
         self.waiting = 0  # calls waiting for the lock now (background work yields to them)
-        self._counting = threading.Lock()
+        self._counting = threading.Lock()  # guards the counters and the batch
+        self._batch: list[_Call] = []  # one-pass calls waiting for the next batched pass
+        self.passes = 0  # batched runs of one-pass calls (each one or more forward passes)
 
     def _key(self, fn: Callable, args: tuple, kwargs: dict) -> str:
         call = (fn.__module__, fn.__qualname__, args, sorted((k, v) for k, v in kwargs.items() if k not in UNCACHED_KWARGS))
@@ -139,6 +160,8 @@ class Runner:
     def run(self, fn: Callable, *args, persist: bool = False, **kwargs):
         """fn(model, *args, **kwargs), from the cache when this exact call was made before."""
         key = self._key(fn, args, kwargs)
+        if hasattr(fn, "job"):  # a one-pass technique: answered in a batch with the other waiting ones
+            return self._run_batched(_Call(functools.partial(fn.job, self.model, *args, **kwargs), key, persist))
         if "progress" in inspect.signature(fn).parameters:  # its step boundaries: stop there when abandoned
             kwargs["progress"] = self._checking(kwargs.get("progress"))
         with self._counting:
@@ -149,25 +172,115 @@ class Runner:
             with self._counting:
                 self.waiting -= 1
         try:
-            if key in self._memory:
-                self._memory.move_to_end(key)
-                return self._memory[key]
-            result = self._load(key) if persist else None
+            result = self._recall(key, persist)
             if result is None:
                 release_freed_memory()
                 result = fn(self.model, *args, **kwargs)
                 self.computed += 1
-                if persist:
-                    self._store(key, result)
-            self._memory[key] = result
-            while len(self._memory) > self.max_entries:
-                self._memory.popitem(last=False)
+                self._remember(key, result, persist)
             return result
         finally:
             self.lock.release()
 
+    def _recall(self, key: str, persist: bool):
+        """The result stored for `key` (memory, then disk where persisted), or None. Under the lock."""
+        if key in self._memory:
+            self._memory.move_to_end(key)
+            return self._memory[key]
+        result = self._load(key) if persist else None
+        if result is not None:
+            self._memory[key] = result
+        return result
+
+    def _remember(self, key: str, result, persist: bool) -> None:
+        if persist:
+            self._store(key, result)
+        self._memory[key] = result
+        while len(self._memory) > self.max_entries:
+            self._memory.popitem(last=False)
+
+    def _run_batched(self, call: _Call):
+        """Wait with the other one-pass calls; the first to get the lock answers every call waiting then
+        (at most `limits.max_batch_calls`, its own first). A call answered by another's pass returns
+        without taking the lock. Leaving (cancelled, or busy past `limits.max_wait_s`) is possible
+        until a pass takes the call."""
+        with self._counting:
+            self._batch.append(call)
+            self.waiting += 1
+        try:
+            deadline = time.monotonic() + self.limits.max_wait_s
+            while not call.done.is_set():
+                if self.lock.acquire(timeout=self.limits.batch_poll_s):
+                    try:
+                        if not call.done.is_set():
+                            self._answer_batch(call)
+                    finally:
+                        self.lock.release()
+                    break
+                if call.taken:
+                    break  # another call's pass is answering it
+                wanted = self.still_wanted()
+                if not wanted or time.monotonic() > deadline:
+                    with self._counting:
+                        leaving = not call.taken  # a call can leave until a pass takes it
+                        if leaving:
+                            self._batch.remove(call)
+                    if leaving:
+                        self._busy() if wanted else self._abandon()
+        finally:
+            with self._counting:
+                self.waiting -= 1
+        call.done.wait()
+        return call.answer()
+
+    def _answer_batch(self, own: _Call) -> None:
+        """Under the lock: answer `own` and the calls waiting with it, from the cache or in shared passes."""
+        from core.model import read_prompts
+
+        with self._counting:
+            others = [c for c in self._batch if c is not own][: self.limits.max_batch_calls - 1]
+            calls = [own, *others]
+            for c in calls:
+                self._batch.remove(c)
+                c.taken = True
+        try:
+            if not self.still_wanted():
+                own.outcome = self._abandoned()
+            fresh: dict[str, list[_Call]] = {}  # the same call from several users is computed once
+            for c in calls:
+                if c.outcome is None:
+                    c.outcome = self._recall(c.key, c.persist)
+                if c.outcome is None:
+                    fresh.setdefault(c.key, []).append(c)
+            if fresh:
+                release_freed_memory()
+                for (key, same), outcome in zip(fresh.items(), read_prompts(self.model, [same[0].job for same in fresh.values()])):
+                    for c in same:
+                        c.outcome = outcome
+                    if not isinstance(outcome, Exception):
+                        self.computed += 1
+                        self._remember(key, outcome, any(c.persist for c in same))
+                self.passes += 1
+        except BaseException as err:  # noqa: BLE001  (every caller in the batch hears of it)
+            for c in calls:
+                if c.outcome is None:
+                    c.outcome = err
+            raise
+        finally:
+            for c in calls:
+                c.done.set()
+
+    @staticmethod
+    def _abandoned() -> Abandoned:
+        return Abandoned("This request was cancelled (or its page closed), so its computation stopped.")
+
     def _abandon(self):
-        raise Abandoned("This request was cancelled (or its page closed), so its computation stopped.")
+        raise self._abandoned()
+
+    def _busy(self):
+        raise ServerBusy(
+            f"The server is busy: other requests kept the model occupied for {self.limits.max_wait_s:.0f} s. Try again in a minute."
+        )
 
     def _acquire(self) -> None:
         """Take the lock, waiting at most `limits.max_wait_s`; a waiter nobody wants any more leaves at
@@ -176,10 +289,7 @@ class Runner:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise ServerBusy(
-                    f"The server is busy: other requests kept the model occupied for {self.limits.max_wait_s:.0f} s. "
-                    "Try again in a minute."
-                )
+                self._busy()
             if self.lock.acquire(timeout=min(self.limits.lock_poll_s, remaining)):
                 if self.still_wanted():
                     return

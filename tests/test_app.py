@@ -27,7 +27,7 @@ from core import (
     predict,
 )
 from core.attribution import input_errors as explorer_errors
-from core.config import Limits
+from core.config import LIMITS, Limits
 from core.contrast import input_errors as pair_errors
 from core.induction import input_errors as induction_errors
 from core.registry import techniques
@@ -301,15 +301,17 @@ def test_python_app_py_without_a_model_says_what_to_do():
 
 
 def test_quick_and_heavy_requests_queue_separately(demo_model):
-    """A line of patching runs never stands in front of a logit-lens request."""
+    """A line of patching runs never stands in front of a logit-lens request; light requests run a
+    batch at a time (they share forward passes), heavy ones one at a time."""
     demo = app.build_demo(runner=Runner(demo_model, cache_dir=None), warm=False)
-    lanes = {fn.api_name: fn.concurrency_id for fn in demo.fns.values() if fn.concurrency_limit == 1}
-    assert {lanes[name] for name in ("predict", "logit_lens", "dla", "attention", "explore", "explore_example")} == {"light"}
+    lanes = {fn.api_name: (fn.concurrency_id, fn.concurrency_limit) for fn in demo.fns.values()}
+    light = ("light", LIMITS.max_batch_calls)
+    assert {lanes[name] for name in ("predict", "logit_lens", "dla", "attention", "explore", "explore_example")} == {light}
     heavy = ("patching", "attribution_patching", "induction", "contrast", "circuit_map", "contrast_example", "circuit_map_example")
-    assert {lanes[name] for name in heavy} == {"heavy"}
+    assert {lanes[name] for name in heavy} == {("heavy", 1)}
     # every event that runs a handler (all but the examples' input filling) is in one of the two lanes
     model_events = [fn for fn in demo.fns.values() if not fn.api_name.endswith("_load")]
-    assert {(fn.concurrency_id, fn.concurrency_limit) for fn in model_events} == {("light", 1), ("heavy", 1)}
+    assert {(fn.concurrency_id, fn.concurrency_limit) for fn in model_events} == {light, ("heavy", 1)}
 
 
 def test_a_request_that_waits_too_long_gets_a_busy_message_and_the_next_one_works(tiny_model, tmp_path):

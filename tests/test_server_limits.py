@@ -194,12 +194,12 @@ def test_a_drain_finishes_running_work_and_turns_the_rest_away_with_a_sentence(h
     running, waiting = Client(url, verbose=False), Client(url, verbose=False)
     runner.lock.acquire()  # the model is busy: the first request runs (waiting for the model), the second waits in its lane
     try:
-        first = running.submit(IOI_CLEAN, 3, api_name="/predict")
+        first = running.submit(20, 4, 0, api_name="/induction")  # the heavy lane runs one request at a time
         for _ in range(600):
             if first.status().code.name == "PROCESSING":
                 break
             threading.Event().wait(0.05)
-        second = waiting.submit(IOI_CLEAN, 4, api_name="/predict")
+        second = waiting.submit(20, 4, 1, api_name="/induction")
         for _ in range(600):  # it has joined the queue, behind the first
             if second.status().code.name == "IN_QUEUE":
                 break
@@ -215,7 +215,7 @@ def test_a_drain_finishes_running_work_and_turns_the_rest_away_with_a_sentence(h
         assert status == 503 and serving.RESTARTING in text  # (gradio_client says "Queue is full! Please try again.")
     finally:
         runner.lock.release()
-    assert first.result(timeout=60)["top_tokens"]  # the running request finished with its answer
+    assert first.result(timeout=60)["scores"]  # the running request finished with its answer
     with pytest.raises(Exception, match="The server is restarting"):
         second.result(timeout=60)
     drainer.join(60)

@@ -10,12 +10,14 @@ import re
 import gradio as gr
 
 import serving
+from core.config import LIMITS
 
-# Two queues, one running request each: quick techniques never wait behind a line of heavy ones
-# (they wait at most for the one heavy request running, which the limits in core/config.py keep
-# short). Both still take turns on the model itself (Runner's lock: hooks live on the model).
-LIGHT = dict(concurrency_id="light", concurrency_limit=1)  # predictions, logit lens, DLA, attention
-HEAVY = dict(concurrency_id="heavy", concurrency_limit=1)  # patching (both kinds), induction
+# Two queues: quick techniques never wait behind a line of heavy ones (they wait at most for the
+# one heavy request running, which the limits in core/config.py keep short). Both take turns on the
+# model itself (Runner's lock: hooks live on the model). The light lane runs as many requests as one
+# batched pass answers: they wait for the model together and share its forward passes (Runner).
+LIGHT = dict(concurrency_id="light", concurrency_limit=LIMITS.max_batch_calls)  # predictions, logit lens, DLA, attention, the Explorer
+HEAVY = dict(concurrency_id="heavy", concurrency_limit=1)  # patching (all kinds), induction, circuits
 LANES = {"light": LIGHT, "heavy": HEAVY}  # a technique's declared lane (core.registry) -> its queue
 RAW = dict(preprocess=False)  # widgets hand over what was sent; core validates it with a clear message
 

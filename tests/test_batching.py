@@ -1,0 +1,175 @@
+"""Many users' light requests share forward passes: one-pass techniques (core.model.one_pass) waiting
+for the model together are answered from one batched pass (core.model.read_prompts, through the
+Runner), each with its own result or its own error, equal to its call alone up to float32 rounding."""
+
+from __future__ import annotations
+
+import functools
+import random
+import threading
+
+import numpy as np
+import torch
+from gradio_client import Client
+
+import app
+from core import attention_patterns, direct_logit_attribution, logit_lens, predict
+from core.explorer import explore
+from core.model import read_prompts, to_tokens
+from core.registry import techniques
+from demo_model import corpus
+from serving.runner import Abandoned, Runner
+from tests.conftest import IOI_CLEAN, free_port
+
+WAIT_S = 60  # liveness bound only
+
+
+def calls(prompts: list[str]) -> list[tuple]:
+    """Each one-pass technique on each prompt, then inputs that fail (each must fail alone)."""
+    out = []
+    for i, prompt in enumerate(prompts):
+        out += [
+            (predict, prompt, 1 + i),
+            (logit_lens, prompt, " Paris" if i % 2 else None),
+            (direct_logit_attribution, prompt, " Mary", " John" if i % 2 else None),
+            (attention_patterns, prompt, i % 2),
+            (explore, prompt, None, " John", 1),
+        ]
+    return out + [(predict, "", 3), (logit_lens, IOI_CLEAN, "not one token"), (attention_patterns, IOI_CLEAN, 99)]
+
+
+def assert_same(batched, alone) -> None:
+    """Equal structure and text; numbers to float32 rounding; a rank among the vocabulary may move by
+    one where two logits tie to rounding (the padded pass adds in another order)."""
+    if isinstance(alone, Exception):
+        assert type(batched) is type(alone) and str(batched) == str(alone)
+    elif isinstance(alone, tuple):
+        for b, a in zip(batched, alone, strict=True):
+            assert_same(b, a)
+    else:
+        compare(batched.to_dict(), alone.to_dict(), "")
+
+
+def compare(b, a, key: str) -> None:
+    if isinstance(a, dict):
+        assert b.keys() == a.keys()
+        for k in a:
+            compare(b[k], a[k], k)
+    elif isinstance(a, (int, float, list)) and np.size(a) and isinstance(np.ravel(a)[0].item(), (int, float)) and not isinstance(np.ravel(a)[0], bool):
+        b, a = np.asarray(b, dtype=float), np.asarray(a, dtype=float)
+        if key.endswith("ranks"):
+            assert np.abs(b - a).max() <= 1, key
+        else:
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=key)
+    else:
+        assert b == a, key
+
+
+def outcome(fn, model, *args):
+    try:
+        return fn(model, *args)
+    except ValueError as err:
+        return err
+
+
+def test_every_one_pass_technique_declares_its_job():
+    """The runner batches a call when its function has `.job` (core.model.one_pass)."""
+    readers = [t for t in techniques().values() if t.reads_prompt is not None]
+    assert readers and all(callable(getattr(t.run, "job", None)) for t in readers) and callable(explore.job)
+
+
+def test_a_batched_pass_answers_every_call_as_its_own_pass_would(gpt2_shaped):
+    """Calls of every one-pass technique on prompts of different lengths, in passes of at most 160
+    padded tokens (several passes), plus bad inputs: each result equals the call alone."""
+    rng = random.Random(0)
+    prompts = [corpus.sample_fact(rng) for _ in range(4)] + [IOI_CLEAN, "Hello"]
+    assert len({to_tokens(gpt2_shaped, p).shape[-1] for p in prompts}) >= 4
+    todo = calls(prompts)
+    batched = read_prompts(gpt2_shaped, [functools.partial(fn.job, gpt2_shaped, *args) for fn, *args in todo], max_tokens=160)
+    alone = [outcome(fn, gpt2_shaped, *args) for fn, *args in todo]
+    assert sum(isinstance(a, ValueError) for a in alone) == 3
+    for b, a in zip(batched, alone, strict=True):
+        assert_same(b, a)
+
+
+def test_calls_waiting_for_the_model_share_one_pass_each_with_its_own_answer(demo_model):
+    """While another request holds the model, calls pile up; the first to get the model answers all of
+    them in one pass (one from the results cache, a repeated one computed once, one with its own error), and a caller that
+    leaves while waiting is neither computed nor answered."""
+    runner = Runner(demo_model, cache_dir=None, still_wanted=lambda: threading.current_thread().name != "leaves")
+    cached = (predict, IOI_CLEAN, 2)
+    runner.run(*cached)
+    todo = [cached, (predict, IOI_CLEAN, 5), (logit_lens, IOI_CLEAN, " Mary"), (direct_logit_attribution, "When Mary and John", " Mary", None)]
+    todo += [(explore, IOI_CLEAN, None, None, 0), (attention_patterns, "The Eiffel Tower is in", 1), (predict, IOI_CLEAN, 5)]
+    todo += [(logit_lens, IOI_CLEAN, "not a token")]
+    answers: dict[int, object] = {}
+
+    def call(i, fn, *args):
+        try:
+            answers[i] = runner.run(fn, *args)
+        except ValueError as err:  # Abandoned and input errors
+            answers[i] = err
+
+    threads = [threading.Thread(target=call, args=(i, *c)) for i, c in enumerate(todo)]
+    threads.append(threading.Thread(target=call, args=(len(todo), predict, IOI_CLEAN, 7), name="leaves"))
+    passes, computed = runner.passes, runner.computed
+    runner.lock.acquire()  # another request holds the model
+    try:
+        for t in threads:
+            t.start()
+        for t in threads[-1:]:
+            t.join(WAIT_S)  # the caller that left is gone before the model is free
+        assert isinstance(answers[len(todo)], Abandoned)
+        for _ in range(int(WAIT_S / 0.01)):
+            if runner.waiting == len(todo):
+                break
+            threading.Event().wait(0.01)
+        assert runner.waiting == len(todo)
+    finally:
+        runner.lock.release()
+    for t in threads:
+        t.join(WAIT_S)
+    assert runner.passes == passes + 1 and runner.computed == computed + len(todo) - 3  # not the cached call, the repeat, the error
+    for i, (fn, *args) in enumerate(todo):
+        assert_same(answers[i], outcome(fn, demo_model, *args))
+    assert "not a token" in str(answers[len(todo) - 1])
+
+
+def test_concurrent_users_of_the_app_share_passes_and_get_their_own_answers(demo_model):
+    """Real Gradio lanes: light requests from several clients run together (the light lane admits a
+    batch) and are answered from one pass, each equal to its call alone."""
+    runner = Runner(demo_model, cache_dir=None)
+    demo = app.build_demo(runner=runner, warm=False)
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True, **app.launch_options())
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        requests = [("/predict", (IOI_CLEAN, k)) for k in (1, 2, 3)] + [("/logit_lens", (IOI_CLEAN, " Mary")), ("/attention", ("When Mary and John", 1))]
+        clients = [Client(url, verbose=False) for _ in requests]
+        passes = runner.passes
+        runner.lock.acquire()  # the model is busy: every request waits for it, together
+        try:
+            jobs = [c.submit(*args, api_name=name) for c, (name, args) in zip(clients, requests)]
+            for _ in range(int(WAIT_S / 0.01)):
+                if runner.waiting == len(requests):
+                    break
+                threading.Event().wait(0.01)
+            assert runner.waiting == len(requests)
+        finally:
+            runner.lock.release()
+        answers = [job.result(timeout=WAIT_S) for job in jobs]
+        assert runner.passes == passes + 1
+        runs = {"/predict": predict, "/logit_lens": logit_lens, "/attention": attention_patterns}
+        for (name, args), answer in zip(requests, answers):
+            compare(answer, runs[name](demo_model, *args).to_dict(), name)
+    finally:
+        demo.close()
+
+
+def test_one_call_alone_is_exactly_its_own_pass(demo_model):
+    """A batch of one is the pass over that prompt alone, bit for bit (the cache and the recorded answers rely on it)."""
+    (result,) = read_prompts(demo_model, [functools.partial(predict.job, demo_model, IOI_CLEAN, 5)])
+    tokens = to_tokens(demo_model, IOI_CLEAN)
+    with torch.no_grad():
+        probabilities = torch.softmax(demo_model(tokens)[0, -1].double(), -1)
+    assert np.array_equal(result.top_probs, probabilities.topk(5).values.numpy())
