@@ -1,12 +1,14 @@
 """Many users at once: the real app in its own process, N gradio_client users, every endpoint.
 
-    python -m benchmarks.bench_load load [--model demo|gpt2-shaped] [--users 1 4 16] [--requests 60]
+    python -m benchmarks.bench_load load [--model demo|gpt2-shaped] [--users 1 4 16] [--requests 60] [--lane all|light] [--heavy 0]
     python -m benchmarks.bench_load soak [--model demo] [--requests 500] [--users 4]
 
-load: a fixed, seeded list of distinct requests spread over all ten endpoints (JSON API and UI
-events) is answered once by one user (the serial answers), then, on a freshly started server
-each time (so nothing is answered from the results cache), by N concurrent users. Prints
-throughput, p50/p95 latency, errors (must be 0) and whether every answer equals the serial one.
+load: a fixed, seeded list of distinct requests spread over every endpoint (JSON API and UI
+events; `--lane light`: the one-pass ones, which share forward passes) is answered once by one
+user (the serial answers), then, on a freshly started server each time (so nothing is answered
+from the results cache), by N concurrent users (with `--heavy H`, beside H users sending exact
+patching requests all along). Prints throughput, p50/p95 latency, errors (must be 0), whether
+every answer equals the serial one, and the server's resident memory after the run and at its peak.
 
 soak: one server answers `--requests` mixed requests (mostly distinct, so the caches fill and
 evict) from `--users` concurrent users; prints the server's resident memory at launch, after the
@@ -25,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -177,6 +180,20 @@ def run_users(url: str, requests: list[tuple[str, tuple]], users: int) -> tuple[
     return answers, latencies, errors[0], time.perf_counter() - start
 
 
+def heavy_user(url: str, stop: threading.Event, done: list[float]) -> None:
+    """Exact patching on IOI pairs, one after another until `stop` (each one's seconds into `done`)."""
+    client = Client(url, verbose=False)
+    rng = random.Random(1)
+    while not stop.is_set():
+        subject, io, other = rng.sample(corpus.NAMES, 3)
+        template, place, obj = rng.choice(corpus.IOI_TEMPLATES), rng.choice(corpus.PLACES), rng.choice(corpus.OBJECTS)
+        clean = corpus.ioi_prompt(template, io, subject, place, obj, "ABBA")
+        corrupted = corpus.ioi_prompt(template, other, subject, place, obj, "ABBA")
+        start = time.perf_counter()
+        client.predict(clean, corrupted, f" {io}", f" {other}", api_name="/patching")
+        done.append(time.perf_counter() - start)
+
+
 def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
@@ -201,17 +218,27 @@ def load(args) -> None:
             server.stop()
         assert serial_errors == 0, [a for a in serial if isinstance(a, str) and a.startswith("ERROR")][:3]
         print(f"model: {args.model}; {len(requests)} distinct requests over {len(endpoints)} endpoints ({', '.join(endpoints)}); fresh server per row\n")
-        print("| users | requests/s | p50 latency (s) | p95 latency (s) | errors | every answer = serial answer | peak memory (MiB) |")
-        print("|---:|---:|---:|---:|---:|:---:|---:|")
+        print("| users | requests/s | p50 latency (s) | p95 latency (s) | errors | every answer = serial answer | memory after (MiB) | peak memory (MiB) |")
+        print("|---:|---:|---:|---:|---:|:---:|---:|---:|")
         for users in args.users:
             server = Server(model, tempfile.mkdtemp(dir=workdir))
+            stop, heavy_seconds = threading.Event(), []
+            heavy = [threading.Thread(target=heavy_user, args=(server.url, stop, heavy_seconds)) for _ in range(args.heavy)]
             try:
+                for thread in heavy:
+                    thread.start()
                 answers, latencies, errors, wall = run_users(server.url, requests, users)
-                peak = server.rss_mib("VmHWM")
+                after, peak = server.rss_mib(), server.rss_mib("VmHWM")  # peak: loading the model included
             finally:
+                stop.set()
+                for thread in heavy:
+                    thread.join()
                 server.stop()
+            if heavy:
+                users = f"{users} + {args.heavy} heavy ({len(heavy_seconds)} patching runs, median {statistics.median(heavy_seconds or [0]):.1f} s)"
             p50, p95 = percentile(latencies, 50), percentile(latencies, 95)
-            print(f"| {users} | {len(requests) / wall:.2f} | {p50:.2f} | {p95:.2f} | {errors} | {agreement(answers, serial)} | {peak:.0f} |", flush=True)
+            cells = [users, f"{len(requests) / wall:.2f}", f"{p50:.2f}", f"{p95:.2f}", errors, agreement(answers, serial), f"{after:.0f}", f"{peak:.0f}"]
+            print("| " + " | ".join(map(str, cells)) + " |", flush=True)
 
 
 def soak(args) -> None:
@@ -246,6 +273,7 @@ def main() -> None:
     p_load.add_argument("--users", type=int, nargs="+", default=[1, 4, 16])
     p_load.add_argument("--requests", type=int, default=60)
     p_load.add_argument("--lane", choices=["all", "light"], default="all", help="light: the one-pass endpoints only (they share passes)")
+    p_load.add_argument("--heavy", type=int, default=0, help="users sending exact patching requests throughout each row (light users' latency beside them)")
     p_soak = sub.add_parser("soak")
     p_soak.add_argument("--model", choices=["demo", "gpt2-shaped"], default="demo")
     p_soak.add_argument("--requests", type=int, default=500)

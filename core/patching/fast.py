@@ -71,8 +71,9 @@ class Engine:
         with torch.no_grad():
             self.W_E, self.W_pos = model.W_E.detach(), model.W_pos.detach()
             self.W_O, self.b_O = model.W_O.detach(), model.b_O.detach()
-            self.W_in, self.b_in = model.W_in.detach(), model.b_in.detach()
-            self.W_out, self.b_out = model.W_out.detach(), model.b_out.detach()
+            # the MLP weights per layer, as the model holds them (model.W_in would stack a copy: 226 MB for GPT-2)
+            self.W_in, self.b_in = self._per_layer(model, "W_in"), model.b_in.detach()
+            self.W_out, self.b_out = self._per_layer(model, "W_out"), model.b_out.detach()
             self.W_U, self.b_U = model.W_U.detach(), model.b_U.detach()
             d = cfg.d_model
             # [layer, head, d_model, d_head] -> [layer, d_model, head * d_head]: one matmul per projection
@@ -100,6 +101,15 @@ class Engine:
             and getattr(cfg, "output_logits_soft_cap", -1.0) <= 0
             and all(hasattr(block, "ln1") and hasattr(block, "ln2") for block in model.blocks)
         )
+
+    @staticmethod
+    def _per_layer(model: Model, name: str) -> tuple[Tensor, ...]:
+        """Each block's MLP weight `name`, the model's own tensor where its blocks expose it, else a slice of
+        the stacked copy model.<name>."""
+        own = tuple(getattr(block.mlp, name, None) for block in model.blocks)
+        if all(isinstance(w, Tensor) for w in own):
+            return tuple(w.detach() for w in own)
+        return getattr(model, name).detach().unbind(0)
 
     def _ln_params(self, bridge) -> tuple[Tensor, Tensor]:
         layer_norm = getattr(bridge, "original_component", None)
