@@ -180,8 +180,9 @@ def run_users(url: str, requests: list[tuple[str, tuple]], users: int) -> tuple[
     return answers, latencies, errors[0], time.perf_counter() - start
 
 
-def heavy_user(url: str, stop: threading.Event, done: list[float]) -> None:
-    """Exact patching on IOI pairs, one after another until `stop` (each one's seconds into `done`)."""
+def heavy_user(url: str, stop: threading.Event, done: list[float], failed: list[str]) -> None:
+    """Exact patching on IOI pairs, one after another until `stop` (each one's seconds into `done`, each
+    error's message into `failed`)."""
     client = Client(url, verbose=False)
     rng = random.Random(1)
     while not stop.is_set():
@@ -190,7 +191,11 @@ def heavy_user(url: str, stop: threading.Event, done: list[float]) -> None:
         clean = corpus.ioi_prompt(template, io, subject, place, obj, "ABBA")
         corrupted = corpus.ioi_prompt(template, other, subject, place, obj, "ABBA")
         start = time.perf_counter()
-        client.predict(clean, corrupted, f" {io}", f" {other}", api_name="/patching")
+        try:
+            client.predict(clean, corrupted, f" {io}", f" {other}", api_name="/patching")
+        except Exception as err:  # noqa: BLE001  (counted and reported: must be none)
+            failed.append(f"{type(err).__name__}: {err}")
+            continue
         done.append(time.perf_counter() - start)
 
 
@@ -213,17 +218,20 @@ def load(args) -> None:
         requests = make_requests(args.requests, seed=0, n_layers=n_layers, endpoints=endpoints)
         server = Server(model, tempfile.mkdtemp(dir=workdir))
         try:
-            serial, _, serial_errors, _ = run_users(server.url, requests, 1)
+            serial, _, serial_errors, serial_wall = run_users(server.url, requests, 1)
         finally:
             server.stop()
         assert serial_errors == 0, [a for a in serial if isinstance(a, str) and a.startswith("ERROR")][:3]
+        one_user = len(requests) / serial_wall  # "vs one user": the users=1 row where there is one, else this run
         print(f"model: {args.model}; {len(requests)} distinct requests over {len(endpoints)} endpoints ({', '.join(endpoints)}); fresh server per row\n")
-        print("| users | requests/s | p50 latency (s) | p95 latency (s) | errors | every answer = serial answer | memory after (MiB) | peak memory (MiB) |")
-        print("|---:|---:|---:|---:|---:|:---:|---:|---:|")
+        print(f"serial answers (one user, its own server): {one_user:.2f} requests/s\n")
+        columns = ["users", "requests/s", "vs one user", "p50 latency (s)", "p95 latency (s)", "errors", "every answer = serial answer"]
+        print("| " + " | ".join(columns + ["memory after (MiB)", "peak memory (MiB)"]) + " |")
+        print("|---:|---:|---:|---:|---:|---:|:---:|---:|---:|")
         for users in args.users:
             server = Server(model, tempfile.mkdtemp(dir=workdir))
-            stop, heavy_seconds = threading.Event(), []
-            heavy = [threading.Thread(target=heavy_user, args=(server.url, stop, heavy_seconds)) for _ in range(args.heavy)]
+            stop, heavy_seconds, heavy_errors = threading.Event(), [], []
+            heavy = [threading.Thread(target=heavy_user, args=(server.url, stop, heavy_seconds, heavy_errors)) for _ in range(args.heavy)]
             try:
                 for thread in heavy:
                     thread.start()
@@ -234,10 +242,16 @@ def load(args) -> None:
                 for thread in heavy:
                     thread.join()
                 server.stop()
+            rate = len(requests) / wall
+            if users == 1:
+                one_user = rate
+            label = users
             if heavy:
-                users = f"{users} + {args.heavy} heavy ({len(heavy_seconds)} patching runs, median {statistics.median(heavy_seconds or [0]):.1f} s)"
+                runs = f"{len(heavy_seconds)} exact patching runs, median {statistics.median(heavy_seconds or [0]):.1f} s, {len(heavy_errors)} errors"
+                label = f"{users} + {args.heavy} heavy (`--heavy {args.heavy}`: {runs})"
             p50, p95 = percentile(latencies, 50), percentile(latencies, 95)
-            cells = [users, f"{len(requests) / wall:.2f}", f"{p50:.2f}", f"{p95:.2f}", errors, agreement(answers, serial), f"{after:.0f}", f"{peak:.0f}"]
+            cells = [label, f"{rate:.2f}", f"{rate / one_user:.1f}x", f"{p50:.2f}", f"{p95:.2f}", errors, agreement(answers, serial)]
+            cells += [f"{after:.0f}", f"{peak:.0f}"]
             print("| " + " | ".join(map(str, cells)) + " |", flush=True)
 
 

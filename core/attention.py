@@ -26,10 +26,10 @@ READER = PromptReader(_prepare, _read)
 
 
 @one_pass
-def attention_patterns(model: Model, prompt: str, layer: int) -> AttentionResult:
-    """Every head's attention pattern in `layer`."""
+def attention_patterns(model: Model, prompt: str, layer: int) -> PromptJob:
+    """Every head's attention pattern in `layer`: called, an `AttentionResult` (one_pass runs the job described here)."""
     _prepare(model, layer)  # the layer is checked before the prompt
-    return PromptJob(prompt, ((READER, (layer,)),))  # one_pass runs it
+    return PromptJob(prompt, ((READER, (layer,)),))
 
 
 TECHNIQUE = Technique(

@@ -56,13 +56,14 @@ def direct_logit_attribution(
     target: str,
     competing: str | None = None,
     scale_by_ln: bool = True,
-) -> DLAResult:
-    """Attribution of logit(target) - logit(competing) (or logit(target) alone) at the final position.
+) -> PromptJob:
+    """Attribution of logit(target) - logit(competing) (or logit(target) alone) at the final position:
+    called, a `DLAResult` (one_pass runs the job described here).
 
     `scale_by_ln=False` gives the raw projections with no LayerNorm scale (as the seed
     notebook reported them); those do not add up to the logit.
     """
-    return PromptJob(prompt, ((READER, (target, competing, scale_by_ln)),))  # one_pass runs it
+    return PromptJob(prompt, ((READER, (target, competing, scale_by_ln)),))
 
 
 def _prepare(model: Model, target: str, competing: str | None = None, scale_by_ln: bool = True):

@@ -11,19 +11,19 @@ from core.logit_lens import READER as LENS
 from core.model import Model, PromptJob, one_pass
 from core.predictions import READER as PREDICTIONS
 from core.predictions import _prepare as _check_k
-from core.results import AttentionResult, DLAResult, LogitLensResult, Predictions
 
 
 @one_pass
 def explore(
     model: Model, prompt: str, target: str | None = None, competing: str | None = None, layer: int = 0, k: int = DEFAULTS.top_k
-) -> tuple[Predictions, LogitLensResult, DLAResult, AttentionResult]:
+) -> PromptJob:
     """The same results as predict, logit_lens, direct_logit_attribution and attention_patterns, from one
-    pass. `target` None: the model's top prediction (then the logit lens and DLA follow it)."""
+    pass: called, (Predictions, LogitLensResult, DLAResult, AttentionResult) (one_pass runs the job
+    described here). `target` None: the model's top prediction (then the logit lens and DLA follow it)."""
     _check_k(model, k)  # the inputs that need no pass are checked before it, as each technique does
     _check_layer(model, layer)
 
     def targeted(*rest):  # the target (given, or the top prediction once the pass has run), then `rest`
         return (target, *rest) if target else lambda results: (results[0].top_tokens[0], *rest)
 
-    return PromptJob(prompt, ((PREDICTIONS, (k,)), (LENS, targeted()), (DLA, targeted(competing)), (ATTENTION, (layer,))))  # one_pass runs it
+    return PromptJob(prompt, ((PREDICTIONS, (k,)), (LENS, targeted()), (DLA, targeted(competing)), (ATTENTION, (layer,))))

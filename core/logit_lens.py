@@ -89,9 +89,10 @@ READER = PromptReader(_prepare, _read, _hooks)
 
 
 @one_pass
-def logit_lens(model: Model, prompt: str, target: str | None = None) -> LogitLensResult:
-    """Top-1 token and probability at every (checkpoint, position); P and rank of `target`."""
-    return PromptJob(prompt, ((READER, (target,)),))  # one_pass runs it
+def logit_lens(model: Model, prompt: str, target: str | None = None) -> PromptJob:
+    """Top-1 token and probability at every (checkpoint, position); P and rank of `target`: called, a
+    `LogitLensResult` (one_pass runs the job described here)."""
+    return PromptJob(prompt, ((READER, (target,)),))
 
 
 TECHNIQUE = Technique(

@@ -383,9 +383,13 @@ def read_prompts(model: Model, jobs: list[Callable[[], PromptJob]], max_tokens: 
         while count < len(plans) and (count + 1) * plans[count][2].shape[-1] <= max_tokens:
             count += 1
         group, plans = plans[:count], plans[count:]
-        for (index, job, tokens, prepared, _), run in zip(group, _forward(model, [plan[2] for plan in group], [plan[4] for plan in group])):
+        try:
+            runs = _forward(model, [plan[2] for plan in group], [plan[4] for plan in group])
+        except Exception as err:  # noqa: BLE001  (this pass's jobs fail with it; the other passes' stand)
+            runs = [err] * len(group)
+        for (index, job, tokens, prepared, _), run in zip(group, runs):
             try:
-                outcomes[index] = _read_job(model, job, run, prepared)
+                outcomes[index] = run if isinstance(run, Exception) else _read_job(model, job, run, prepared)
             except Exception as err:  # noqa: BLE001
                 outcomes[index] = err
     return outcomes
@@ -413,15 +417,18 @@ def _forward(model: Model, tokens: list[Tensor], hooks: list[list[Names]]) -> li
     finals = sorted({t.shape[-1] - 1 for t in tokens})  # readers read the final position's logits only
     try:
         logits, cache = run_cached(model, batch, wanted, logits_to_keep=torch.tensor(finals, device=batch.device))
-    except TypeError:  # a model whose forward has no logits_to_keep: every position's
+    except TypeError as err:  # a model whose forward has no logits_to_keep: every position's
+        if "logits_to_keep" not in str(err):
+            raise
         logits, cache = run_cached(model, batch, wanted)
-        finals = list(range(longest))
+    if logits.shape[1] != len(finals):  # the forward ignored logits_to_keep: it gave every position's
+        finals = list(range(logits.shape[1]))
     runs = []
     for row, t in enumerate(tokens):
         n, final = t.shape[-1], finals.index(t.shape[-1] - 1)
 
         def cut(name: str, value: Tensor) -> Tensor:
-            rows = value[row : row + 1] if value.shape[0] == len(tokens) else value  # a hook without the batch axis: shared
+            rows = value[row : row + 1] if value.shape[0] == len(tokens) else value  # a batch axis of 1 (broadcast): shared
             return rows[:, :, :n, :n] if name.endswith(_QUERY_KEY_HOOKS) else rows[:, :n]
 
         cut_cache = ActivationCache({name: cut(name, value) for name, value in cache.items()}, model)

@@ -30,10 +30,11 @@ READER = PromptReader(_prepare, _read)
 
 
 @one_pass
-def predict(model: Model, prompt: str, k: int = DEFAULTS.top_k) -> Predictions:
-    """The k likeliest next tokens at the final position, with their probabilities."""
+def predict(model: Model, prompt: str, k: int = DEFAULTS.top_k) -> PromptJob:
+    """The k likeliest next tokens at the final position, with their probabilities: called, a `Predictions`
+    (one_pass runs the job described here)."""
     _prepare(model, k)  # k is checked before the prompt
-    return PromptJob(prompt, ((READER, (k,)),))  # one_pass runs it
+    return PromptJob(prompt, ((READER, (k,)),))
 
 
 TECHNIQUE = Technique(

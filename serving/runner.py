@@ -189,7 +189,7 @@ class Runner:
             return self._memory[key]
         result = self._load(key) if persist else None
         if result is not None:
-            self._memory[key] = result
+            self._remember(key, result, persist=False)
         return result
 
     def _remember(self, key: str, result, persist: bool) -> None:
@@ -221,15 +221,13 @@ class Runner:
                     break  # another call's pass is answering it
                 wanted = self.still_wanted()
                 if not wanted or time.monotonic() > deadline:
-                    with self._counting:
-                        leaving = not call.taken  # a call can leave until a pass takes it
-                        if leaving:
-                            self._batch.remove(call)
-                    if leaving:
-                        self._busy() if wanted else self._abandon()
+                    self._busy() if wanted else self._abandon()
         finally:
             with self._counting:
                 self.waiting -= 1
+                if not call.taken:  # it leaves (cancelled, busy, or any error while waiting) before a pass took it
+                    self._batch.remove(call)
+                    call.taken = True
         call.done.wait()
         return call.answer()
 
@@ -237,13 +235,13 @@ class Runner:
         """Under the lock: answer `own` and the calls waiting with it, from the cache or in shared passes."""
         from core.model import read_prompts
 
-        with self._counting:
-            others = [c for c in self._batch if c is not own][: self.limits.max_batch_calls - 1]
-            calls = [own, *others]
-            for c in calls:
-                self._batch.remove(c)
-                c.taken = True
+        calls = [own]
         try:
+            with self._counting:
+                calls += [c for c in self._batch if c is not own][: self.limits.max_batch_calls - 1]
+                for c in calls:
+                    self._batch.remove(c)
+                    c.taken = True
             if not self.still_wanted():
                 own.outcome = self._abandoned()
             fresh: dict[str, list[_Call]] = {}  # the same call from several users is computed once

@@ -13,9 +13,10 @@ import torch
 from gradio_client import Client
 
 import app
+import core.model
 from core import attention_patterns, direct_logit_attribution, logit_lens, predict
 from core.explorer import explore
-from core.model import read_prompts, to_tokens
+from core.model import read_prompts, run_cached, to_tokens
 from core.registry import techniques
 from demo_model import corpus
 from serving.runner import Abandoned, Runner
@@ -78,14 +79,25 @@ def test_every_one_pass_technique_declares_its_job():
     assert readers and all(callable(getattr(t.run, "job", None)) for t in readers) and callable(explore.job)
 
 
-def test_a_batched_pass_answers_every_call_as_its_own_pass_would(gpt2_shaped):
+def test_a_batched_pass_answers_every_call_as_its_own_pass_would(gpt2_shaped, monkeypatch):
     """Calls of every one-pass technique on prompts of different lengths, in passes of at most 160
-    padded tokens (several passes), plus bad inputs: each result equals the call alone."""
+    padded tokens (several passes, each computing only the final positions' logits), plus bad inputs:
+    each result equals the call alone."""
     rng = random.Random(0)
     prompts = [corpus.sample_fact(rng) for _ in range(4)] + [IOI_CLEAN, "Hello"]
     assert len({to_tokens(gpt2_shaped, p).shape[-1] for p in prompts}) >= 4
     todo = calls(prompts)
+    passes = []
+
+    def spy(model, tokens, names, **kwargs):
+        logits, cache = run_cached(model, tokens, names, **kwargs)
+        passes.append((tokens.shape, len(kwargs.get("logits_to_keep", ())), logits.shape[1]))
+        return logits, cache
+
+    monkeypatch.setattr(core.model, "run_cached", spy)
     batched = read_prompts(gpt2_shaped, [functools.partial(fn.job, gpt2_shaped, *args) for fn, *args in todo], max_tokens=160)
+    monkeypatch.undo()
+    assert 1 < len(passes) < len(todo) - 3 and all(shape.numel() <= 160 and (kept == positions or shape[0] == 1) for shape, kept, positions in passes)
     alone = [outcome(fn, gpt2_shaped, *args) for fn, *args in todo]
     assert sum(isinstance(a, ValueError) for a in alone) == 3
     for b, a in zip(batched, alone, strict=True):
