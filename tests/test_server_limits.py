@@ -195,8 +195,9 @@ def test_a_drain_finishes_running_work_and_turns_the_rest_away_with_a_sentence(h
     runner.lock.acquire()  # the model is busy: the first request runs (waiting for the model), the second waits in its lane
     try:
         first = running.submit(20, 4, 0, api_name="/induction")  # the heavy lane runs one request at a time
+        light = Client(url, verbose=False).submit(IOI_CLEAN, 3, api_name="/predict")  # the light lane runs several
         for _ in range(600):
-            if first.status().code.name == "PROCESSING":
+            if first.status().code.name == "PROCESSING" and light.status().code.name == "PROCESSING":
                 break
             threading.Event().wait(0.05)
         second = waiting.submit(20, 4, 1, api_name="/induction")
@@ -215,7 +216,8 @@ def test_a_drain_finishes_running_work_and_turns_the_rest_away_with_a_sentence(h
         assert status == 503 and serving.RESTARTING in text  # (gradio_client says "Queue is full! Please try again.")
     finally:
         runner.lock.release()
-    assert first.result(timeout=60)["scores"]  # the running request finished with its answer
+    assert first.result(timeout=60)["scores"]  # the running requests finished with their answers
+    assert light.result(timeout=60)["top_tokens"]
     with pytest.raises(Exception, match="The server is restarting"):
         second.result(timeout=60)
     drainer.join(60)
