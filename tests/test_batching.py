@@ -66,6 +66,15 @@ def compare(b, a, key: str) -> None:
         assert b == a, key
 
 
+def wait_until_waiting(runner: Runner, count: int) -> None:
+    """Until `count` calls wait for the model (its lock is held by the test), then check it."""
+    for _ in range(int(WAIT_S / 0.01)):
+        if runner.waiting == count:
+            break
+        threading.Event().wait(0.01)
+    assert runner.waiting == count
+
+
 def outcome(fn, model, *args):
     try:
         return fn(model, *args)
@@ -132,11 +141,7 @@ def test_calls_waiting_for_the_model_share_one_pass_each_with_its_own_answer(dem
         for t in threads[-1:]:
             t.join(WAIT_S)  # the caller that left is gone before the model is free
         assert isinstance(answers[len(todo)], Abandoned)
-        for _ in range(int(WAIT_S / 0.01)):
-            if runner.waiting == len(todo):
-                break
-            threading.Event().wait(0.01)
-        assert runner.waiting == len(todo)
+        wait_until_waiting(runner, len(todo))
     finally:
         runner.lock.release()
     for t in threads:
@@ -162,11 +167,7 @@ def test_concurrent_users_of_the_app_share_passes_and_get_their_own_answers(demo
         runner.lock.acquire()  # the model is busy: every request waits for it, together
         try:
             jobs = [c.submit(*args, api_name=name) for c, (name, args) in zip(clients, requests)]
-            for _ in range(int(WAIT_S / 0.01)):
-                if runner.waiting == len(requests):
-                    break
-                threading.Event().wait(0.01)
-            assert runner.waiting == len(requests)
+            wait_until_waiting(runner, len(requests))
         finally:
             runner.lock.release()
         answers = [job.result(timeout=WAIT_S) for job in jobs]
