@@ -46,17 +46,23 @@ ENDPOINTS = [*(f"/{name}" for name in TECHNIQUES), "/explore", "/circuit_map", "
 LIGHT = [*(f"/{name}" for name, t in TECHNIQUES.items() if t.lane == "light"), "/explore"]  # one forward pass each: batched together
 
 
+def ioi_pair(rng: random.Random, order: str | None = None) -> tuple[str, str, str, str, str]:
+    """(clean, corrupted, indirect object, subject, the corrupted prompt's other name): a seeded IOI pair,
+    the corrupted prompt naming another indirect object; `order` None: ABBA or BABA at random."""
+    subject, io, other = rng.sample(corpus.NAMES, 3)
+    template, place, obj = rng.choice(corpus.IOI_TEMPLATES), rng.choice(corpus.PLACES), rng.choice(corpus.OBJECTS)
+    order = order or rng.choice(["ABBA", "BABA"])
+    clean = corpus.ioi_prompt(template, io, subject, place, obj, order)
+    return clean, corpus.ioi_prompt(template, other, subject, place, obj, order), io, subject, other
+
+
 def make_requests(n: int, seed: int, n_layers: int, endpoints: list[str] = ENDPOINTS) -> list[tuple[str, tuple]]:
     """n requests, round-robin over `endpoints`, with seeded IOI prompts, facts and induction sizes."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
         endpoint = endpoints[i % len(endpoints)]
-        subject, io, other = rng.sample(corpus.NAMES, 3)
-        template, place, obj = rng.choice(corpus.IOI_TEMPLATES), rng.choice(corpus.PLACES), rng.choice(corpus.OBJECTS)
-        order = rng.choice(["ABBA", "BABA"])
-        clean = corpus.ioi_prompt(template, io, subject, place, obj, order)
-        corrupted = corpus.ioi_prompt(template, other, subject, place, obj, order)  # another indirect object
+        clean, corrupted, io, subject, other = ioi_pair(rng)
         fact = corpus.sample_fact(rng).rsplit(" ", 1)[0]  # without the city
         layer = rng.randrange(n_layers)
         args = {
@@ -186,10 +192,7 @@ def heavy_user(url: str, stop: threading.Event, done: list[float], failed: list[
     client = Client(url, verbose=False)
     rng = random.Random(1)
     while not stop.is_set():
-        subject, io, other = rng.sample(corpus.NAMES, 3)
-        template, place, obj = rng.choice(corpus.IOI_TEMPLATES), rng.choice(corpus.PLACES), rng.choice(corpus.OBJECTS)
-        clean = corpus.ioi_prompt(template, io, subject, place, obj, "ABBA")
-        corrupted = corpus.ioi_prompt(template, other, subject, place, obj, "ABBA")
+        clean, corrupted, io, _, other = ioi_pair(rng, "ABBA")
         start = time.perf_counter()
         try:
             client.predict(clean, corrupted, f" {io}", f" {other}", api_name="/patching")

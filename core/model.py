@@ -343,10 +343,7 @@ def one_pass(describe: Callable[..., PromptJob]) -> Callable:
 
     @functools.wraps(describe)
     def technique(model: Model, *args, **kwargs):
-        (outcome,) = read_prompts(model, [functools.partial(describe, model, *args, **kwargs)])
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
+        return _alone(model, functools.partial(describe, model, *args, **kwargs))
 
     technique.job = describe
     return technique
@@ -357,10 +354,15 @@ def read_prompt(model: Model, prompt: str, *requests: Request) -> list:
     union of the hooks they read. The prompt is checked first, then each request's inputs. A request's
     inputs may be a function of the earlier requests' results (e.g. the top prediction as the target),
     for a reader with `hooks`: those inputs are checked after the pass."""
-    (outcome,) = read_prompts(model, [lambda: PromptJob(prompt, requests, every=True)])
+    return list(_alone(model, lambda: PromptJob(prompt, requests, every=True)))
+
+
+def _alone(model: Model, job: Callable[[], PromptJob]):
+    """One job's result from its own pass (read_prompts), or the exception it raised, raised."""
+    (outcome,) = read_prompts(model, [job])
     if isinstance(outcome, Exception):
         raise outcome
-    return list(outcome)
+    return outcome
 
 
 def read_prompts(model: Model, jobs: list[Callable[[], PromptJob]], max_tokens: int = DEFAULTS.tokens_per_forward) -> list:

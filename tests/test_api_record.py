@@ -49,7 +49,7 @@ def machine() -> dict:
 
 
 def close(now, then, path: str = "") -> list[str]:
-    """Where `now` and `then` differ beyond 1e-5 relative in a float, or at all in anything else."""
+    """Where `now` and `then` differ beyond 1e-5 relative and 1e-6 absolute in a float, or at all in anything else."""
     if isinstance(now, float) and isinstance(then, float):
         return [] if math.isclose(now, then, rel_tol=1e-5, abs_tol=1e-6) else [f"{path}: {now!r} != {then!r}"]
     if isinstance(now, dict) and isinstance(then, dict) and list(now) == list(then):
@@ -72,4 +72,5 @@ def test_the_api_answers_what_it_answered_when_recorded(client):
         if same_machine:
             assert json.dumps(now["answer"]) == json.dumps(then["answer"]), now["endpoint"]
         else:
-            assert close(now["answer"], then["answer"], now["endpoint"]) == [], close(now["answer"], then["answer"], now["endpoint"])
+            differences = close(now["answer"], then["answer"], now["endpoint"])
+            assert differences == [], differences
