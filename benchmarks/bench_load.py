@@ -8,7 +8,8 @@ events; `--lane light`: the one-pass ones, which share forward passes) is answer
 user (the serial answers), then, on a freshly started server each time (so nothing is answered
 from the results cache), by N concurrent users (with `--heavy H`, beside H users sending exact
 patching requests all along). Prints throughput, p50/p95 latency, errors (must be 0), whether
-every answer equals the serial one, and the server's resident memory after the run and at its peak.
+every answer equals the serial one, and the server's resident memory after the run, its largest
+sample while the users were served (every 20 ms), and its peak since start (loading the model included).
 
 soak: one server answers `--requests` mixed requests (mostly distinct, so the caches fill and
 evict) from `--users` concurrent users; prints the server's resident memory at launch, after the
@@ -159,6 +160,22 @@ class Server:
             line = next(line for line in f if line.startswith(f"{field}:"))
         return int(line.split()[1]) / 1024
 
+    def peak_while(self, work):
+        """(work()'s value, the largest resident memory sampled every 20 ms while it ran, in MiB)."""
+        samples, done = [self.rss_mib()], threading.Event()
+
+        def sample():
+            while not done.wait(0.02):
+                samples.append(self.rss_mib())
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            return work(), max(samples)
+        finally:
+            done.set()
+            sampler.join()
+
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=60)
@@ -229,8 +246,8 @@ def load(args) -> None:
         print(f"model: {args.model}; {len(requests)} distinct requests over {len(endpoints)} endpoints ({', '.join(endpoints)}); fresh server per row\n")
         print(f"serial answers (one user, its own server): {one_user:.2f} requests/s\n")
         columns = ["users", "requests/s", "vs one user", "p50 latency (s)", "p95 latency (s)", "errors", "every answer = serial answer"]
-        print("| " + " | ".join(columns + ["memory after (MiB)", "peak memory (MiB)"]) + " |")
-        print("|---:|---:|---:|---:|---:|---:|:---:|---:|---:|")
+        print("| " + " | ".join(columns + ["memory after (MiB)", "peak while serving (MiB)", "peak, loading included (MiB)"]) + " |")
+        print("|---:|---:|---:|---:|---:|---:|:---:|---:|---:|---:|")
         for users in args.users:
             server = Server(model, tempfile.mkdtemp(dir=workdir))
             stop, heavy_seconds, heavy_errors = threading.Event(), [], []
@@ -238,7 +255,7 @@ def load(args) -> None:
             try:
                 for thread in heavy:
                     thread.start()
-                answers, latencies, errors, wall = run_users(server.url, requests, users)
+                (answers, latencies, errors, wall), serving = server.peak_while(lambda: run_users(server.url, requests, users))
                 after, peak = server.rss_mib(), server.rss_mib("VmHWM")  # peak: loading the model included
             finally:
                 stop.set()
@@ -254,7 +271,7 @@ def load(args) -> None:
                 label = f"{users} + {args.heavy} heavy (`--heavy {args.heavy}`: {runs})"
             p50, p95 = percentile(latencies, 50), percentile(latencies, 95)
             cells = [label, f"{rate:.2f}", f"{rate / one_user:.1f}x", f"{p50:.2f}", f"{p95:.2f}", errors, agreement(answers, serial)]
-            cells += [f"{after:.0f}", f"{peak:.0f}"]
+            cells += [f"{after:.0f}", f"{serving:.0f}", f"{peak:.0f}"]
             print("| " + " | ".join(map(str, cells)) + " |", flush=True)
 
 

@@ -147,6 +147,7 @@ class Runner:
         self._prefix = f"{model_fingerprint(model)}-{code_fingerprint()}"
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._remove_stale_partials()
+        release_freed_memory()  # what loading the model freed (TransformerLens's weight processing: hundreds of MB)
         self.computed = 0  # calls that really ran the model (not answered from memory or disk)
         self.waiting = 0  # calls waiting for the lock now (background work yields to them)
         self._counting = threading.Lock()  # guards the counters and the batch
