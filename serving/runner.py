@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import functools
 import hashlib
@@ -42,16 +43,29 @@ UNCACHED_KWARGS = ("progress",)  # arguments that do not change the result
 
 
 def model_fingerprint(model: Model) -> str:
-    """Hash of the model's configuration and every weight (about a second for GPT-2 Small). Where the
-    weights were loaded from (the name, a path, the device) is left out: the same weights and code hit
-    the same cached results whether GPT-2 came from the Hub, its cache or a local directory."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(repr(sorted((k, repr(v)) for k, v in vars(model.cfg).items() if k not in ("device", "model_name"))).encode())
-    with torch.no_grad():
-        for name, param in sorted(model.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    """Hash of the model's configuration and every weight (GPT-2 Small: 0.2 s, its 650 MB hashed with
+    SHA-256 in two shares, one thread each, which hashlib runs outside the GIL; the shares are fixed, as
+    the key depends on them). Where the weights were loaded from (the name, a path, the device) is
+    left out: the same weights and code hit the same cached results whether GPT-2 came from the Hub,
+    its cache or a local directory."""
+    config = repr(sorted((k, repr(v)) for k, v in vars(model.cfg).items() if k not in ("device", "model_name")))
+    shares, loads = [[], []], [0, 0]  # the weights dealt out largest first, each to the lightest share
+    for name, param in sorted(model.state_dict().items(), key=lambda item: (-item[1].numel(), item[0])):
+        lightest = loads.index(min(loads))
+        shares[lightest].append((name, param))
+        loads[lightest] += param.numel()
+
+    def digest(share: list) -> bytes:
+        hashed = hashlib.sha256()
+        with torch.no_grad():
+            for name, param in share:
+                hashed.update(name.encode())
+                hashed.update(param.detach().to("cpu", torch.float32).contiguous().numpy())  # the buffer itself: no copy
+        return hashed.digest()
+
+    with concurrent.futures.ThreadPoolExecutor(len(shares)) as pool:
+        parts = list(pool.map(digest, shares))
+    return hashlib.blake2b(config.encode() + b"".join(parts), digest_size=16).hexdigest()
 
 
 @functools.lru_cache(maxsize=1)

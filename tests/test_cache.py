@@ -125,6 +125,30 @@ def test_stale_partial_files_are_removed_and_a_full_disk_leaves_none(tiny_model,
     assert result.top_tokens and sorted(p.name for p in cache.iterdir()) == ["b.456.tmp"]
 
 
+def test_the_model_fingerprint_covers_every_weight(tmp_path):
+    """Cached results are keyed by the weights: one number changed in any tensor, whichever of the two
+    hashing threads takes it, is a new key; the same weights loaded again are the same key."""
+    import torch
+
+    from core import load_model, save_random_gpt2
+    from serving.runner import model_fingerprint
+
+    directory = save_random_gpt2(tmp_path / "m", n_layers=1, n_heads=2, d_model=16, n_ctx=16, seed=5)
+    model = load_model(directory)
+    before = model_fingerprint(model)
+    keys = set()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point() and tensor.numel():
+                last = tuple(size - 1 for size in tensor.shape)
+                old = tensor[last].item()
+                tensor[last] = old + 1.0
+                keys.add((name, model_fingerprint(model)))
+                tensor[last] = old
+    assert model_fingerprint(model) == before
+    assert len({key for _, key in keys}) == len(keys) and before not in {key for _, key in keys}, sorted(keys)
+
+
 def test_the_code_fingerprint_covers_every_source_file_under_core(tmp_path, monkeypatch):
     """Cached results are keyed by core's source: an edit anywhere under core/ (core/patching/ too) is a new key."""
     import shutil
