@@ -8,8 +8,8 @@ events; `--lane light`: the one-pass ones, which share forward passes) is answer
 user (the serial answers), then, on a freshly started server each time (so nothing is answered
 from the results cache), by N concurrent users (with `--heavy H`, beside H users sending exact
 patching requests all along). Prints throughput, p50/p95 latency, errors (must be 0), whether
-every answer equals the serial one, and the server's resident memory after the run, its largest
-sample while the users were served (every 20 ms), and its peak since start (loading the model included).
+every answer equals the serial one, and the server's resident memory after the run, its peak while
+the users were served, and its peak since start (loading the model included).
 
 soak: one server answers `--requests` mixed requests (mostly distinct, so the caches fill and
 evict) from `--users` concurrent users; prints the server's resident memory at launch, after the
@@ -161,20 +161,14 @@ class Server:
         return int(line.split()[1]) / 1024
 
     def peak_while(self, work):
-        """(work()'s value, the largest resident memory sampled every 20 ms while it ran, in MiB)."""
-        samples, done = [self.rss_mib()], threading.Event()
-
-        def sample():
-            while not done.wait(0.02):
-                samples.append(self.rss_mib())
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
+        """(work()'s value, the server's peak resident memory while it ran, in MiB: the kernel's own
+        peak, VmHWM, reset when the work starts; where it cannot be reset, the peak since start)."""
         try:
-            return work(), max(samples)
-        finally:
-            done.set()
-            sampler.join()
+            with open(f"/proc/{self.process.pid}/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+        return work(), self.rss_mib("VmHWM")
 
     def stop(self) -> None:
         self.process.terminate()
@@ -255,8 +249,9 @@ def load(args) -> None:
             try:
                 for thread in heavy:
                     thread.start()
+                peak = server.rss_mib("VmHWM")  # loading the model (and the first examples) included
                 (answers, latencies, errors, wall), serving = server.peak_while(lambda: run_users(server.url, requests, users))
-                after, peak = server.rss_mib(), server.rss_mib("VmHWM")  # peak: loading the model included
+                after, peak = server.rss_mib(), max(peak, serving)
             finally:
                 stop.set()
                 for thread in heavy:
