@@ -39,6 +39,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import numpy as np  # noqa: E402
 from gradio_client import Client  # noqa: E402
 
+from benchmarks.common import reset_peak  # noqa: E402
 from core.registry import techniques  # noqa: E402
 from demo_model import corpus  # noqa: E402
 
@@ -160,15 +161,9 @@ class Server:
             line = next(line for line in f if line.startswith(f"{field}:"))
         return int(line.split()[1]) / 1024
 
-    def peak_while(self, work):
-        """(work()'s value, the server's peak resident memory while it ran, in MiB: the kernel's own
-        peak, VmHWM, reset when the work starts; where it cannot be reset, the peak since start)."""
-        try:
-            with open(f"/proc/{self.process.pid}/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            pass
-        return work(), self.rss_mib("VmHWM")
+    def start_peak(self) -> bool:
+        """Start the server's peak resident memory afresh (False where that is not possible)."""
+        return reset_peak(self.process.pid)
 
     def stop(self) -> None:
         self.process.terminate()
@@ -247,11 +242,13 @@ def load(args) -> None:
             stop, heavy_seconds, heavy_errors = threading.Event(), [], []
             heavy = [threading.Thread(target=heavy_user, args=(server.url, stop, heavy_seconds, heavy_errors)) for _ in range(args.heavy)]
             try:
+                peak = server.rss_mib("VmHWM")  # loading the model (and the first examples) included
+                fresh = server.start_peak()
                 for thread in heavy:
                     thread.start()
-                peak = server.rss_mib("VmHWM")  # loading the model (and the first examples) included
-                (answers, latencies, errors, wall), serving = server.peak_while(lambda: run_users(server.url, requests, users))
-                after, peak = server.rss_mib(), max(peak, serving)
+                answers, latencies, errors, wall = run_users(server.url, requests, users)
+                after, serving = server.rss_mib(), server.rss_mib("VmHWM")
+                peak, serving = max(peak, serving), serving if fresh else None
             finally:
                 stop.set()
                 for thread in heavy:
@@ -266,7 +263,7 @@ def load(args) -> None:
                 label = f"{users} + {args.heavy} heavy (`--heavy {args.heavy}`: {runs})"
             p50, p95 = percentile(latencies, 50), percentile(latencies, 95)
             cells = [label, f"{rate:.2f}", f"{rate / one_user:.1f}x", f"{p50:.2f}", f"{p95:.2f}", errors, agreement(answers, serial)]
-            cells += [f"{after:.0f}", f"{serving:.0f}", f"{peak:.0f}"]
+            cells += [f"{after:.0f}", "n/a" if serving is None else f"{serving:.0f}", f"{peak:.0f}"]
             print("| " + " | ".join(map(str, cells)) + " |", flush=True)
 
 

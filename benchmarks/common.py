@@ -58,15 +58,29 @@ def peak_memory(fn, base: int | None = None):
 
 
 def _reset_peak() -> bool:
-    """Start this process's peak resident memory afresh from what it holds now (Linux's clear_refs); False where that is not possible."""
+    """Start this process's peak resident memory afresh from what it holds now; False where that is
+    not possible."""
+    return reset_peak("self")
+
+
+def reset_peak(pid: int | str) -> bool:
+    """Start process `pid`'s peak resident memory (VmHWM) afresh from what it holds now (Linux's
+    clear_refs); False where that is not possible or did not take (the peak is not back near the
+    resident memory: a kernel or sandbox that ignores the request)."""
     try:
-        with open("/proc/self/clear_refs", "w") as f:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
             f.write("5")
-        return True
+        status = _status(pid)
     except OSError:
         return False
+    return status["VmHWM"] <= status["VmRSS"] + 16 * 2**20  # the process may grow a little between the two reads
 
 
 def _peak_bytes() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    return _status("self")["VmHWM"]
+
+
+def _status(pid: int | str) -> dict[str, int]:
+    """VmRSS and VmHWM of process `pid`, in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.startswith(("VmRSS:", "VmHWM:"))}

@@ -118,10 +118,13 @@ def _process(bridge: Model) -> Model:
     before processing lets the file go too, but makes processing 0.6 s slower.)"""
     loaded = {tensor.untyped_storage().data_ptr() for tensor in _tensors(bridge)}
     bridge.enable_compatibility_mode(disable_warnings=True)
+    copies = {}  # each storage copied once: tensors that shared one (views, tied weights) still share it
     with torch.no_grad():
         for tensor in _tensors(bridge):
-            if tensor.device.type == "cpu" and tensor.untyped_storage().data_ptr() in loaded:
-                tensor.data = tensor.data.clone()
+            storage = tensor.untyped_storage()
+            if tensor.device.type == "cpu" and storage.data_ptr() in loaded:
+                copy = copies.setdefault(storage.data_ptr(), storage.clone())
+                tensor.data = torch.tensor([], dtype=tensor.dtype).set_(copy, tensor.storage_offset(), tensor.size(), tensor.stride())
     bridge.eval()
     return bridge
 

@@ -127,7 +127,8 @@ def test_stale_partial_files_are_removed_and_a_full_disk_leaves_none(tiny_model,
 
 def test_the_model_fingerprint_covers_every_weight(tmp_path):
     """Cached results are keyed by the weights: one number changed in any tensor, whichever of the two
-    hashing threads takes it, is a new key; the same weights loaded again are the same key."""
+    hashing threads takes it, is a new key; the number put back, the old key again. (The same weights
+    loaded from another place are the same key: test_model's Hub-cache test.)"""
     import torch
 
     from core import load_model, save_random_gpt2

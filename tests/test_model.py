@@ -31,10 +31,18 @@ def test_loading_is_cached_one_object_per_process(tiny_model):
 def test_a_loaded_model_lets_its_weights_file_go(tiny_model):
     """transformers maps the weights file into memory; the loaded model holds its own copies, so no
     tensor keeps the file mapped (for GPT-2 Small that was about 470 MB resident beside them)."""
+    from transformers import AutoModelForCausalLM
+
     weights = os.path.realpath(os.path.join(tiny_model.cfg.model_name, "model.safetensors"))
-    assert os.path.exists(weights)
-    with open("/proc/self/maps") as maps:
-        assert weights not in maps.read()
+
+    def mapped() -> bool:
+        with open("/proc/self/maps") as maps:
+            return weights in maps.read()
+
+    assert not mapped()
+    loaded = AutoModelForCausalLM.from_pretrained(tiny_model.cfg.model_name)  # the control: transformers does map it
+    assert mapped()
+    del loaded
 
 
 def test_matches_hugging_face_model_up_to_logit_centring(gpt2_shaped):
