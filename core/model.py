@@ -319,7 +319,8 @@ NO_HOOKS: Names = lambda name: False  # noqa: E731  (a technique that reads only
 @dataclass(frozen=True)
 class PromptRun:
     """One forward pass over one prompt: its tokens, logits, and the activations its readers asked for.
-    The logits of a batched pass are the final position's only (readers read `logits[:, -1]`)."""
+    The logits are the final position's only (readers read `logits[:, -1]`; unembedding every position
+    cost a tenth of a short prompt's pass)."""
 
     tokens: Int[Tensor, "1 pos"]
     logits: Float[Tensor, "1 pos_or_1 vocab"]
@@ -425,12 +426,10 @@ def _plan(model: Model, job: PromptJob):
 
 
 def _forward(model: Model, tokens: list[Tensor], hooks: list[list[Names]]) -> list[PromptRun]:
-    """One pass over every prompt (one prompt: exactly its own pass), caching the union of the hooks read."""
+    """One pass over every prompt (one prompt: its own pass, unpadded), caching the union of the hooks read
+    and unembedding the final positions only."""
     names = [names for job_hooks in hooks for names in job_hooks]
     wanted = lambda name: any(read(name) for read in names)  # noqa: E731
-    if len(tokens) == 1:
-        logits, cache = run_cached(model, tokens[0], wanted)
-        return [PromptRun(tokens[0], logits, cache)]
     longest = max(t.shape[-1] for t in tokens)
     batch = torch.full((len(tokens), longest), int(tokens[0][0, 0]), dtype=tokens[0].dtype, device=tokens[0].device)
     for row, t in enumerate(tokens):

@@ -180,9 +180,12 @@ def test_concurrent_users_of_the_app_share_passes_and_get_their_own_answers(demo
 
 
 def test_one_call_alone_is_exactly_its_own_pass(demo_model):
-    """A batch of one is the pass over that prompt alone, bit for bit (the cache and the recorded answers rely on it)."""
+    """A batch of one is the model's own pass over that prompt alone, unembedding its final position only,
+    bit for bit (the cache relies on it); the whole pass's final logits agree to float32 rounding."""
     (result,) = read_prompts(demo_model, [functools.partial(predict.job, demo_model, IOI_CLEAN, 5)])
     tokens = to_tokens(demo_model, IOI_CLEAN)
     with torch.no_grad():
-        probabilities = torch.softmax(demo_model(tokens)[0, -1].double(), -1)
-    assert np.array_equal(result.top_probs, probabilities.topk(5).values.numpy())
+        final = demo_model(tokens, logits_to_keep=torch.tensor([tokens.shape[-1] - 1]))[0, -1]
+        whole = demo_model(tokens)[0, -1]
+    assert np.array_equal(result.top_probs, torch.softmax(final.double(), -1).topk(5).values.numpy())
+    torch.testing.assert_close(final, whole, rtol=0, atol=1e-5)
