@@ -27,6 +27,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from gradio_client import Client  # noqa: E402
 
+from benchmarks.common import memory_status  # noqa: E402
 from core import save_random_gpt2  # noqa: E402
 from examples import EXAMPLES  # noqa: E402
 
@@ -74,10 +75,7 @@ class App:
         return "CircuitBreaker: examples ready" in self.console_path.read_text()
 
     def peak_rss_mib(self) -> float:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        return memory_status(self.process.pid).get("VmHWM", float("nan")) / 2**20
 
     def stop(self) -> None:
         self.process.terminate()

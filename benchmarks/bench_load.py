@@ -39,7 +39,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import numpy as np  # noqa: E402
 from gradio_client import Client  # noqa: E402
 
-from benchmarks.common import reset_peak  # noqa: E402
+from benchmarks.common import memory_status, reset_peak  # noqa: E402
 from core.registry import techniques  # noqa: E402
 from demo_model import corpus  # noqa: E402
 
@@ -157,9 +157,7 @@ class Server:
 
     def rss_mib(self, field: str = "VmRSS") -> float:
         """Resident memory now (VmRSS) or at its peak so far (VmHWM)."""
-        with open(f"/proc/{self.process.pid}/status") as f:
-            line = next(line for line in f if line.startswith(f"{field}:"))
-        return int(line.split()[1]) / 1024
+        return memory_status(self.process.pid)[field] / 2**20
 
     def start_peak(self) -> bool:
         """Start the server's peak resident memory afresh (False where that is not possible)."""

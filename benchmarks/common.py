@@ -35,11 +35,11 @@ def peak_memory(fn, base: int | None = None):
     nothing runs beside fn. Elsewhere it is sampled every 2 ms by a thread, which competes with torch's
     threads for the cores (on a 2-core machine it made a 2-thread induction run 16% slower)."""
     base = rss_bytes() if base is None else base
-    if _reset_peak():
+    if reset_peak("self"):
         start = time.perf_counter()
         result = fn()
         seconds = time.perf_counter() - start
-        return result, seconds, max(0, _peak_bytes() - base)
+        return result, seconds, max(0, memory_status("self")["VmHWM"] - base)
     peak, done = [0], threading.Event()
 
     def sample():
@@ -57,12 +57,6 @@ def peak_memory(fn, base: int | None = None):
     return result, seconds, max(0, max(peak[0], rss_bytes()) - base)
 
 
-def _reset_peak() -> bool:
-    """Start this process's peak resident memory afresh from what it holds now; False where that is
-    not possible."""
-    return reset_peak("self")
-
-
 def reset_peak(pid: int | str) -> bool:
     """Start process `pid`'s peak resident memory (VmHWM) afresh from what it holds now (Linux's
     clear_refs); False where that is not possible or did not take (the peak is not back near the
@@ -70,17 +64,13 @@ def reset_peak(pid: int | str) -> bool:
     try:
         with open(f"/proc/{pid}/clear_refs", "w") as f:
             f.write("5")
-        status = _status(pid)
+        status = memory_status(pid)
     except OSError:
         return False
     return status["VmHWM"] <= status["VmRSS"] + 16 * 2**20  # the process may grow a little between the two reads
 
 
-def _peak_bytes() -> int:
-    return _status("self")["VmHWM"]
-
-
-def _status(pid: int | str) -> dict[str, int]:
-    """VmRSS and VmHWM of process `pid`, in bytes."""
+def memory_status(pid: int | str) -> dict[str, int]:
+    """Process `pid`'s resident memory now (VmRSS) and at its peak so far (VmHWM), in bytes ("self": this process)."""
     with open(f"/proc/{pid}/status") as f:
         return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.startswith(("VmRSS:", "VmHWM:"))}
