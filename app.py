@@ -23,12 +23,16 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
+
+IMPORTED_AT = time.perf_counter()  # before the libraries: `python app.py` counts its start-up from here
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
 import serving  # noqa: E402
+import serving.restart  # noqa: E402
 import ui.api  # noqa: E402
 import ui.circuit_map  # noqa: E402
 import ui.contrast  # noqa: E402
@@ -36,9 +40,9 @@ import ui.explorer  # noqa: E402
 import ui.handlers  # noqa: E402
 import ui.more  # noqa: E402
 from core import DEFAULTS, LIMITS, ModelLoadError  # noqa: E402
-from core.model import Model, describe_source, load_with_fallback, model_label  # noqa: E402
+from core.model import Model, default_device, describe_source, load_model, load_with_fallback, model_label  # noqa: E402
 from core.registry import Technique, techniques  # noqa: E402
-from serving.runner import Runner, write_whole  # noqa: E402
+from serving.runner import DEFAULT_CACHE_DIR, ModelChanged, Runner, write_whole  # noqa: E402
 
 THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 CSS = """
@@ -81,7 +85,7 @@ def build_demo(
         model, notice = load_with_fallback(Settings.from_env().model)
     runner = runner or Runner(model)
     runner.still_wanted = serving.event_wanted
-    model = runner.model
+    model = runner.model if model is None else model  # a restart's page: the record's sketch of the model (serving.restart)
     downloads, downloads_off = download_folder()
     handlers = ui.handlers.Handlers(runner, downloads)
     if warm is True:
@@ -157,21 +161,41 @@ def say(line: str) -> None:
     print(f"CircuitBreaker: {line}", flush=True)
 
 
+def refuse_record(settings: Settings, device: str, err: Exception) -> NoReturn:
+    """A restart's model did not load, or is not the recorded one: say so and stop; the record is gone, so the
+    next start is an ordinary one."""
+    serving.restart.forget(DEFAULT_CACHE_DIR, settings.model, device)
+    raise SystemExit(f"CircuitBreaker: {err}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     settings = Settings.from_env(sys.argv[1:] if argv is None else argv)
-    start = time.perf_counter()
-    say(f"loading {settings.model} from {describe_source(settings.model)} ...")
-    try:
-        model, notice = load_with_fallback(settings.model)
-    except ModelLoadError as err:
-        raise SystemExit(f"CircuitBreaker: {err}") from None
-    if notice:
-        say(notice)
-    say(
-        f"loaded {model_label(model)} ({model.cfg.n_layers} layers x {model.cfg.n_heads} heads) in {time.perf_counter() - start:.1f} s; "
-        "building the page with each tab's first example"
-    )
-    demo = build_demo(model, notice=notice, say=say, warm="background")
+    start = IMPORTED_AT if __name__ == "__main__" else time.perf_counter()  # `python app.py`: the imports count too
+    device = default_device()
+    record = serving.restart.recall(DEFAULT_CACHE_DIR, settings.model, device)
+    if record is not None:  # a restart: the page first (from the last start's record and the example cache), then the model
+        say(f"restarting on {settings.model} (its files unchanged since the last start): the page first, then the model from {record.source}")
+        runner = Runner(loader=functools.partial(load_model, settings.model), fingerprint=record.fingerprint)
+        try:  # a first example not in the cache (core/ changed since) loads the model here
+            demo = build_demo(record.sketch(), runner=runner, say=say, warm="background")
+        except (ModelLoadError, ModelChanged) as err:
+            refuse_record(settings, device, err)
+    else:
+        say(f"loading {settings.model} from {describe_source(settings.model)} ...")
+        try:
+            model, notice = load_with_fallback(settings.model)
+        except ModelLoadError as err:
+            raise SystemExit(f"CircuitBreaker: {err}") from None
+        if notice:
+            say(notice)
+        say(
+            f"loaded {model_label(model)} ({model.cfg.n_layers} layers x {model.cfg.n_heads} heads) in {time.perf_counter() - start:.1f} s; "
+            "building the page with each tab's first example"
+        )
+        runner = Runner(model)
+        demo = build_demo(model, runner=runner, notice=notice, say=say, warm="background")
+        if notice is None:  # the model asked for (not the demo model standing in): a restart can serve its page first
+            serving.restart.remember(runner.cache_dir, settings.model, device, model, runner.fingerprint)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # a Space stopping or Ctrl-C: finish running requests first
         signal.signal(sig, lambda *_: stop.set())
@@ -181,6 +205,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     say(f"ready in {time.perf_counter() - start:.1f} s; the other examples are computed in the background (a first start: a few minutes "
         "for GPT-2 on a CPU), each from the cache if there, and one not ready yet runs when clicked")
+    if not runner.loaded:  # a restart's page serves (its first examples from the cache); a click that needs the model waits for this
+        try:
+            model = runner.model
+        except (ModelLoadError, ModelChanged) as err:
+            demo.close()
+            refuse_record(settings, device, err)
+        say(f"loaded {model_label(model)} ({model.cfg.n_layers} layers x {model.cfg.n_heads} heads) in {time.perf_counter() - start:.1f} s")
     console = threading.Lock()  # the warming's lines and "stopping": none of them after "stopping"
 
     def say_warming(line: str) -> None:

@@ -14,17 +14,19 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import ActivationCache
-from transformer_lens.model_bridge import TransformerBridge
 
 from core.config import DEFAULTS, LIMITS
 
-Model = TransformerBridge
+if TYPE_CHECKING:
+    from transformer_lens import ActivationCache
+    from transformer_lens.model_bridge import TransformerBridge as Model
+else:  # TransformerLens is imported when a model is loaded, not with this module (1.3 s the page need not wait for)
+    Model = "TransformerBridge"
 DEMO = "demo"  # load_model(DEMO): the small model trained by demo_model/train.py, shipped in the repository
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo_model" / "weights"
 
@@ -94,6 +96,17 @@ def describe_source(name_or_path: str) -> str:
     return f"the Hugging Face Hub ({constants.ENDPOINT}), downloading on this first start (about 550 MB for GPT-2 Small)"
 
 
+def loaded_from(model: Model) -> str | None:
+    """The directory the model's weights were read from (a local model directory, or the Hub cache's
+    snapshot), or None for a model not loaded by load_model."""
+    return getattr(model, "_circuitbreaker_source", None)
+
+
+def _set_source(model: Model, directory: str | None) -> Model:
+    model._circuitbreaker_source = None if directory is None else str(Path(directory).resolve())
+    return model
+
+
 def model_label(model: Model) -> str:
     """A short human name: "gpt2", a local directory's name, or "the demo model"."""
     name = str(model.cfg.model_name)
@@ -103,6 +116,8 @@ def model_label(model: Model) -> str:
 
 
 def _boot(name: str, hf_model, tokenizer, device: str) -> Model:
+    from transformer_lens.model_bridge import TransformerBridge
+
     hf_model = hf_model.to(device).eval()
     bridge = TransformerBridge.boot_transformers(
         name, hf_model=hf_model, tokenizer=tokenizer, device=device
@@ -150,7 +165,7 @@ def _load_local(directory: str, device: str) -> Model:
             f"Could not load the model in {directory}: {err}. The directory needs config.json, "
             "the weights (model.safetensors) and the tokenizer files."
         ) from err
-    return _boot(directory, hf_model, tokenizer, device)
+    return _set_source(_boot(directory, hf_model, tokenizer, device), directory)
 
 
 def _cached_snapshot(repo_id: str) -> str | None:
@@ -194,13 +209,15 @@ def _load_hub(name: str, device: str) -> Model:
             "the path of a local model directory (e.g. --model /path/to/gpt2)."
         )
     try:
+        from transformer_lens.model_bridge import TransformerBridge
+
         bridge = TransformerBridge.boot_transformers(name, device=device)
     except (OSError, ValueError) as err:
         raise ModelLoadError(
             f"Cannot load '{name}' from the Hugging Face Hub: {err}. "
             "Check the model name (e.g. 'gpt2') or pass a local model directory."
         ) from err
-    return _process(bridge)
+    return _set_source(_process(bridge), _cached_snapshot(name))
 
 
 def _load_local_snapshot(name: str, snapshot: str, device: str) -> Model:
@@ -210,7 +227,7 @@ def _load_local_snapshot(name: str, snapshot: str, device: str) -> Model:
     tokenizer = AutoTokenizer.from_pretrained(snapshot, local_files_only=True)
     bridge = _boot(snapshot, hf_model, tokenizer, device)
     bridge.cfg.model_name = name  # the name the user asked for, not the cache's snapshot directory
-    return bridge
+    return _set_source(bridge, snapshot)
 
 
 # --- text <-> tokens -----------------------------------------------------------------
@@ -451,7 +468,7 @@ def _forward(model: Model, tokens: list[Tensor], hooks: list[list[Names]]) -> li
             rows = value[row : row + 1] if value.shape[0] == len(tokens) else value  # a batch axis of 1 (broadcast): shared
             return rows[:, :, :n, :n] if name.endswith(_QUERY_KEY_HOOKS) else rows[:, :n]
 
-        cut_cache = ActivationCache({name: cut(name, value) for name, value in cache.items()}, model)
+        cut_cache = type(cache)({name: cut(name, value) for name, value in cache.items()}, model)
         runs.append(PromptRun(t, logits[row : row + 1, final : final + 1], cut_cache))
     return runs
 

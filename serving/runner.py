@@ -116,6 +116,10 @@ class ServerBusy(ValueError):
     """The model stayed busy with other requests for too long."""
 
 
+class ModelChanged(RuntimeError):
+    """A runner's loader gave a model with other weights than the fingerprint it was promised."""
+
+
 class Abandoned(ValueError):
     """Nobody waits for this work any more (the request was cancelled or its client left): it stopped."""
 
@@ -144,29 +148,62 @@ class Runner:
 
     def __init__(
         self,
-        model: Model,
+        model: Model | None = None,
         cache_dir: str | os.PathLike | None = DEFAULT_CACHE_DIR,
         max_entries: int = 64,
         still_wanted: Callable[[], bool] = _always,
         limits: Limits = LIMITS,
+        *,
+        loader: Callable[[], Model] | None = None,
+        fingerprint: str | None = None,
     ):
         """`still_wanted()` says whether the request the current thread works for still has someone
-        waiting (the app asks Gradio); work nobody wants stops at the next step boundary."""
-        self.model = model
+        waiting (the app asks Gradio); work nobody wants stops at the next step boundary.
+        `loader` and `fingerprint` instead of `model` (a restart's page first, `serving.restart`): the
+        model is loaded by the first caller that needs it (`runner.model`; results the caches hold are
+        served before), and must have that fingerprint."""
+        if (model is None) == (loader is None) or (loader is not None and fingerprint is None):
+            raise TypeError("Runner needs a model, or a loader and the fingerprint of the model it loads")
+        self._model, self._loader = model, loader
+        self._loading = threading.Lock()
         self.still_wanted = still_wanted
         self.limits = limits  # waits: max_wait_s, lock_poll_s, validation_wait_s
         self.lock = threading.RLock()
         self.max_entries = max_entries
         self._memory: OrderedDict[str, Any] = OrderedDict()
-        self._prefix = f"{model_fingerprint(model)}-{code_fingerprint()}"
+        self.fingerprint = model_fingerprint(model) if model is not None else fingerprint
+        self._prefix = f"{self.fingerprint}-{code_fingerprint()}"
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._remove_stale_partials()
-        release_freed_memory()  # what loading the model freed (TransformerLens's weight processing: hundreds of MB)
+        if model is not None:
+            release_freed_memory()  # what loading the model freed (TransformerLens's weight processing: hundreds of MB)
         self.computed = 0  # calls that really ran the model (not answered from memory or disk)
         self.waiting = 0  # calls waiting for the lock now (background work yields to them)
         self._counting = threading.Lock()  # guards the counters and the batch
         self._batch: list[_Call] = []  # one-pass calls waiting for the next batched pass
         self.passes = 0  # batched runs of one-pass calls (each one or more forward passes)
+
+    @property
+    def model(self) -> Model:
+        """The model; given a loader, the first caller loads it (the others wait) and checks its fingerprint
+        (ModelChanged: not the model the caches' results were computed with; nothing is answered from it)."""
+        if self._model is None:
+            with self._loading:
+                if self._model is None:
+                    model = self._loader()
+                    found = model_fingerprint(model)
+                    if found != self.fingerprint:
+                        raise ModelChanged(
+                            f"The model's weights are not the ones the last start recorded (fingerprint {found}, expected "
+                            f"{self.fingerprint}), though their files kept their size and time: start the app again."
+                        )
+                    self._model = model
+                    release_freed_memory()
+        return self._model
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
 
     def _key(self, fn: Callable, args: tuple, kwargs: dict) -> str:
         call = (fn.__module__, fn.__qualname__, args, sorted((k, v) for k, v in kwargs.items() if k not in UNCACHED_KWARGS))
@@ -176,7 +213,7 @@ class Runner:
         """fn(model, *args, **kwargs), from the cache when this exact call was made before."""
         key = self._key(fn, args, kwargs)
         if hasattr(fn, "job"):  # a one-pass technique: answered in a batch with the other waiting ones
-            return self._run_batched(_Call(functools.partial(fn.job, self.model, *args, **kwargs), key, persist))
+            return self._run_batched(_Call(lambda: fn.job(self.model, *args, **kwargs), key, persist))  # the model read when the pass runs
         if "progress" in inspect.signature(fn).parameters:  # its step boundaries: stop there when abandoned
             kwargs["progress"] = self._checking(kwargs.get("progress"))
         with self._counting:
@@ -326,7 +363,9 @@ class Runner:
     def check(self, fn: Callable, *args, wait_s: float | None = None):
         """fn(model, *args) for a quick check (input validation: tokenizing, no forward pass), under
         the lock (the tokenizer is shared), uncached; None if the model stays busy for `wait_s`
-        (default `limits.validation_wait_s`)."""
+        (default `limits.validation_wait_s`) or is still loading (the run checks its input itself)."""
+        if not self.loaded:
+            return None
         if not self.lock.acquire(timeout=self.limits.validation_wait_s if wait_s is None else wait_s):
             return None
         try:

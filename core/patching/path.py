@@ -34,7 +34,6 @@ import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import patching as tl_patching
 
 from core import plots
 from core.config import DEFAULTS
@@ -231,6 +230,8 @@ def _hook_values(model: Model, run: HookRun, senders: Sequence[Sender], progress
             return activation
 
         return hook
+
+    from transformer_lens import patching as tl_patching  # here, not at import: loading a model imports TransformerLens
 
     try:  # what TransformerLens refuses for direct path patching (attention writes that are not z @ W_O, K/V on GQA)
         for component in COMPONENTS:

@@ -1,0 +1,151 @@
+"""A restart serves its page before the model loads (serving/restart.py): the page comes from the last
+start's record and the example cache, the model loads behind it and must be the recorded one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from gradio_client import Client
+
+import app
+import serving.restart as restart
+from core import load_model, predict, save_random_gpt2
+from core.model import default_device, loaded_from
+from serving.runner import ModelChanged, Runner
+from tests.conftest import IOI_CLEAN, free_port
+from ui.handlers import example_rows
+
+ROOT = Path(__file__).resolve().parent.parent
+DEVICE = default_device()
+NEW_PROMPT = "A prompt no example has, so only the model can answer it:"
+
+
+@pytest.fixture
+def started(tmp_path):
+    """A model directory of its own, started once as app.main does: (directory, model, cache folder)."""
+    directory = save_random_gpt2(tmp_path / "model", n_layers=2, n_heads=4, d_model=64, n_ctx=64, seed=11)
+    model, cache = load_model(directory), tmp_path / "cache"
+    runner = Runner(model, cache_dir=cache)
+    app.build_demo(model, runner=runner, warm=False)  # each tab's first example, computed and stored
+    restart.remember(cache, directory, DEVICE, model, runner.fingerprint)
+    return directory, model, cache
+
+
+def test_a_restart_serves_its_page_and_cached_examples_without_the_model_then_loads_it_for_new_work(started):
+    directory, model, cache = started
+    assert loaded_from(model) == str(Path(directory).resolve())
+    record = restart.recall(cache, directory, DEVICE)
+    assert record is not None and record.cfg["n_layers"] == 2 and record.cfg["n_heads"] == 4
+    loads = []
+
+    def loader():
+        loads.append(directory)
+        return load_model(directory)
+
+    runner = Runner(loader=loader, fingerprint=record.fingerprint, cache_dir=cache)
+    demo = app.build_demo(record.sketch(), runner=runner, warm=False)
+    assert loads == [] and not runner.loaded  # the page, first examples included, without the model
+    header = next(b.value for b in demo.blocks.values() if getattr(b, "value", None) and "think:" in str(b.value))
+    assert f"Watch **{Path(directory).name}** (2 layers x 4 heads)" in header
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True, **app.launch_options())
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        first = example_rows(record.sketch())["explorer"][1][0]  # [prompt, target, competing, layer, head], fitted to the model
+        assert client.predict(*first[:4], api_name="/explore") and loads == []  # an example on disk needs no model
+        assert client.predict(NEW_PROMPT, 3, api_name="/predict") == predict(model, NEW_PROMPT, 3).to_dict()
+        assert loads == [directory] and runner.loaded  # loaded once, by the first request that needed it
+        assert client.predict(IOI_CLEAN, 2, api_name="/predict") == predict(model, IOI_CLEAN, 2).to_dict()
+        assert loads == [directory]
+    finally:
+        demo.close()
+
+
+def test_a_record_whose_files_changed_is_not_used(started, tmp_path):
+    directory, _, cache = started
+    weights = Path(directory) / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))  # rewritten: a new time
+    assert restart.recall(cache, directory, DEVICE) is None
+    assert restart.recall(cache, str(tmp_path / "elsewhere"), DEVICE) is None  # no record for another model
+    record = restart._path(cache, directory, DEVICE)
+    record.write_text("not json")
+    assert restart.recall(cache, directory, DEVICE) is None  # unreadable: an ordinary start
+
+
+def test_a_record_is_not_used_once_a_file_is_added(started):
+    directory, _, cache = started
+    assert restart.recall(cache, directory, DEVICE) is not None
+    (Path(directory) / "pytorch_model.bin").write_bytes(b"")  # the loader may now read other weights
+    assert restart.recall(cache, directory, DEVICE) is None
+
+
+def test_a_loaded_model_with_other_weights_than_recorded_answers_nothing(started):
+    directory, _, cache = started
+    runner = Runner(loader=lambda: load_model(directory), fingerprint="0" * 32, cache_dir=cache)
+    with pytest.raises(ModelChanged, match="start the app again"):
+        runner.run(predict, NEW_PROMPT, 3)
+    assert not runner.loaded
+    with pytest.raises(TypeError):
+        Runner(loader=lambda: load_model(directory))  # a loader needs the fingerprint it must match
+
+
+def _start(directory: str, cache: Path, port: int) -> subprocess.Popen:
+    env = os.environ | {"CIRCUITBREAKER_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "app.py"), "--model", directory, "--port", str(port)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def _serving(process: subprocess.Popen, port: int) -> None:
+    for _ in range(600):
+        assert process.poll() is None, f"app.py exited: {process.stdout.read()}"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5):
+                return
+        except OSError:
+            time.sleep(0.5)  # polling a server that is still starting
+    pytest.fail("app.py did not answer within 5 minutes")
+
+
+def _stop(process: subprocess.Popen) -> str:
+    process.terminate()
+    output, _ = process.communicate(timeout=60)
+    return output
+
+
+def test_python_app_py_restarts_page_first_and_refuses_weights_that_are_not_the_recorded_ones(started, tmp_path):
+    directory, model, _ = started
+    cache = tmp_path / "app-cache"
+    expected = predict(model, NEW_PROMPT, 3).to_dict()
+    for start in ("first", "restart"):
+        port = free_port()
+        process = _start(directory, cache, port)
+        try:
+            _serving(process, port)
+            assert Client(f"http://127.0.0.1:{port}/", verbose=False).predict(NEW_PROMPT, 3, api_name="/predict") == expected
+        finally:
+            output = _stop(process)
+        ours = [line for line in output.splitlines() if line.startswith("CircuitBreaker:")]
+        assert process.returncode == 0 and "Traceback" not in output, output
+        if start == "first":
+            assert ours[0].startswith(f"CircuitBreaker: loading {directory}"), output
+        else:  # the page served ("ready in") before the model was loaded
+            assert ours[0].startswith(f"CircuitBreaker: restarting on {directory}"), output
+            ready = next(i for i, line in enumerate(ours) if line.startswith("CircuitBreaker: ready in"))
+            loaded = next(i for i, line in enumerate(ours) if line.startswith("CircuitBreaker: loaded"))
+            assert ready < loaded, output
+
+    path = restart._path(cache, directory, DEVICE)
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"fingerprint": "0" * 32}))  # the files look the same, the weights do not
+    process = _start(directory, cache, free_port())
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode != 0 and "start the app again" in output and "Traceback" not in output, output
+    assert not path.exists()  # the next start is an ordinary one
