@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import functools
 import os
 import shutil
@@ -23,7 +24,6 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
 IMPORTED_AT = time.perf_counter()  # before the libraries: `python app.py` counts its start-up from here
 
@@ -40,7 +40,7 @@ import ui.explorer  # noqa: E402
 import ui.handlers  # noqa: E402
 import ui.more  # noqa: E402
 from core import DEFAULTS, LIMITS, ModelLoadError  # noqa: E402
-from core.model import Model, default_device, describe_source, load_model, load_with_fallback, model_label  # noqa: E402
+from core.model import Model, default_device, describe_source, load_recorded, load_with_fallback, model_label  # noqa: E402
 from core.registry import Technique, techniques  # noqa: E402
 from serving.runner import DEFAULT_CACHE_DIR, ModelChanged, Runner, write_whole  # noqa: E402
 
@@ -161,11 +161,19 @@ def say(line: str) -> None:
     print(f"CircuitBreaker: {line}", flush=True)
 
 
-def refuse_record(settings: Settings, device: str, err: Exception) -> NoReturn:
-    """A restart's model did not load, or is not the recorded one: say so and stop; the record is gone, so the
-    next start is an ordinary one."""
-    serving.restart.forget(DEFAULT_CACHE_DIR, settings.model, device)
-    raise SystemExit(f"CircuitBreaker: {err}") from None
+@contextlib.contextmanager
+def forgotten_on_failure(settings: Settings, device: str, demo: gr.Blocks | None = None):
+    """Around a restart's model loading: if it fails, or the model is not the recorded one, the page
+    closes, the record goes (the next start is an ordinary one) and the app stops, saying why."""
+    try:
+        yield
+    except Exception as err:
+        serving.restart.forget(DEFAULT_CACHE_DIR, settings.model, device)
+        if demo is not None:
+            demo.close()
+        if isinstance(err, (ModelLoadError, ModelChanged)):
+            raise SystemExit(f"CircuitBreaker: {err}") from None
+        raise
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -174,12 +182,11 @@ def main(argv: list[str] | None = None) -> None:
     device = default_device()
     record = serving.restart.recall(DEFAULT_CACHE_DIR, settings.model, device)
     if record is not None:  # a restart: the page first (from the last start's record and the example cache), then the model
-        say(f"restarting on {settings.model} (its files unchanged since the last start): the page first, then the model from {record.source}")
-        runner = Runner(loader=functools.partial(load_model, settings.model), fingerprint=record.fingerprint)
-        try:  # a first example not in the cache (core/ changed since) loads the model here
+        say(f"restarting on {settings.model} (its files and CircuitBreaker's code unchanged since the last start): "
+            f"the page first, then the model from {record.source}")
+        runner = Runner(loader=functools.partial(load_recorded, settings.model, record.source), fingerprint=record.fingerprint)
+        with forgotten_on_failure(settings, device):  # a first example missing from the cache loads the model here
             demo = build_demo(record.sketch(), runner=runner, say=say, warm="background")
-        except (ModelLoadError, ModelChanged) as err:
-            refuse_record(settings, device, err)
     else:
         say(f"loading {settings.model} from {describe_source(settings.model)} ...")
         try:
@@ -206,11 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     say(f"ready in {time.perf_counter() - start:.1f} s; the other examples are computed in the background (a first start: a few minutes "
         "for GPT-2 on a CPU), each from the cache if there, and one not ready yet runs when clicked")
     if not runner.loaded:  # a restart's page serves (its first examples from the cache); a click that needs the model waits for this
-        try:
+        with forgotten_on_failure(settings, device, demo):
             model = runner.model
-        except (ModelLoadError, ModelChanged) as err:
-            demo.close()
-            refuse_record(settings, device, err)
         say(f"loaded {model_label(model)} ({model.cfg.n_layers} layers x {model.cfg.n_heads} heads) in {time.perf_counter() - start:.1f} s")
     console = threading.Lock()  # the warming's lines and "stopping": none of them after "stopping"
 

@@ -63,6 +63,20 @@ def load_model(name_or_path: str = DEFAULTS.model_name, device: str | None = Non
     return _load_cached(key, device or default_device())
 
 
+def load_recorded(name_or_path: str, directory: str, device: str | None = None) -> Model:
+    """load_model(name_or_path) as it was before: from `directory`, the folder an earlier load read
+    (`loaded_from`): a Hub name from that snapshot of the Hub cache, even if the cache has a newer one."""
+    key = name_or_path.strip()
+    if key == DEMO or os.path.isdir(key):
+        return load_model(key, device)  # a local directory is itself the folder
+    from transformer_lens.tools.model_registry.registry_io import resolve_model_alias
+
+    try:
+        return _load_local_snapshot(resolve_model_alias(key) or key, directory, device or default_device())
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"Could not load '{key}' from {directory}: {err}") from err
+
+
 def load_with_fallback(name_or_path: str = DEFAULTS.model_name, default: str = DEFAULTS.model_name) -> tuple[Model, str | None]:
     """The default model, or the bundled demo model when the default cannot be loaded.
 

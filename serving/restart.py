@@ -3,9 +3,10 @@
 The page needs little of the model: its name and shape (layers, heads, context) and the fingerprint of
 its weights, which keys the example cache the page's first examples come from. Each start that loads a
 model records these beside the example cache, with the files it loaded from (path, size, modification
-time). A restart that finds the same files unchanged builds its page from the record, serves it, and
-only then imports TransformerLens and loads the model (about half of a GPT-2 restart). The loaded model
-must have the recorded fingerprint before it answers anything (`Runner(loader=..., fingerprint=...)`).
+time) and the code that computed with it. A restart that finds the same files and code unchanged builds
+its page from the record, serves it, and only then imports TransformerLens and loads the model, from
+those files (about half of a GPT-2 restart). The loaded model must have the recorded fingerprint before
+it answers anything (`Runner(loader=..., fingerprint=...)`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-from serving.runner import write_whole
+from serving.runner import code_fingerprint, write_whole
 
 RECORDS = "starts"  # the records' folder inside the example cache
 
@@ -29,6 +30,7 @@ class Record:
     source: str  # the directory the weights were loaded from (a local model directory, a Hub cache snapshot)
     files: list  # [path, size, modification time in ns] of every file in it
     fingerprint: str  # serving.runner.model_fingerprint of the loaded model
+    code: str  # serving.runner.code_fingerprint then: new code or libraries may process the weights differently
     cfg: dict  # the model's configuration: its plain values (names, sizes, flags)
 
     def sketch(self) -> SimpleNamespace:
@@ -67,7 +69,10 @@ def remember(cache_dir, request: str, device: str, model, fingerprint: str) -> N
         return
     try:
         cfg = {k: v for k, v in vars(model.cfg).items() if isinstance(v, (bool, int, float, str))}
-        data = json.dumps({"request": _canonical(request), "source": source, "files": _files(source), "fingerprint": fingerprint, "cfg": cfg})
+        data = json.dumps({
+            "request": _canonical(request), "source": source, "files": _files(source), "fingerprint": fingerprint,
+            "code": code_fingerprint(), "cfg": cfg,
+        })
         path = _path(cache_dir, request, device)
         if path.is_file() and path.read_text() == data:
             return
@@ -83,8 +88,8 @@ def recall(cache_dir, request: str, device: str) -> Record | None:
         return None
     try:
         data = json.loads(_path(cache_dir, request, device).read_bytes())
-        record = Record(source=data["source"], files=data["files"], fingerprint=data["fingerprint"], cfg=dict(data["cfg"]))
-        if data["request"] != _canonical(request) or _files(record.source) != record.files or not record.files:
+        record = Record(source=data["source"], files=data["files"], fingerprint=data["fingerprint"], code=data["code"], cfg=dict(data["cfg"]))
+        if data["request"] != _canonical(request) or record.code != code_fingerprint() or not record.files or _files(record.source) != record.files:
             return None
         return record
     except (OSError, ValueError, KeyError, TypeError):  # none, unreadable, or not ours: an ordinary start

@@ -166,6 +166,7 @@ class Runner:
             raise TypeError("Runner needs a model, or a loader and the fingerprint of the model it loads")
         self._model, self._loader = model, loader
         self._loading = threading.Lock()
+        self._load_error: Exception | None = None
         self.still_wanted = still_wanted
         self.limits = limits  # waits: max_wait_s, lock_poll_s, validation_wait_s
         self.lock = threading.RLock()
@@ -189,14 +190,20 @@ class Runner:
         (ModelChanged: not the model the caches' results were computed with; nothing is answered from it)."""
         if self._model is None:
             with self._loading:
+                if self._load_error is not None:  # loaded once, failed: every later caller hears the same
+                    raise self._load_error
                 if self._model is None:
-                    model = self._loader()
-                    found = model_fingerprint(model)
-                    if found != self.fingerprint:
-                        raise ModelChanged(
-                            f"The model's weights are not the ones the last start recorded (fingerprint {found}, expected "
-                            f"{self.fingerprint}), though their files kept their size and time: start the app again."
-                        )
+                    try:
+                        model = self._loader()
+                        found = model_fingerprint(model)
+                        if found != self.fingerprint:
+                            raise ModelChanged(
+                                f"The model's weights are not the ones the last start recorded (fingerprint {found}, expected "
+                                f"{self.fingerprint}), though their files kept their size and time: start the app again."
+                            )
+                    except Exception as err:
+                        self._load_error = err
+                        raise
                     self._model = model
                     release_freed_memory()
         return self._model

@@ -16,8 +16,8 @@ from gradio_client import Client
 
 import app
 import serving.restart as restart
-from core import load_model, predict, save_random_gpt2
-from core.model import default_device, loaded_from
+from core import ModelLoadError, load_model, predict, save_random_gpt2
+from core.model import default_device, load_recorded, loaded_from
 from serving.runner import ModelChanged, Runner
 from tests.conftest import IOI_CLEAN, free_port
 from ui.handlers import example_rows
@@ -77,6 +77,38 @@ def test_a_record_whose_files_changed_is_not_used(started, tmp_path):
     record = restart._path(cache, directory, DEVICE)
     record.write_text("not json")
     assert restart.recall(cache, directory, DEVICE) is None  # unreadable: an ordinary start
+
+
+def test_a_record_from_other_code_is_not_used(started):
+    directory, _, cache = started
+    path = restart._path(cache, directory, DEVICE)
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"code": "another version"}))
+    assert restart.recall(cache, directory, DEVICE) is None  # new code may process the weights differently
+
+
+def test_a_restart_loads_the_recorded_folder_under_the_name_asked_for(started):
+    """A Hub name loads from the snapshot the record names, not from whatever the Hub cache holds now."""
+    directory, model, _ = started
+    again = load_recorded("gpt2", directory)
+    assert again.cfg.model_name == "gpt2" and loaded_from(again) == str(Path(directory).resolve())
+    assert predict(again, IOI_CLEAN, 3).to_dict() == predict(model, IOI_CLEAN, 3).to_dict()
+    with pytest.raises(ModelLoadError, match="Could not load 'gpt2'"):
+        load_recorded("gpt2", str(Path(directory) / "gone"))
+
+
+def test_a_failed_load_is_not_tried_again_by_every_waiting_request(started):
+    directory, _, cache = started
+    tries = []
+
+    def loader():
+        tries.append(1)
+        raise ModelLoadError("the disk is gone")
+
+    runner = Runner(loader=loader, fingerprint="0" * 32, cache_dir=cache)
+    for _ in range(3):
+        with pytest.raises(ModelLoadError, match="the disk is gone"):
+            runner.run(predict, NEW_PROMPT, 3)
+    assert tries == [1]
 
 
 def test_a_record_is_not_used_once_a_file_is_added(started):
