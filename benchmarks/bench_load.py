@@ -8,8 +8,9 @@ events; `--lane light`: the one-pass ones, which share forward passes) is answer
 user (the serial answers), then, on a freshly started server each time (so nothing is answered
 from the results cache), by N concurrent users (with `--heavy H`, beside H users sending exact
 patching requests all along). Prints throughput, p50/p95 latency, errors (must be 0), whether
-every answer equals the serial one, and the server's resident memory after the run, its peak while
-the users were served, and its peak since start (loading the model included).
+every answer equals the serial one, the share of the machine's CPU the server and the users' own
+process used meanwhile (they share the machine), and the server's resident memory after the run,
+its peak while the users were served, and its peak since start (loading the model included).
 
 soak: one server answers `--requests` mixed requests (mostly distinct, so the caches fill and
 evict) from `--users` concurrent users; prints the server's resident memory at launch, after the
@@ -39,11 +40,12 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import numpy as np  # noqa: E402
 from gradio_client import Client  # noqa: E402
 
-from benchmarks.common import memory_status, reset_peak  # noqa: E402
+from benchmarks.common import cpu_seconds, memory_status, reset_peak  # noqa: E402
 from core.registry import techniques  # noqa: E402
 from demo_model import corpus  # noqa: E402
 
 TECHNIQUES = techniques()
+CORES = os.cpu_count() or 1  # "CPU": the share of all the machine's cores the server and the users' process used during the row
 ENDPOINTS = [*(f"/{name}" for name in TECHNIQUES), "/explore", "/circuit_map", "/contrast"]  # every technique's, and the tabs' events
 LIGHT = [*(f"/{name}" for name, t in TECHNIQUES.items() if t.lane == "light"), "/explore"]  # one forward pass each: batched together
 
@@ -233,8 +235,9 @@ def load(args) -> None:
         print(f"model: {args.model}; {len(requests)} distinct requests over {len(endpoints)} endpoints ({', '.join(endpoints)}); fresh server per row\n")
         print(f"serial answers (one user, its own server): {one_user:.2f} requests/s\n")
         columns = ["users", "requests/s", "vs one user", "p50 latency (s)", "p95 latency (s)", "errors", "every answer = serial answer"]
-        print("| " + " | ".join(columns + ["memory after (MiB)", "peak while serving (MiB)", "peak, loading included (MiB)"]) + " |")
-        print("|---:|---:|---:|---:|---:|---:|:---:|---:|---:|---:|")
+        columns += ["CPU: server / users", "memory after (MiB)", "peak while serving (MiB)", "peak, loading included (MiB)"]
+        print("| " + " | ".join(columns) + " |")
+        print("|---:|---:|---:|---:|---:|---:|:---:|---:|---:|---:|---:|")
         for users in args.users:
             server = Server(model, tempfile.mkdtemp(dir=workdir))
             stop, heavy_seconds, heavy_errors = threading.Event(), [], []
@@ -244,7 +247,9 @@ def load(args) -> None:
                 fresh = server.start_peak()
                 for thread in heavy:
                     thread.start()
+                cpu_before = cpu_seconds(server.process.pid), cpu_seconds("self")
                 answers, latencies, errors, wall = run_users(server.url, requests, users)
+                cpu = [(cpu_seconds(pid) - before) / (wall * CORES) for pid, before in zip((server.process.pid, "self"), cpu_before)]
                 after, serving = server.rss_mib(), server.rss_mib("VmHWM")
                 peak, serving = max(peak, serving), serving if fresh else None
             finally:
@@ -261,7 +266,7 @@ def load(args) -> None:
                 label = f"{users} + {args.heavy} heavy (`--heavy {args.heavy}`: {runs})"
             p50, p95 = percentile(latencies, 50), percentile(latencies, 95)
             cells = [label, f"{rate:.2f}", f"{rate / one_user:.1f}x", f"{p50:.2f}", f"{p95:.2f}", errors, agreement(answers, serial)]
-            cells += [f"{after:.0f}", "n/a" if serving is None else f"{serving:.0f}", f"{peak:.0f}"]
+            cells += [f"{cpu[0]:.0%} / {cpu[1]:.0%}", f"{after:.0f}", "n/a" if serving is None else f"{serving:.0f}", f"{peak:.0f}"]
             print("| " + " | ".join(map(str, cells)) + " |", flush=True)
 
 

@@ -70,6 +70,13 @@ def reset_peak(pid: int | str) -> bool:
     return status["VmHWM"] <= status["VmRSS"] + 16 * 2**20  # the process may grow a little between the two reads
 
 
+def cpu_seconds(pid: int | str) -> float:
+    """CPU time process `pid` ("self": this process) has used so far, user + system, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def memory_status(pid: int | str) -> dict[str, int]:
     """Process `pid`'s resident memory now (VmRSS) and at its peak so far (VmHWM), in bytes ("self": this process)."""
     with open(f"/proc/{pid}/status") as f:
