@@ -35,6 +35,7 @@ import serving  # noqa: E402
 import serving.restart  # noqa: E402
 import ui.api  # noqa: E402
 import ui.circuit_map  # noqa: E402
+import ui.common  # noqa: E402
 import ui.contrast  # noqa: E402
 import ui.explorer  # noqa: E402
 import ui.handlers  # noqa: E402
@@ -76,8 +77,9 @@ def build_demo(
 ) -> gr.Blocks:
     """The whole app around `model` (default: the configured model, or the demo model when it cannot
     be loaded). `warm`: True precomputes every example before the page is built; "background" leaves
-    them to `demo.warm_examples(stopping=...)` (a thread, started once the page serves; each tab's first example is
-    still computed here, for the page); `notice` is shown at the top of the page;
+    them to `demo.warm_examples(stopping=...)` (a thread, started once the page serves; the first tab's first
+    example is still computed here, for the page, and the other tabs' where the cache has them; a tab without
+    its example fills it when first opened); `notice` is shown at the top of the page;
     `say(line)` hears start-up progress; `registry`: the techniques (default: every one in core)."""
     registry = techniques() if registry is None else registry
     untabbed = {name: t for name, t in registry.items() if t.tab is None}
@@ -88,6 +90,7 @@ def build_demo(
     model = runner.model if model is None else model  # a restart's page: the record's sketch of the model (serving.restart)
     downloads, downloads_off = download_folder()
     handlers = ui.handlers.Handlers(runner, downloads)
+    handlers.defer_examples = warm == "background"  # the page waits for the first tab's example only
     if warm is True:
         ui.handlers.warm_examples(handlers, say)
     with gr.Blocks(title="CircuitBreaker", delete_cache=(600, 3600)) as demo:  # served files: hourly clean-up
@@ -103,8 +106,10 @@ def build_demo(
             gr.Markdown(f"⚠️ JSON downloads are off: {downloads_off} Every result is still shown.", elem_id="downloads-notice")
         with gr.Tabs():
             for name, (tab_id, build) in TABS.items():
-                with gr.Tab(name, id=tab_id):
-                    build(handlers, model)
+                with gr.Tab(name, id=tab_id) as tab:
+                    fill = build(handlers, model)
+                    if fill is not None:  # its first example was left out of the page (not shown first, not cached yet)
+                        ui.common.fill_when_opened(tab, *fill)
             if untabbed:
                 with gr.Tab("More", id="more"):  # short: four tab names still fit a phone's width
                     ui.more.build(handlers, model, untabbed)

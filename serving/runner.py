@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -116,6 +117,10 @@ class ServerBusy(ValueError):
     """The model stayed busy with other requests for too long."""
 
 
+class NotCached(LookupError):
+    """Inside `Runner.cached_only()`: the call's result is in neither cache, and nothing was computed."""
+
+
 class ModelChanged(RuntimeError):
     """A runner's loader gave a model with other weights than the fingerprint it was promised."""
 
@@ -183,6 +188,7 @@ class Runner:
         self._counting = threading.Lock()  # guards the counters and the batch
         self._batch: list[_Call] = []  # one-pass calls waiting for the next batched pass
         self.passes = 0  # batched runs of one-pass calls (each one or more forward passes)
+        self._cached_only = threading.local()  # per thread: inside cached_only(), run() computes nothing
 
     @property
     def model(self) -> Model:
@@ -216,9 +222,24 @@ class Runner:
         call = (fn.__module__, fn.__qualname__, args, sorted((k, v) for k, v in kwargs.items() if k not in UNCACHED_KWARGS))
         return hashlib.blake2b(f"{self._prefix}|{call!r}".encode(), digest_size=20).hexdigest()
 
+    @contextlib.contextmanager
+    def cached_only(self):
+        """In this thread, meanwhile: run() answers from its caches or raises NotCached, computing nothing."""
+        self._cached_only.on = True
+        try:
+            yield
+        finally:
+            self._cached_only.on = False
+
     def run(self, fn: Callable, *args, persist: bool = False, **kwargs):
         """fn(model, *args, **kwargs), from the cache when this exact call was made before."""
         key = self._key(fn, args, kwargs)
+        if getattr(self._cached_only, "on", False):
+            with self.lock:
+                result = self._recall(key, persist)
+            if result is None:
+                raise NotCached(key)
+            return result
         if hasattr(fn, "job"):  # a one-pass technique: answered in a batch with the other waiting ones
             return self._run_batched(_Call(lambda: fn.job(self.model, *args, **kwargs), key, persist))  # the model read when the pass runs
         if "progress" in inspect.signature(fn).parameters:  # its step boundaries: stop there when abandoned

@@ -14,6 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import gradio as gr
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError, ValidationError
@@ -352,3 +353,30 @@ def test_app_demo_is_built_once(monkeypatch):
         assert app.demo is app.demo and len(built) == 1
     finally:
         app._module_demo.cache_clear()
+
+
+def test_a_first_start_page_waits_for_the_first_tab_only_and_the_others_fill_when_opened(tiny_model, tmp_path):
+    """warm="background" (python app.py) on an empty cache: the page computes the Prompt Explorer's first
+    example only; Contrast Pairs and the Circuit Map fill theirs the first time they are opened (through
+    the cache, which they fill for the next start), and opening them again changes nothing."""
+    runner = Runner(tiny_model, cache_dir=tmp_path)
+    demo = app.build_demo(runner=runner, warm="background")
+    assert runner.computed == 1  # the Explorer's one pass
+    fills = [fn for fn in demo.fns.values() if any(event == "select" for _, event in fn.targets)]
+    assert len(fills) == 2 and {fn.concurrency_id for fn in fills} == {"light"}
+    contrast_status = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "contrast-status")
+    assert "on their way" in contrast_status.value
+    for fn in fills:
+        filled = fn.fn({"filled": False})
+        flag = next(block for block in filled if isinstance(block, gr.JSON))
+        assert filled[flag] == {"filled": True}
+        figures = [value for block, value in filled.items() if isinstance(block, gr.Plot)]
+        assert figures and all(value is not None for value in figures)
+        again = fn.fn({"filled": True})
+        assert again.keys() == filled.keys() and all(value == gr.skip() for value in again.values())
+    status = next(value for block, value in fills[0].fn({"filled": False}).items() if block is contrast_status)
+    assert status.startswith("**Done:**")
+    # the next start (the examples now on disk) builds every tab's first example into its page, with nothing to fill
+    again = Runner(tiny_model, cache_dir=tmp_path)
+    rebuilt = app.build_demo(runner=again, warm="background")
+    assert again.computed == 0 and not [fn for fn in rebuilt.fns.values() if any(event == "select" for _, event in fn.targets)]

@@ -14,10 +14,12 @@ from ui.common import ABOUT, HEAVY, RAW, WIDE, about, by_component, examples, us
 from ui.handlers import Handlers, example_rows
 
 
-def build(h: Handlers, model: Model) -> None:
+def build(h: Handlers, model: Model):
+    """The tab; returns (fill, outputs) where its first example is filled when the tab is opened (else None)."""
     labels, rows = example_rows(model)["circuit_map"]
     first = rows[0]
-    initial = h.circuit_map(*first, persist=True)
+    prefilled = h.first_example(h.circuit_map, *first)
+    initial = prefilled or {}
     longest = max_seq_len(model)
     with gr.Row():
         seq_len = gr.Number(value=first[0], precision=0, label=f"seq_len (2-{longest})", min_width=120)
@@ -25,13 +27,13 @@ def build(h: Handlers, model: Model) -> None:
         seed = gr.Number(value=first[2], precision=0, label="seed", min_width=120)
         run = gr.Button("Compute head scores", variant="primary", min_width=160)
     out = {  # in the order /circuit_map returns them
-        "induction": gr.Plot(initial["induction"], label="Induction scores", render=False, **WIDE),
-        "previous": gr.Plot(initial["previous"], label="Previous-token scores", render=False, **WIDE),
-        "duplicate": gr.Plot(initial["duplicate"], label="Duplicate-token scores", render=False, **WIDE),
-        "layer_max": gr.Plot(initial["layer_max"], label="Per-layer maximum", render=False, **WIDE),
-        "loss": gr.Plot(initial["loss"], label="Loss by position", render=False),
-        "heads": gr.Dataframe(initial["heads"], headers=["head", "induction score"], label="Induction heads", interactive=False, render=False),
-        "download": gr.File(initial["download"], label="Download results (JSON)", render=False),
+        "induction": gr.Plot(initial.get("induction"), label="Induction scores", render=False, **WIDE),
+        "previous": gr.Plot(initial.get("previous"), label="Previous-token scores", render=False, **WIDE),
+        "duplicate": gr.Plot(initial.get("duplicate"), label="Duplicate-token scores", render=False, **WIDE),
+        "layer_max": gr.Plot(initial.get("layer_max"), label="Per-layer maximum", render=False, **WIDE),
+        "loss": gr.Plot(initial.get("loss"), label="Loss by position", render=False),
+        "heads": gr.Dataframe(initial.get("heads"), headers=["head", "induction score"], label="Induction heads", interactive=False, render=False),
+        "download": gr.File(initial.get("download"), label="Download results (JSON)", render=False),
     }
     inputs = [seq_len, batch, seed]
     outputs = list(out.values())
@@ -62,6 +64,9 @@ def build(h: Handlers, model: Model) -> None:
     out["download"].render()
 
     build_task_circuit(h, model)
+    if prefilled is not None:
+        return None
+    return (lambda: {out[name]: value for name, value in h.circuit_map(*first, persist=True).items()}), outputs
 
 
 def build_task_circuit(h: Handlers, model: Model) -> None:

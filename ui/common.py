@@ -60,6 +60,23 @@ def plain_text(err: Exception) -> str:
     return str(err).replace("&", "&amp;").replace("<", "&lt;")
 
 
+def fill_when_opened(tab: gr.Tab, fill, outputs: list) -> None:
+    """A tab whose first example the page was built without (a first start: the page does not wait for
+    the tabs not shown first) fills it the first time it is opened in a page: `fill()` gives the outputs
+    keyed by component, from the warming's cache or computed then. Opened again, nothing changes (the
+    flag is a hidden component: the server keeps nothing per visitor)."""
+    filled = gr.JSON({"filled": False}, visible=False)
+
+    def once(done):
+        if isinstance(done, dict) and done.get("filled"):
+            return {component: gr.skip() for component in [*outputs, filled]}
+        return fill() | {filled: {"filled": True}}
+
+    # in the light lane: opening the tab again answers at once (nothing to do), never queued behind heavy requests;
+    # the one fill that computes waits for the model as any request does
+    tab.select(user_errors(once), filled, [*outputs, filled], api_visibility="private", **LIGHT, **RAW)
+
+
 def by_component(fn, outputs: dict):
     """`fn` returns (or yields) its outputs keyed by name; Gradio takes them keyed by component:
     `outputs` maps each name to its component, so nothing is matched by position."""

@@ -37,10 +37,12 @@ def read_upload(path: str | None) -> tuple[str, str]:
     return text, "custom"
 
 
-def build(h: Handlers, model: Model) -> None:
+def build(h: Handlers, model: Model):
+    """The tab; returns (fill, outputs) where its first example is filled when the tab is opened (else None)."""
     labels, rows = example_rows(model)["contrast"]
     first = rows[0]
-    initial = h.contrast(*first, persist=True)
+    prefilled = h.first_example(h.contrast, *first)
+    initial = prefilled or {"status": "The example pair's results are on their way (the app has just started)."}
     mode = gr.Radio(
         [PAIR_MODE, TASK_MODE], value=PAIR_MODE, label="Analyse", elem_id="contrast-mode",
         info="one contrast pair, or a task: many pairs, every score averaged over them",
@@ -66,17 +68,17 @@ def build(h: Handlers, model: Model) -> None:
         )
         upload = gr.UploadButton("Upload pairs (.csv, .jsonl, .txt)", file_types=[".csv", ".jsonl", ".txt"], size="sm")
     out = {  # in the order /contrast returns them
-        "status": gr.Markdown(initial["status"], elem_id="contrast-status", render=False),
-        "summary": gr.Markdown(initial["summary"], elem_id="contrast-summary", render=False),
-        "lens": gr.Plot(initial["lens"], label="Logit lens, both prompts", render=False),
-        **{f"exact {name}": gr.Plot(initial[f"exact {name}"], label=f"Exact: {name}", render=False, **WIDE) for name in SWEEPS},
+        "status": gr.Markdown(initial.get("status"), elem_id="contrast-status", render=False),
+        "summary": gr.Markdown(initial.get("summary"), elem_id="contrast-summary", render=False),
+        "lens": gr.Plot(initial.get("lens"), label="Logit lens, both prompts", render=False),
+        **{f"exact {name}": gr.Plot(initial.get(f"exact {name}"), label=f"Exact: {name}", render=False, **WIDE) for name in SWEEPS},
         **{
-            f"approximate {name}": gr.Plot(initial[f"approximate {name}"], label=f"Approximate: {name}", render=False, **WIDE)
+            f"approximate {name}": gr.Plot(initial.get(f"approximate {name}"), label=f"Approximate: {name}", render=False, **WIDE)
             for name in SWEEPS
         },
-        "agreement": gr.Plot(initial["agreement"], label="Approximate vs exact", render=False, **WIDE),
-        "scatter": gr.Plot(initial["scatter"], label="DLA vs patching", render=False, **WIDE),
-        "download": gr.File(initial["download"], label="Download results (JSON: exact, approximate, agreement)", render=False),
+        "agreement": gr.Plot(initial.get("agreement"), label="Approximate vs exact", render=False, **WIDE),
+        "scatter": gr.Plot(initial.get("scatter"), label="DLA vs patching", render=False, **WIDE),
+        "download": gr.File(initial.get("download"), label="Download results (JSON: exact, approximate, agreement)", render=False),
     }
     inputs = [clean, corrupted, answer, wrong]
     outputs = list(out.values())
@@ -116,7 +118,7 @@ def build(h: Handlers, model: Model) -> None:
     about(ABOUT["path"])
     with gr.Row():
         senders = gr.Dropdown(
-            sender_choices(model), value=h.top_senders("pair", list(first)), multiselect=True, label="Senders",
+            sender_choices(model), value=h.top_senders("pair", list(first)) if prefilled else [], multiselect=True, label="Senders",
             info="proposed: the heads patching ranked first; add or remove any head, MLP or the embeddings", elem_id="path-senders", scale=4,
         )
         trace = gr.Button("Trace paths", variant="primary", min_width=120, scale=1)
@@ -188,3 +190,11 @@ def build(h: Handlers, model: Model) -> None:
         api_name="path_figures", api_visibility="private", **HEAVY, **RAW,
     )
     upload.upload(read_upload, upload, [pairs, task], api_visibility="private", **LIGHT)
+    if prefilled is not None:
+        return None
+
+    def fill() -> dict:
+        values = h.contrast(*first, persist=True)
+        return {out[name]: value for name, value in values.items()} | {senders: h.top_senders("pair", list(first))}
+
+    return fill, [*outputs, senders]

@@ -9,6 +9,7 @@ import json
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import gradio as gr
 import numpy as np
@@ -33,7 +34,7 @@ from core.patching.path import COMPONENTS, path_patching, task_path_patching
 from core.patching.task import patch_task
 from core.registry import Technique
 from examples import EXAMPLES
-from serving.runner import Runner, ServerBusy, write_whole
+from serving.runner import NotCached, Runner, ServerBusy, write_whole
 from ui.common import literal, three_places, whole
 
 
@@ -51,6 +52,19 @@ class Handlers:
         self.runner = runner
         self.download_dir = None if download_dir is None else Path(download_dir)
         self.max_downloads = max_downloads
+        self.defer_examples = False  # build_demo(warm="background"): a tab not shown first fills its example when opened
+
+    def first_example(self, handler: Callable, *row, shown_first: bool = False) -> dict | None:
+        """A tab's first example for the page being built: `handler(*row)`'s outputs, or None where the
+        page should not wait for it (`defer_examples`, a tab not shown first, the example not in the
+        cache yet): the tab then fills it when opened (`fill_when_opened`)."""
+        if shown_first or not self.defer_examples:
+            return handler(*row, persist=True)
+        try:
+            with self.runner.cached_only():
+                return handler(*row, persist=True)
+        except NotCached:
+            return None
 
     def _download(self, stem: str, data: dict | str, suffix: str = "json") -> str | None:
         """Write `data` as JSON (or text given as a str, e.g. CSV); the name is the content's hash, so repeats
