@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         say(f"restarting on {settings.model} (its files and CircuitBreaker's code unchanged since the last start): "
             f"the page first, then the model from {record.source}")
         runner = Runner(loader=functools.partial(load_recorded, settings.model, record.source), fingerprint=record.fingerprint)
-        with forgotten_on_failure(settings, device):  # a first example missing from the cache loads the model here
+        with forgotten_on_failure(settings, device):  # the Prompt Explorer's first example missing from the cache loads the model here
             demo = build_demo(record.sketch(), runner=runner, say=say, warm="background")
     else:
         say(f"loading {settings.model} from {describe_source(settings.model)} ...")
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
             say(notice)
         say(
             f"loaded {model_label(model)} ({model.cfg.n_layers} layers x {model.cfg.n_heads} heads) in {time.perf_counter() - start:.1f} s; "
-            "building the page with each tab's first example"
+            "building the page with the first tab's example"
         )
         runner = Runner(model)
         demo = build_demo(model, runner=runner, notice=notice, say=say, warm="background")

@@ -363,7 +363,7 @@ def test_a_first_start_page_waits_for_the_first_tab_only_and_the_others_fill_whe
     demo = app.build_demo(runner=runner, warm="background")
     assert runner.computed == 1  # the Explorer's one pass
     fills = [fn for fn in demo.fns.values() if any(event == "select" for _, event in fn.targets)]
-    assert len(fills) == 2 and {fn.concurrency_id for fn in fills} == {"light"}
+    assert len(fills) == 2 and {fn.concurrency_id for fn in fills} == {"heavy"}  # after it, in order: what the visitor runs there
     contrast_status = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "contrast-status")
     assert "on their way" in contrast_status.value
     for fn in fills:

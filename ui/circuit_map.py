@@ -10,7 +10,7 @@ from core.edges import ABLATIONS, METHODS, SELECTIONS, build_graph
 from core.induction import input_errors, max_seq_len
 from core.model import Model
 from core.tasks import BUILT_IN
-from ui.common import ABOUT, HEAVY, RAW, WIDE, about, by_component, examples, user_errors, validator
+from ui.common import ABOUT, HEAVY, RAW, WIDE, about, by_component, examples, user_errors, validator, waiting_figure
 from ui.handlers import Handlers, example_rows
 
 
@@ -20,6 +20,7 @@ def build(h: Handlers, model: Model):
     first = rows[0]
     prefilled = h.first_example(h.circuit_map, *first)
     initial = prefilled or {}
+    waiting = None if prefilled else waiting_figure()
     longest = max_seq_len(model)
     with gr.Row():
         seq_len = gr.Number(value=first[0], precision=0, label=f"seq_len (2-{longest})", min_width=120)
@@ -27,11 +28,11 @@ def build(h: Handlers, model: Model):
         seed = gr.Number(value=first[2], precision=0, label="seed", min_width=120)
         run = gr.Button("Compute head scores", variant="primary", min_width=160)
     out = {  # in the order /circuit_map returns them
-        "induction": gr.Plot(initial.get("induction"), label="Induction scores", render=False, **WIDE),
-        "previous": gr.Plot(initial.get("previous"), label="Previous-token scores", render=False, **WIDE),
-        "duplicate": gr.Plot(initial.get("duplicate"), label="Duplicate-token scores", render=False, **WIDE),
-        "layer_max": gr.Plot(initial.get("layer_max"), label="Per-layer maximum", render=False, **WIDE),
-        "loss": gr.Plot(initial.get("loss"), label="Loss by position", render=False),
+        "induction": gr.Plot(initial.get("induction", waiting), label="Induction scores", render=False, **WIDE),
+        "previous": gr.Plot(initial.get("previous", waiting), label="Previous-token scores", render=False, **WIDE),
+        "duplicate": gr.Plot(initial.get("duplicate", waiting), label="Duplicate-token scores", render=False, **WIDE),
+        "layer_max": gr.Plot(initial.get("layer_max", waiting), label="Per-layer maximum", render=False, **WIDE),
+        "loss": gr.Plot(initial.get("loss", waiting), label="Loss by position", render=False),
         "heads": gr.Dataframe(initial.get("heads"), headers=["head", "induction score"], label="Induction heads", interactive=False, render=False),
         "download": gr.File(initial.get("download"), label="Download results (JSON)", render=False),
     }

@@ -8,6 +8,7 @@ import inspect
 import re
 
 import gradio as gr
+import plotly.graph_objects as go
 
 import serving
 from core.config import LIMITS
@@ -60,11 +61,22 @@ def plain_text(err: Exception) -> str:
     return str(err).replace("&", "&amp;").replace("<", "&lt;")
 
 
+ON_THEIR_WAY = "The example's results are on their way (the app has just started)."
+
+
+def waiting_figure() -> go.Figure:
+    """What a figure of a tab's first example shows until the tab fills it (`fill_when_opened`)."""
+    figure = go.Figure(layout=dict(height=240, xaxis_visible=False, yaxis_visible=False, plot_bgcolor="white", margin=dict(l=10, r=10, t=10, b=10)))
+    figure.add_annotation(text=ON_THEIR_WAY, showarrow=False, font=dict(size=14, color="#6b7280"), x=0.5, y=0.5, xref="paper", yref="paper")
+    return figure
+
+
 def fill_when_opened(tab: gr.Tab, fill, outputs: list) -> None:
     """A tab whose first example the page was built without (a first start: the page does not wait for
     the tabs not shown first) fills it the first time it is opened in a page: `fill()` gives the outputs
-    keyed by component, from the warming's cache or computed then. Opened again, nothing changes (the
-    flag is a hidden component: the server keeps nothing per visitor)."""
+    keyed by component, from the warming's cache or computed then; meanwhile its figures say the results
+    are on their way (`waiting_figure`). Opened again, nothing changes (the flag is a hidden component:
+    the server keeps nothing per visitor)."""
     filled = gr.JSON({"filled": False}, visible=False)
 
     def once(done):
@@ -72,9 +84,10 @@ def fill_when_opened(tab: gr.Tab, fill, outputs: list) -> None:
             return {component: gr.skip() for component in [*outputs, filled]}
         return fill() | {filled: {"filled": True}}
 
-    # in the light lane: opening the tab again answers at once (nothing to do), never queued behind heavy requests;
-    # the one fill that computes waits for the model as any request does
-    tab.select(user_errors(once), filled, [*outputs, filled], api_visibility="private", **LIGHT, **RAW)
+    # In the heavy lane, which starts its events one at a time in the order they came: whatever a visitor
+    # runs in the tab after opening it runs after the fill, which can never cover newer results. Without a
+    # progress overlay: opening the tab again waits there for nothing, unseen.
+    tab.select(user_errors(once), filled, [*outputs, filled], api_visibility="private", show_progress="hidden", **HEAVY, **RAW)
 
 
 def by_component(fn, outputs: dict):

@@ -13,7 +13,21 @@ from core.contrast import input_errors
 from core.model import Model
 from core.patching.path import COMPONENTS
 from core.tasks import BUILT_IN
-from ui.common import ABOUT, HEAVY, LIGHT, RAW, SPACE_HINT, WIDE, about, by_component, examples, user_errors, validator
+from ui.common import (
+    ABOUT,
+    HEAVY,
+    LIGHT,
+    ON_THEIR_WAY,
+    RAW,
+    SPACE_HINT,
+    WIDE,
+    about,
+    by_component,
+    examples,
+    user_errors,
+    validator,
+    waiting_figure,
+)
 from ui.handlers import TASK_MODE, Handlers, example_rows
 
 PAIR_MODE = "One pair"
@@ -42,7 +56,8 @@ def build(h: Handlers, model: Model):
     labels, rows = example_rows(model)["contrast"]
     first = rows[0]
     prefilled = h.first_example(h.contrast, *first)
-    initial = prefilled or {"status": "The example pair's results are on their way (the app has just started)."}
+    initial = prefilled or {"status": ON_THEIR_WAY}
+    waiting = None if prefilled else waiting_figure()
     mode = gr.Radio(
         [PAIR_MODE, TASK_MODE], value=PAIR_MODE, label="Analyse", elem_id="contrast-mode",
         info="one contrast pair, or a task: many pairs, every score averaged over them",
@@ -70,14 +85,14 @@ def build(h: Handlers, model: Model):
     out = {  # in the order /contrast returns them
         "status": gr.Markdown(initial.get("status"), elem_id="contrast-status", render=False),
         "summary": gr.Markdown(initial.get("summary"), elem_id="contrast-summary", render=False),
-        "lens": gr.Plot(initial.get("lens"), label="Logit lens, both prompts", render=False),
-        **{f"exact {name}": gr.Plot(initial.get(f"exact {name}"), label=f"Exact: {name}", render=False, **WIDE) for name in SWEEPS},
+        "lens": gr.Plot(initial.get("lens", waiting), label="Logit lens, both prompts", render=False),
+        **{f"exact {name}": gr.Plot(initial.get(f"exact {name}", waiting), label=f"Exact: {name}", render=False, **WIDE) for name in SWEEPS},
         **{
-            f"approximate {name}": gr.Plot(initial.get(f"approximate {name}"), label=f"Approximate: {name}", render=False, **WIDE)
+            f"approximate {name}": gr.Plot(initial.get(f"approximate {name}", waiting), label=f"Approximate: {name}", render=False, **WIDE)
             for name in SWEEPS
         },
-        "agreement": gr.Plot(initial.get("agreement"), label="Approximate vs exact", render=False, **WIDE),
-        "scatter": gr.Plot(initial.get("scatter"), label="DLA vs patching", render=False, **WIDE),
+        "agreement": gr.Plot(initial.get("agreement", waiting), label="Approximate vs exact", render=False, **WIDE),
+        "scatter": gr.Plot(initial.get("scatter", waiting), label="DLA vs patching", render=False, **WIDE),
         "download": gr.File(initial.get("download"), label="Download results (JSON: exact, approximate, agreement)", render=False),
     }
     inputs = [clean, corrupted, answer, wrong]
