@@ -54,11 +54,11 @@ class Handlers:
         self.max_downloads = max_downloads
         self.defer_examples = False  # build_demo(warm="background"): a tab not shown first fills its example when opened
 
-    def first_example(self, handler: Callable, *row, shown_first: bool = False) -> dict | None:
-        """A tab's first example for the page being built: `handler(*row)`'s outputs, or None where the
-        page should not wait for it (`defer_examples`, a tab not shown first, the example not in the
-        cache yet): the tab then fills it when opened (`fill_when_opened`)."""
-        if shown_first or not self.defer_examples:
+    def first_example(self, handler: Callable, *row) -> dict | None:
+        """The first example of a tab not shown first, for the page being built: `handler(*row)`'s outputs,
+        or None where the page should not wait for it (`defer_examples` and the example not in the cache
+        yet): the tab then fills it when opened (`ui.common.fill_when_opened`)."""
+        if not self.defer_examples:
             return handler(*row, persist=True)
         try:
             with self.runner.cached_only():
