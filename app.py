@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         runner = Runner(model)
         demo = build_demo(model, runner=runner, notice=notice, say=say, warm="background")
         if notice is None:  # the model asked for (not the demo model standing in): a restart can serve its page first
-            serving.restart.remember(runner.cache_dir, settings.model, device, model, runner.fingerprint)
+            serving.restart.remember(DEFAULT_CACHE_DIR, settings.model, device, model, runner.fingerprint)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # a Space stopping or Ctrl-C: finish running requests first
         signal.signal(sig, lambda *_: stop.set())

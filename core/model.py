@@ -55,19 +55,22 @@ def load_model(name_or_path: str = DEFAULTS.model_name, device: str | None = Non
     """
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise ModelLoadError("Give a model name such as 'gpt2' or a path to a model directory.")
+    return _load_cached(model_key(name_or_path), device or default_device())
+
+
+def model_key(name_or_path: str) -> str:
+    """What load_model knows a model by: the name, or a directory's full path (the demo model's too)."""
     key = name_or_path.strip()
     if key == DEMO:
         key = str(DEMO_DIR)
-    if os.path.isdir(key):
-        key = str(Path(key).resolve())
-    return _load_cached(key, device or default_device())
+    return str(Path(key).resolve()) if os.path.isdir(key) else key
 
 
 def load_recorded(name_or_path: str, directory: str, device: str | None = None) -> Model:
     """load_model(name_or_path) as it was before: from `directory`, the folder an earlier load read
     (`loaded_from`): a Hub name from that snapshot of the Hub cache, even if the cache has a newer one."""
-    key = name_or_path.strip()
-    if key == DEMO or os.path.isdir(key):
+    key = model_key(name_or_path)
+    if os.path.isdir(key):
         return load_model(key, device)  # a local directory is itself the folder
     from transformer_lens.tools.model_registry.registry_io import resolve_model_alias
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
+from core.model import loaded_from, model_key
 from serving.runner import code_fingerprint, write_whole
 
 RECORDS = "starts"  # the records' folder inside the example cache
@@ -38,13 +39,8 @@ class Record:
         return SimpleNamespace(cfg=SimpleNamespace(**self.cfg))
 
 
-def _canonical(request: str) -> str:
-    request = request.strip()
-    return str(Path(request).resolve()) if os.path.isdir(request) else request
-
-
 def _path(cache_dir: str | os.PathLike, request: str, device: str) -> Path:
-    key = hashlib.blake2b(f"{_canonical(request)}|{device}".encode(), digest_size=16).hexdigest()
+    key = hashlib.blake2b(f"{model_key(request)}|{device}".encode(), digest_size=16).hexdigest()
     return Path(cache_dir) / RECORDS / f"{key}.json"
 
 
@@ -62,15 +58,13 @@ def _files(directory: str) -> list[list]:
 def remember(cache_dir, request: str, device: str, model, fingerprint: str) -> None:
     """Record the start of `model` (asked for as `request`), unless it says nothing new. Never raises on
     a full or read-only disk: the next start is then an ordinary one."""
-    from core.model import loaded_from
-
     source = loaded_from(model)
     if cache_dir is None or source is None:
         return
     try:
         cfg = {k: v for k, v in vars(model.cfg).items() if isinstance(v, (bool, int, float, str))}
         data = json.dumps({
-            "request": _canonical(request), "source": source, "files": _files(source), "fingerprint": fingerprint,
+            "request": model_key(request), "source": source, "files": _files(source), "fingerprint": fingerprint,
             "code": code_fingerprint(), "cfg": cfg,
         })
         path = _path(cache_dir, request, device)
@@ -89,7 +83,7 @@ def recall(cache_dir, request: str, device: str) -> Record | None:
     try:
         data = json.loads(_path(cache_dir, request, device).read_bytes())
         record = Record(source=data["source"], files=data["files"], fingerprint=data["fingerprint"], code=data["code"], cfg=dict(data["cfg"]))
-        if data["request"] != _canonical(request) or record.code != code_fingerprint() or not record.files or _files(record.source) != record.files:
+        if data["request"] != model_key(request) or record.code != code_fingerprint() or not record.files or _files(record.source) != record.files:
             return None
         return record
     except (OSError, ValueError, KeyError, TypeError):  # none, unreadable, or not ours: an ordinary start
