@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,9 +16,9 @@ from core import ModelLoadError, load_model, predict, save_random_gpt2
 from core.model import default_device, load_recorded, loaded_from
 from serving.runner import ModelChanged, Runner
 from tests.conftest import IOI_CLEAN, free_port
+from tests.test_app import _run_app, wait_for_page
 from ui.handlers import example_rows
 
-ROOT = Path(__file__).resolve().parent.parent
 DEVICE = default_device()
 NEW_PROMPT = "A prompt no example has, so only the model can answer it:"
 
@@ -128,26 +124,11 @@ def test_a_loaded_model_with_other_weights_than_recorded_answers_nothing(started
         Runner(loader=lambda: load_model(directory))  # a loader needs the fingerprint it must match
 
 
-def _start(directory: str, cache: Path, port: int) -> subprocess.Popen:
-    env = os.environ | {"CIRCUITBREAKER_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "app.py"), "--model", directory, "--port", str(port)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+def _start(directory: str, cache: Path, port: int):
+    return _run_app("--model", directory, "--port", str(port), env={"CIRCUITBREAKER_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1"})
 
 
-def _serving(process: subprocess.Popen, port: int) -> None:
-    for _ in range(600):
-        assert process.poll() is None, f"app.py exited: {process.stdout.read()}"
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5):
-                return
-        except OSError:
-            time.sleep(0.5)  # polling a server that is still starting
-    pytest.fail("app.py did not answer within 5 minutes")
-
-
-def _stop(process: subprocess.Popen) -> str:
+def _stop(process) -> str:
     process.terminate()
     output, _ = process.communicate(timeout=60)
     return output
@@ -161,7 +142,7 @@ def test_python_app_py_restarts_page_first_and_refuses_weights_that_are_not_the_
         port = free_port()
         process = _start(directory, cache, port)
         try:
-            _serving(process, port)
+            wait_for_page(process, port)
             assert Client(f"http://127.0.0.1:{port}/", verbose=False).predict(NEW_PROMPT, 3, api_name="/predict") == expected
         finally:
             output = _stop(process)

@@ -67,7 +67,7 @@ def build(h: Handlers, model: Model):
     build_task_circuit(h, model)
     if prefilled is not None:
         return None
-    return (lambda: {out[name]: value for name, value in h.circuit_map(*first, persist=True).items()}), outputs
+    return by_component(lambda: h.circuit_map(*first, persist=True), out), outputs
 
 
 def build_task_circuit(h: Handlers, model: Model) -> None:

@@ -209,7 +209,6 @@ def build(h: Handlers, model: Model):
         return None
 
     def fill() -> dict:
-        values = h.contrast(*first, persist=True)
-        return {out[name]: value for name, value in values.items()} | {senders: h.top_senders("pair", list(first))}
+        return h.contrast(*first, persist=True) | {"senders": h.top_senders("pair", list(first))}
 
-    return fill, [*outputs, senders]
+    return by_component(fill, out | {"senders": senders}), [*outputs, senders]
