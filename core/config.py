@@ -26,6 +26,7 @@ class Defaults:
     min_swing: float = 1.0  # |clean - corrupted| logit difference below this: scores flagged as noise-prone (odds change < e)
     same_metric_tolerance: float = 1e-6  # |clean - corrupted| below this cannot be normalised
     fast_path_tolerance: float = 1e-3  # the fast engine's unpatched runs must match the model's own this closely
+    product_check_tolerance: float = 1e-5  # oneDNN's float32 product (core.products) must match torch's this closely, relative to the largest value
     # --- how work is batched (memory and time, not results) ---
     tokens_per_forward: int = 1024  # batch x pos per forward pass, bounds memory (logits: 200 MB for GPT-2; README: "Limits")
     lens_vocab_block: int = 2048  # logit lens: every checkpoint and position unembedded this many tokens at a time (summarised in cache)

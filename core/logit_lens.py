@@ -16,6 +16,7 @@ from torch import Tensor
 from core import plots
 from core.config import DEFAULTS
 from core.model import Model, PromptJob, PromptReader, PromptRun, one_pass, single_token_id, str_tokens
+from core.products import linear
 from core.registry import PROMPT, Input, Technique
 from core.results import LogitLensResult
 from examples import EIFFEL
@@ -61,7 +62,8 @@ def _unembed_summary(model: Model, rows: Float[Tensor, "row d_model"], target_id
     """(top logit, its token, logsumexp, the target's logit, its rank: how many logits exceed it) of every
     row's float32 logits, the unembedding taken DEFAULTS.lens_vocab_block tokens at a time so that each
     block's logits are summarised while they are in cache (about 1.5x faster than one [row, vocab] product
-    and passes over it). The target's block comes first, so its logit is the one every block is compared with."""
+    and passes over it), each block's product oneDNN's where it agrees with torch's (core.products). The
+    target's block comes first, so its logit is the one every block is compared with."""
     weight, bias = model.W_U.T.contiguous(), model.b_U  # [vocab, d_model]: a token block is contiguous
     size = DEFAULTS.lens_vocab_block
     starts = list(range(0, weight.shape[0], size))
@@ -72,7 +74,7 @@ def _unembed_summary(model: Model, rows: Float[Tensor, "row d_model"], target_id
     total = top_logit.clone()
     target_logit, target_rank = None, torch.zeros(rows.shape[0], dtype=torch.int32, device=rows.device)
     for start in starts:
-        logits = torch.nn.functional.linear(rows, weight[start : start + size], bias[start : start + size])
+        logits = linear(rows, weight[start : start + size], bias[start : start + size])
         if target_logit is None and target_id is not None:
             target_logit = logits[:, target_id - start].clone()
         if target_logit is not None:

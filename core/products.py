@@ -1,0 +1,59 @@
+"""Float32 matrix products at the processor's rate: oneDNN's where it agrees with torch's, torch's otherwise.
+
+On a CPU, torch's float32 `linear` is Intel MKL's. On AMD processors MKL takes a code path that reaches
+about half of what the processor does: on the 2-core AMD EPYC (Zen 5) of the README's tables, 100-217
+GFLOP/s against 222-456 for oneDNN's product on the same shapes (`python -m benchmarks.bench_explorer`
+measures both on the logit lens's unembedding). torch ships oneDNN too, and `torch.compile`'s CPU backend
+calls its product as `torch.ops.mkldnn._linear_pointwise`; that operator is private, so it is used only
+after it has answered a fixed product as torch's `linear` does (DEFAULTS.product_check_tolerance), and
+never where it is missing, fails that check, or autograd would need to see the product.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from core.config import DEFAULTS
+
+
+def linear(
+    x: Float[Tensor, "... d_in"], weight: Float[Tensor, "d_out d_in"], bias: Float[Tensor, " d_out"] | None = None
+) -> Float[Tensor, "... d_out"]:
+    """`torch.nn.functional.linear(x, weight, bias)`, float32 rounding aside (the sums run in another order)."""
+    if not _use_onednn(x, weight, bias):
+        return torch.nn.functional.linear(x, weight, bias)
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    out = _onednn_linear(rows, weight.contiguous(), None if bias is None else bias.contiguous())
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _onednn_linear(rows: Float[Tensor, "row d_in"], weight: Tensor, bias: Tensor | None) -> Float[Tensor, "row d_out"]:
+    return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
+
+
+def _use_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    return (
+        all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        and onednn_agrees()
+    )
+
+
+@functools.cache
+def onednn_agrees() -> bool:
+    """Whether oneDNN's product is here and answers a fixed product (odd shapes, a bias) as torch's does."""
+    generator = torch.Generator().manual_seed(0)
+    x, weight, bias = (torch.randn(*shape, generator=generator) for shape in ((37, 200), (301, 200), (301,)))
+    try:
+        with torch.no_grad():
+            theirs = torch.nn.functional.linear(x, weight, bias)
+            ours = _onednn_linear(x, weight, bias)
+    except (AttributeError, RuntimeError, NotImplementedError):  # no such operator, or not for this build
+        return False
+    scale = theirs.abs().max().item()
+    return ours.shape == theirs.shape and bool(((ours - theirs).abs().max() <= DEFAULTS.product_check_tolerance * scale).item())
