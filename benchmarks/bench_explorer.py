@@ -24,7 +24,8 @@ from gradio_client import Client  # noqa: E402
 
 import app  # noqa: E402
 from benchmarks.common import arguments, peak_memory, rss_bytes  # noqa: E402
-from core import attention_patterns, direct_logit_attribution, load_model, logit_lens, predict, save_random_gpt2  # noqa: E402
+from core import attention_patterns, direct_logit_attribution, load_model, logit_lens, predict, products, save_random_gpt2  # noqa: E402
+from core.config import DEFAULTS  # noqa: E402
 from core.explorer import explore  # noqa: E402
 from core.model import to_tokens  # noqa: E402
 from serving.runner import Runner  # noqa: E402
@@ -58,6 +59,7 @@ def main() -> None:
             "bare forward pass (the bridge, no cache)": forward,
             "predict": lambda p: predict(model, p),
             "logit lens (a target)": lambda p: logit_lens(model, p, " Mary"),
+            "logit lens, torch's own products (before)": lambda p: torch_products(lambda: logit_lens(model, p, " Mary")),
             "DLA": lambda p: direct_logit_attribution(model, p, " Mary", " John"),
             "attention (one layer)": lambda p: attention_patterns(model, p, 0),
             "the four, one after another (before)": separately,
@@ -69,6 +71,8 @@ def main() -> None:
         for name, fn in parts.items():
             runs = [peak_memory(lambda: fn(next(fresh)), base) for _ in range(args.repeats)]
             times[name], peaks[name] = statistics.median(s for _, s, _ in runs), max(m for _, _, m in runs)
+
+        unembedding = unembedding_products(model, 13 * n_tokens, args.repeats)
 
         demo = app.build_demo(model, runner=Runner(model, cache_dir=cache_dir), warm=False)
         with socket.socket() as sock:
@@ -96,6 +100,40 @@ def main() -> None:
     for name, value in over_http.items():
         print(f"| a new prompt to `{name}` | {value:.3f} |")  # a row starting "| `/" would read as README's endpoint table
     print(f"| ratio `/explore` / `/predict` | {ratio:.2f}x |")
+    rows, flops = unembedding.pop("rows"), unembedding.pop("flops")
+    shape = f"[{rows} x {model.cfg.d_model}] x [{model.cfg.d_model} x {model.cfg.d_vocab}]"
+    print(f"\n| the lens's unembedding: {shape}, {DEFAULTS.lens_vocab_block} tokens a product | median seconds | GFLOP/s | max abs difference from torch's |")
+    print("|---|---:|---:|---:|")
+    for name, (seconds, difference) in unembedding.items():
+        print(f"| {name} | {seconds:.3f} | {flops / seconds / 1e9:.0f} | {difference:.1e} |")
+
+
+def torch_products(call):
+    """`call()` with core.products.linear falling back to torch's own product, as it does where oneDNN disagrees."""
+    checked = products.onednn_agrees
+    products.onednn_agrees = lambda: False
+    try:
+        return call()
+    finally:
+        products.onednn_agrees = checked
+
+
+def unembedding_products(model, rows: int, repeats: int) -> dict:
+    """The logit lens's products alone (one row per checkpoint and position), torch's linear against core.products.linear."""
+    x = torch.randn(rows, model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    weight, bias, size = model.W_U.T.contiguous(), model.b_U, DEFAULTS.lens_vocab_block
+
+    def blocks(product):
+        with torch.no_grad():
+            return [product(x, weight[start : start + size], bias[start : start + size]) for start in range(0, weight.shape[0], size)]
+
+    reference = torch.cat(blocks(torch.nn.functional.linear), -1)
+    found = {"rows": rows, "flops": 2 * rows * model.cfg.d_model * model.cfg.d_vocab}
+    for name, product in {"torch.nn.functional.linear (MKL here)": torch.nn.functional.linear, "core.products.linear (oneDNN here)": products.linear}.items():
+        blocks(product)  # warm-up
+        seconds = statistics.median(peak_memory(lambda: blocks(product))[1] for _ in range(repeats))
+        found[name] = (seconds, (torch.cat(blocks(product), -1) - reference).abs().max().item())
+    return found
 
 
 if __name__ == "__main__":
