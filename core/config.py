@@ -27,6 +27,7 @@ class Defaults:
     same_metric_tolerance: float = 1e-6  # |clean - corrupted| below this cannot be normalised
     fast_path_tolerance: float = 1e-3  # the fast engine's unpatched runs must match the model's own this closely
     product_check_tolerance: float = 1e-5  # oneDNN's float32 product (core.products) must match torch's this closely, relative to the largest value
+    routed_model_tolerance: float = 1e-4  # a model's logits with its products on oneDNN must match its own this closely, relative to the largest
     # --- how work is batched (memory and time, not results) ---
     tokens_per_forward: int = 1024  # batch x pos per forward pass, bounds memory (logits: 200 MB for GPT-2; README: "Limits")
     lens_vocab_block: int = 2048  # logit lens: every checkpoint and position unembedded this many tokens at a time (summarised in cache)

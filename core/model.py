@@ -20,6 +20,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from core import products
 from core.config import DEFAULTS, LIMITS
 
 if TYPE_CHECKING:
@@ -147,7 +148,9 @@ def _process(bridge: Model) -> Model:
     the loaded weights copied into the process's own memory: transformers maps the weights file, and
     the tensors processing does not replace (GPT-2's joined q/k/v weights) would keep the whole file
     mapped, about 470 MB resident for GPT-2 Small beside the processed copies. (Copying every weight
-    before processing lets the file go too, but makes processing 0.6 s slower.)"""
+    before processing lets the file go too, but makes processing 0.6 s slower.) Last, the forward pass's
+    products go to oneDNN where a fixed prompt's logits stay as they were (core.products.route_products:
+    twice torch's rate on AMD processors)."""
     loaded = {tensor.untyped_storage().data_ptr() for tensor in _tensors(bridge)}
     bridge.enable_compatibility_mode(disable_warnings=True)
     copies = {}  # each storage copied once: tensors that shared one (views, tied weights) still share it
@@ -158,6 +161,8 @@ def _process(bridge: Model) -> Model:
                 copy = copies.setdefault(storage.data_ptr(), storage.clone())
                 tensor.data = torch.tensor([], dtype=tensor.dtype).set_(copy, tensor.storage_offset(), tensor.size(), tensor.stride())
     bridge.eval()
+    probe = (torch.arange(1, 17, device=bridge.cfg.device) * 997 % bridge.cfg.d_vocab)[None, : bridge.cfg.n_ctx]  # a fixed prompt
+    products.route_products(bridge, lambda: bridge(probe))
     return bridge
 
 

@@ -12,6 +12,8 @@ never where it is missing, fails that check, or autograd would need to see the p
 from __future__ import annotations
 
 import functools
+import types
+from collections.abc import Callable
 
 import torch
 from jaxtyping import Float
@@ -27,8 +29,45 @@ def linear(
     if not _use_onednn(x, weight, bias):
         return torch.nn.functional.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1]).contiguous()
-    out = _onednn_linear(rows, weight.contiguous(), None if bias is None else bias.contiguous())
+    weight = weight if weight.is_contiguous() or weight.T.is_contiguous() else weight.contiguous()  # [in, out] weights as their .T: no copy
+    out = _onednn_linear(rows, weight, None if bias is None else bias.contiguous())
     return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def route_products(model: torch.nn.Module, check: Callable[[], Tensor]) -> bool:
+    """Every `torch.nn.Linear` and transformers `Conv1D` inside `model` (a TransformerBridge's forward pass
+    runs its products there) computes through `linear`. Kept only if `check()`, e.g. the logits of a fixed
+    prompt, answers as it did before to DEFAULTS.routed_model_tolerance of its largest value; else every
+    module is put back. Returns whether the products were routed."""
+    from transformers.pytorch_utils import Conv1D
+
+    if not onednn_agrees():
+        return False
+    forwards = {torch.nn.Linear: _linear_forward, Conv1D: _conv1d_forward}  # exactly these classes: a subclass may compute otherwise
+    modules = [module for module in model.modules() if type(module) in forwards and "forward" not in vars(module)]
+    with torch.no_grad():
+        before = check()
+        for module in modules:
+            module.forward = types.MethodType(forwards[type(module)], module)
+        after = check()
+    if after.shape == before.shape and (after - before).abs().max() <= DEFAULTS.routed_model_tolerance * before.abs().max():
+        return True
+    for module in modules:
+        del module.forward
+    return False
+
+
+def routed(model: torch.nn.Module) -> bool:
+    """Whether route_products routed `model`'s products."""
+    return any("forward" in vars(module) for module in model.modules() if type(module) is torch.nn.Linear)
+
+
+def _linear_forward(self: torch.nn.Linear, x: Tensor) -> Tensor:
+    return linear(x, self.weight, self.bias)
+
+
+def _conv1d_forward(self, x: Tensor) -> Tensor:  # transformers' Conv1D holds its weight as [in, out]
+    return linear(x, self.weight.T, self.bias)
 
 
 def _onednn_linear(rows: Float[Tensor, "row d_in"], weight: Tensor, bias: Tensor | None) -> Float[Tensor, "row d_out"]:

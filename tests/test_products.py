@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from core import products
+from core import load_model, products, save_random_gpt2
 
 
 @pytest.mark.parametrize("shape", [(5, 64), (2, 7, 64), (1, 64)])
@@ -53,3 +53,28 @@ def test_a_product_that_disagrees_or_is_missing_is_never_used(monkeypatch, fault
             assert torch.equal(products.linear(x, weight), torch.nn.functional.linear(x, weight))  # torch's own, bit for bit
     finally:
         products.onednn_agrees.cache_clear()
+
+
+def test_a_loaded_model_computes_its_products_on_onednn_and_answers_as_with_torchs(tmp_path, monkeypatch):
+    """load_model routes the bridge's nn.Linear and Conv1D products (core.products.route_products); its
+    logits are torch's own to float32 rounding (computed again with the products falling back to torch's)."""
+    model = load_model(save_random_gpt2(tmp_path, n_layers=2, n_heads=4, d_model=64, n_ctx=64, seed=3))
+    assert products.routed(model)
+    tokens = torch.tensor([[50256, 464, 3290, 318, 287, 262, 1748, 286]])
+    with torch.no_grad():
+        ours = model(tokens)
+        monkeypatch.setattr(products, "onednn_agrees", lambda: False)
+        theirs = model(tokens)
+    assert not torch.equal(ours, theirs)  # not the same products...
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)  # ...the same numbers
+
+
+def test_routing_is_undone_where_the_model_answers_otherwise(monkeypatch):
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    x = torch.randn(5, 16)
+    monkeypatch.setattr(products, "onednn_agrees", lambda: True)
+    monkeypatch.setattr(products, "_onednn_linear", lambda rows, weight, bias: torch.nn.functional.linear(rows, weight, bias) + 0.01)
+    assert not products.route_products(model, lambda: model(x))
+    assert not products.routed(model) and all("forward" not in vars(module) for module in model.modules())
+    monkeypatch.undo()
+    assert products.route_products(model, lambda: model(x)) and products.routed(model)

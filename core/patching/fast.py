@@ -33,6 +33,7 @@ from torch import Tensor
 from core.config import DEFAULTS
 from core.contrast import SWEEPS, ContrastPair
 from core.model import Model
+from core.products import linear
 from core.registry import Progress
 
 ACTIVATIONS = {  # gelu_new and gelu_fast are both the tanh approximation of GELU (GPT-2's)
@@ -78,6 +79,8 @@ class Engine:
             d = cfg.d_model
             # [layer, head, d_model, d_head] -> [layer, d_model, head * d_head]: one matmul per projection
             self.W_QKV = torch.cat([w.detach().permute(0, 2, 1, 3).reshape(self.n_layers, d, -1) for w in (model.W_Q, model.W_K, model.W_V)], -1)
+            # the same, [layer, head * d_head (q, k, v), d_model]: a projection's rows contiguous, as core.products.linear takes them
+            self.W_QKV_T = self.W_QKV.transpose(1, 2).contiguous()
             self.b_QKV = torch.cat([b.detach().reshape(self.n_layers, -1) for b in (model.b_Q, model.b_K, model.b_V)], -1)
             self.W_O_flat = self.W_O.reshape(self.n_layers, -1, d)
             self.ln1 = [self._ln_params(block.ln1) for block in model.blocks]
@@ -140,12 +143,12 @@ class Engine:
         keep: dict[str, list[Tensor]] = {k: [] for k in ("resid_pre", "resid_mid", "attn_out", "mlp_out", "z", "k", "v")}
         for layer in range(self.n_layers):
             keep["resid_pre"].append(x)
-            qkv = self._ln(x, self.ln1[layer]) @ self.W_QKV[layer] + self.b_QKV[layer]
+            qkv = linear(self._ln(x, self.ln1[layer]), self.W_QKV_T[layer], self.b_QKV[layer])
             q, k, v = (t.reshape(B, n, H, dh) for t in qkv.split(H * dh, -1))
             scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * self.scale
             pattern = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
             z = torch.einsum("bhqk,bkhd->bqhd", pattern, v)
-            attn_out = z.reshape(B, n, H * dh) @ self.W_O_flat[layer] + self.b_O[layer]
+            attn_out = linear(z.reshape(B, n, H * dh), self.W_O_flat[layer].T, self.b_O[layer])
             x = x + attn_out
             keep["resid_mid"].append(x)
             mlp_out = self.mlp(layer, x)
@@ -161,7 +164,8 @@ class Engine:
 
     def mlp(self, layer: int, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         """The layer's MLP output for residual stream `x` (its LayerNorm included)."""
-        return self.act(self._ln(x, self.ln2[layer]) @ self.W_in[layer] + self.b_in[layer]) @ self.W_out[layer] + self.b_out[layer]
+        hidden = self.act(linear(self._ln(x, self.ln2[layer]), self.W_in[layer].T, self.b_in[layer]))
+        return linear(hidden, self.W_out[layer].T, self.b_out[layer])
 
     def head_dla(self, trace: Trace, direction) -> Float[Tensor, "layer head"]:
         """Each head's direct logit attribution at the final position: its output, centred and
@@ -244,14 +248,14 @@ class Engine:
         B, T, d = x.shape
         H, dh = self.n_heads, self.d_head
         flat = x.view(-1, d)
-        w, b = self.W_QKV[layer], self.b_QKV[layer]
+        w, b = self.W_QKV_T[layer], self.b_QKV[layer]
         normed = self._ln(flat.index_select(0, rows), self.ln1[layer])
         if last:  # keys and values everywhere, queries (and so outputs) only at the final position
-            kv = torch.addmm(b[H * dh :], normed, w[:, H * dh :])
+            kv = linear(normed, w[H * dh :], b[H * dh :])
             query_rows = self._final_rows(x)
-            q = torch.addmm(b[: H * dh], self._ln(flat.index_select(0, query_rows), self.ln1[layer]), w[:, : H * dh])
+            q = linear(self._ln(flat.index_select(0, query_rows), self.ln1[layer]), w[: H * dh], b[: H * dh])
         else:
-            qkv = torch.addmm(b, normed, w)
+            qkv = linear(normed, w, b)
             q, kv = qkv[:, : H * dh], qkv[:, H * dh :]
             query_rows = rows
         if len(traces) == 1:  # one pair: its corrupted keys and values broadcast over the jobs
@@ -280,15 +284,15 @@ class Engine:
         prefix_z = torch.einsum("bhqk,khd->bqhd" if len(traces) == 1 else "bhqk,bkhd->bqhd", pattern[..., :start], prefix_v)
         z = prefix_z + torch.einsum("bhqk,bkhd->bqhd", pattern[..., start:], values)
         z = z.reshape(B * T, H * dh).index_select(0, query_rows)
-        flat.index_add_(0, query_rows, torch.addmm(self.b_O[layer], z, self.W_O_flat[layer]))
+        flat.index_add_(0, query_rows, linear(z, self.W_O_flat[layer].T, self.b_O[layer]))
 
     def _mlp(self, layer: int, x: Tensor, rows: Tensor, last: bool) -> None:
         """Adds the MLP output to x in place, at the live rows (only the final ones if `last`)."""
         flat = x.view(-1, x.shape[-1])
         if last:
             rows = self._final_rows(x)
-        hidden = self.act(torch.addmm(self.b_in[layer], self._ln(flat.index_select(0, rows), self.ln2[layer]), self.W_in[layer]))
-        flat.index_add_(0, rows, torch.addmm(self.b_out[layer], hidden, self.W_out[layer]))
+        hidden = self.act(linear(self._ln(flat.index_select(0, rows), self.ln2[layer]), self.W_in[layer].T, self.b_in[layer]))
+        flat.index_add_(0, rows, linear(hidden, self.W_out[layer].T, self.b_out[layer]))
 
 
 @dataclass(frozen=True)
