@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from gradio_client import Client  # noqa: E402
 
 import app  # noqa: E402
-from benchmarks.common import arguments, peak_memory, rss_bytes  # noqa: E402
+from benchmarks.common import arguments, peak_memory, rss_bytes, torch_products  # noqa: E402
 from core import attention_patterns, direct_logit_attribution, load_model, logit_lens, predict, products, save_random_gpt2  # noqa: E402
 from core.config import DEFAULTS  # noqa: E402
 from core.explorer import explore  # noqa: E402
@@ -57,6 +57,7 @@ def main() -> None:
 
         parts = {
             "bare forward pass (the bridge, no cache)": forward,
+            "bare forward pass, torch's own products (before)": lambda p: torch_products(lambda: forward(p)),
             "predict": lambda p: predict(model, p),
             "logit lens (a target)": lambda p: logit_lens(model, p, " Mary"),
             "logit lens, torch's own products (before)": lambda p: torch_products(lambda: logit_lens(model, p, " Mary")),
@@ -106,16 +107,6 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for name, (seconds, difference) in unembedding.items():
         print(f"| {name} | {seconds:.3f} | {flops / seconds / 1e9:.0f} | {difference:.1e} |")
-
-
-def torch_products(call):
-    """`call()` with core.products.linear falling back to torch's own product, as it does where oneDNN disagrees."""
-    checked = products.onednn_agrees
-    products.onednn_agrees = lambda: False
-    try:
-        return call()
-    finally:
-        products.onednn_agrees = checked
 
 
 def unembedding_products(model, rows: int, repeats: int) -> dict:

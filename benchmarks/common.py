@@ -81,3 +81,16 @@ def memory_status(pid: int | str) -> dict[str, int]:
     """Process `pid`'s resident memory now (VmRSS) and at its peak so far (VmHWM), in bytes ("self": this process)."""
     with open(f"/proc/{pid}/status") as f:
         return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.startswith(("VmRSS:", "VmHWM:"))}
+
+
+def torch_products(call):
+    """`call()` with core.products.linear falling back to torch's own product (as where oneDNN disagrees):
+    how the previous version, and TransformerLens as it ships, compute."""
+    from core import products
+
+    checked = products.onednn_agrees
+    products.onednn_agrees = lambda: False
+    try:
+        return call()
+    finally:
+        products.onednn_agrees = checked
