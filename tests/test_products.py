@@ -1,12 +1,14 @@
 """core.products.linear: oneDNN's float32 product where it answers as torch's does, torch's otherwise."""
 
+import pickle
+
 import pytest
 import torch
 
 from core import load_model, products, save_random_gpt2
 
 
-@pytest.mark.parametrize("shape", [(5, 64), (2, 7, 64), (1, 64)])
+@pytest.mark.parametrize("shape", [(5, 64), (2, 7, 64), (1, 64), (64,), (0, 64)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_linear_equals_torch_linear(shape, with_bias):
     generator = torch.Generator().manual_seed(1)
@@ -16,6 +18,14 @@ def test_linear_equals_torch_linear(shape, with_bias):
         ours, theirs = products.linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias)
     assert ours.shape == theirs.shape == (*shape[:-1], 300)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_a_weight_held_as_in_by_out_as_conv1d_and_the_engine_hold_theirs():
+    generator = torch.Generator().manual_seed(3)
+    x, held = torch.randn(6, 48, generator=generator), torch.randn(48, 200, generator=generator)  # [in, out]; .T: [out, in], not contiguous
+    with torch.no_grad():
+        torch.testing.assert_close(products.linear(x, held.T), x @ held, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(products.linear(x, held[:, 50:150].T), x @ held[:, 50:150], rtol=1e-5, atol=1e-5)  # neither layout: copied
 
 
 def test_slices_of_a_weight_and_a_non_contiguous_input():
@@ -78,3 +88,14 @@ def test_routing_is_undone_where_the_model_answers_otherwise(monkeypatch):
     assert not products.routed(model) and all("forward" not in vars(module) for module in model.modules())
     monkeypatch.undo()
     assert products.route_products(model, lambda: model(x)) and products.routed(model)
+    assert pickle.loads(pickle.dumps(model))[0].forward.func is products._linear_forward  # a routed model still pickles
+
+
+def test_a_check_that_raises_leaves_the_model_as_it_was():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32))
+
+    def broken():
+        raise RuntimeError("a model that cannot run this prompt")
+
+    assert not products.route_products(model, broken) and not products.routed(model)
+    assert "forward" not in vars(model[0])
