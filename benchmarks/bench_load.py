@@ -131,14 +131,15 @@ def rank_slack(rank: int) -> int:
     return max(1, rank // 10_000)
 
 
-def where_different(a, b, path: str = "") -> str | None:
-    """Where answer `a` first differs from the serial answer `b` beyond what `difference` allows, and how."""
+def where_different(a, b, path: str = "", key: str = "") -> str | None:
+    """Where answer `a` first differs from the serial answer `b` beyond what `difference` allows, and how
+    (`key`: the dict key a list's items are compared under, as in `difference`)."""
     if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
-        found = (where_different(a[k], b[k], f"{path}.{k}") for k in b)
+        found = (where_different(a[k], b[k], f"{path}.{k}", k) for k in b)
     elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        found = (where_different(x, y, f"{path}[{i}]") for i, (x, y) in enumerate(zip(a, b)))
+        found = (where_different(x, y, f"{path}[{i}]", key) for i, (x, y) in enumerate(zip(a, b)))
     else:
-        return None if difference(a, b, path.rsplit(".", 1)[-1]) is not None else f"{path}: {str(a)[:80]!r} against {str(b)[:80]!r}"
+        return None if difference(a, b, key) is not None else f"{path}: {str(a)[:80]!r} against {str(b)[:80]!r}"
     return next((place for place in found if place), None)
 
 
@@ -146,8 +147,8 @@ def agreement(answers: list, serial: list, atol: float = 1e-4) -> str:
     """"yes, bit for bit", "yes, to <largest absolute difference>" (at most `atol`), or "NO" (where, on stderr)."""
     worst = [difference(a, s) for a, s in zip(answers, serial)]
     if None in worst or max(worst) > atol:
-        for index, (a, s) in enumerate(zip(answers, serial)):
-            if difference(a, s) is None or difference(a, s) > atol:
+        for index, (found, a, s) in enumerate(zip(worst, answers, serial)):
+            if found is None or found > atol:
                 print(f"request {index} differs from its serial answer at {where_different(a, s) or 'a number'}", file=sys.stderr)
         return "NO"
     return "yes, bit for bit" if max(worst) == 0 else f"yes, to {max(worst):.0e}"
