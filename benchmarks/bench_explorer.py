@@ -103,7 +103,7 @@ def main() -> None:
     print(f"| ratio `/explore` / `/predict` | {ratio:.2f}x |")
     rows, flops = unembedding.pop("rows"), unembedding.pop("flops")
     shape = f"[{rows} x {model.cfg.d_model}] x [{model.cfg.d_model} x {model.cfg.d_vocab}]"
-    print(f"\n| the lens's unembedding: {shape}, {DEFAULTS.lens_vocab_block} tokens a product | median seconds | GFLOP/s | max abs difference from torch's |")
+    print(f"\n| the lens's unembedding: {shape}, {DEFAULTS.vocab_block} tokens a product | median seconds | GFLOP/s | max abs difference from torch's |")
     print("|---|---:|---:|---:|")
     for name, (seconds, difference) in unembedding.items():
         print(f"| {name} | {seconds:.3f} | {flops / seconds / 1e9:.0f} | {difference:.1e} |")
@@ -112,7 +112,7 @@ def main() -> None:
 def unembedding_products(model, rows: int, repeats: int) -> dict:
     """The logit lens's products alone (one row per checkpoint and position), torch's linear against core.products.linear."""
     x = torch.randn(rows, model.cfg.d_model, generator=torch.Generator().manual_seed(0))
-    weight, bias, size = model.W_U.T.contiguous(), model.b_U, DEFAULTS.lens_vocab_block
+    weight, bias, size = model.W_U.T.contiguous(), model.b_U, DEFAULTS.vocab_block
 
     def blocks(product):
         with torch.no_grad():

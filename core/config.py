@@ -31,7 +31,7 @@ class Defaults:
     # --- how work is batched (memory and time, not results) ---
     tokens_per_forward: int = 1024  # batch x pos per forward pass, bounds memory (logits: 200 MB for GPT-2; README: "Limits")
     onednn_cached_products: int = 16  # oneDNN products kept prepared, one per shape with its buffers (core.products: its own 1,024 cost memory)
-    lens_vocab_block: int = 2048  # logit lens: every checkpoint and position unembedded this many tokens at a time (summarised in cache)
+    vocab_block: int = 2048  # unembeddings (logit lens, induction's loss) take this many tokens at a time (each block summarised in cache)
     patch_batch_size: int = 32  # patched runs evaluated together in one forward pass (hook engine)
     patch_rows_per_pass: int = 4096  # patched positions evaluated together by the fast engine (bounds memory)
     edge_floats_per_pass: int = 2**25  # edge scores / faithfulness: one pass holds every writer's output at this many floats' worth of positions (128 MB)

@@ -12,6 +12,9 @@ on the second copy far below the first, which `loss_by_position` shows.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import einops
 import torch
 from jaxtyping import Float, Int
@@ -20,6 +23,8 @@ from torch import Tensor
 from core import plots
 from core.config import DEFAULTS, LIMITS
 from core.model import Model, check_int
+from core.patching.exact import close, verified_engine
+from core.patching.fast import Engine
 from core.registry import Input, Progress, Technique
 from core.results import InductionResult
 
@@ -42,6 +47,35 @@ def _stripe_sums(pattern: Float[Tensor, "batch head dest src"], seq_len: int) ->
     return torch.stack(
         [einops.reduce(stripe, "batch head pos -> head", "sum") for stripe in (induction, previous, duplicate)]
     )
+
+
+def _engine_pass(engine: Engine, rows: Int[Tensor, "batch pos"], seq_len: int, on_layer: Callable[[], None] = lambda: None):
+    """(summed stripes [layer, 3, head], next-token losses [batch, pos - 1]) of `rows` on the fast engine."""
+    sums = []
+    for step in engine.layers(rows):
+        sums.append(_stripe_sums(step.pattern, seq_len).double().cpu())
+        on_layer()
+    return torch.stack(sums), engine.next_token_losses(step.resid_post, rows)
+
+
+def _bridge_pass(model: Model, rows: Int[Tensor, "batch pos"], seq_len: int, on_layer: Callable[[], None] = lambda: None):
+    """The same as _engine_pass, through the model's own forward pass and hook_pattern."""
+    sums = torch.zeros(model.cfg.n_layers, 3, model.cfg.n_heads, dtype=torch.float64)
+
+    def accumulate(pattern, hook):
+        sums[hook.layer()] += _stripe_sums(pattern, seq_len).double().cpu()
+        on_layer()
+
+    logits = model.run_with_hooks(rows, fwd_hooks=[(lambda name: name.endswith("hook_pattern"), accumulate)])
+    # float32, fused, on the logits as they are: slicing off the last position first would copy
+    # [rows, pos, d_vocab] (206 MB at 1,024 tokens); its next token is ignored instead (-100)
+    following = torch.nn.functional.pad(rows[:, 1:], (0, 1), value=-100)
+    losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), following.flatten(), reduction="none")
+    return sums, losses.view(len(rows), -1)[:, :-1]
+
+
+def _agree(ours: tuple[Tensor, Tensor], theirs: tuple[Tensor, Tensor]) -> bool:
+    return all(close(a, b) for a, b in zip(ours, theirs))
 
 
 def max_seq_len(model: Model) -> int:
@@ -93,27 +127,22 @@ def induction_scores(
     seq_len, batch, seed = (check_int(value, name, *limits[name]) for name, value in (("seq_len", seq_len), ("batch", batch), ("seed", seed)))
     _check_size(seq_len, batch)
     tokens = repeated_random_tokens(model, seq_len, batch, seed)
-    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    sums = torch.zeros(n_layers, 3, n_heads, dtype=torch.float64)
-    loss_sum = torch.zeros(2 * seq_len, dtype=torch.float64)
-
     passes = tokens.split(max(1, tokens_per_forward // tokens.shape[1]))
-    steps = iter(range(1, len(passes) * n_layers + 1))
+    steps = iter(range(1, len(passes) * model.cfg.n_layers + 1))
 
-    def accumulate(pattern, hook):
-        sums[hook.layer()] += _stripe_sums(pattern, seq_len).double().cpu()
+    def on_layer() -> None:
         if progress is not None:
-            progress(next(steps) / (len(passes) * n_layers), "induction scores")
+            progress(next(steps) / (len(passes) * model.cfg.n_layers), "induction scores")
 
     with torch.no_grad():
+        engine = verified_engine(model, lambda engine: _agree(_engine_pass(engine, tokens[:1], seq_len), _bridge_pass(model, tokens[:1], seq_len)))
+        run = functools.partial(_bridge_pass, model) if engine is None else functools.partial(_engine_pass, engine)
+        sums = torch.zeros(model.cfg.n_layers, 3, model.cfg.n_heads, dtype=torch.float64)
+        loss_sum = torch.zeros(2 * seq_len, dtype=torch.float64)
         for rows in passes:
-            logits = model.run_with_hooks(rows, fwd_hooks=[(lambda name: name.endswith("hook_pattern"), accumulate)])
-            # float32, fused, on the logits as they are: slicing off the last position first would copy
-            # [rows, pos, d_vocab] (206 MB at 1,024 tokens); its next token is ignored instead (-100)
-            following = torch.nn.functional.pad(rows[:, 1:], (0, 1), value=-100)
-            losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), following.flatten(), reduction="none")
-            loss_sum += losses.view(len(rows), -1)[:, :-1].double().sum(0).cpu()
-            del logits, losses
+            stripes, losses = run(rows, seq_len, on_layer)
+            sums += stripes
+            loss_sum += losses.double().sum(0).cpu()
     counts = torch.tensor([seq_len, 2 * seq_len, seq_len], dtype=torch.float64)[None, :, None] * batch
     means = (sums / counts).numpy()
     return InductionResult(

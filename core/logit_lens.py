@@ -60,12 +60,12 @@ def _read(model: Model, run: PromptRun, prepared: tuple[str | None, int | None])
 
 def _unembed_summary(model: Model, rows: Float[Tensor, "row d_model"], target_id: int | None):
     """(top logit, its token, logsumexp, the target's logit, its rank: how many logits exceed it) of every
-    row's float32 logits, the unembedding taken DEFAULTS.lens_vocab_block tokens at a time so that each
+    row's float32 logits, the unembedding taken DEFAULTS.vocab_block tokens at a time so that each
     block's logits are summarised while they are in cache (about 1.5x faster than one [row, vocab] product
     and passes over it), each block's product oneDNN's where it agrees with torch's (core.products). The
     target's block comes first, so its logit is the one every block is compared with."""
     weight, bias = model.W_U.T.contiguous(), model.b_U  # [vocab, d_model]: a token block is contiguous
-    size = DEFAULTS.lens_vocab_block
+    size = DEFAULTS.vocab_block
     starts = list(range(0, weight.shape[0], size))
     if target_id is not None:
         starts.insert(0, starts.pop(target_id // size))

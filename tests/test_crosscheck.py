@@ -11,8 +11,19 @@ import numpy as np
 import pytest
 import torch
 from transformer_lens import patching as tl_patching
+from transformer_lens import utilities as tl_utils
 
-from core import SWEEPS, activation_patching, agreement, attention_patterns, attribution_patching, direct_logit_attribution, logit_lens
+from core import (
+    SWEEPS,
+    activation_patching,
+    agreement,
+    attention_patterns,
+    attribution_patching,
+    direct_logit_attribution,
+    induction_scores,
+    logit_lens,
+)
+from core.induction import repeated_random_tokens
 from core.model import to_tokens
 from core.patching import exact
 from core.patching.fast import Engine
@@ -212,7 +223,7 @@ def test_logit_lens_token_blocks_equal_one_full_product(gpt2_shaped, monkeypatch
     lens_module = importlib.import_module("core.logit_lens")  # the module (core re-exports the function under its name)
 
     model = gpt2_shaped
-    monkeypatch.setattr(lens_module, "DEFAULTS", dataclasses.replace(lens_module.DEFAULTS, lens_vocab_block=block))
+    monkeypatch.setattr(lens_module, "DEFAULTS", dataclasses.replace(lens_module.DEFAULTS, vocab_block=block))
     rows = torch.randn(40, model.cfg.d_model, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = rows @ model.W_U + model.b_U
@@ -231,3 +242,50 @@ def test_attention_equals_cached_pattern_and_rows_sum_to_one(gpt2_shaped):
         _, cache = gpt2_shaped.run_with_cache(to_tokens(gpt2_shaped, IOI_CLEAN))
     np.testing.assert_allclose(result.patterns, cache["pattern", 5][0].cpu().numpy(), atol=1e-7)
     np.testing.assert_allclose(result.patterns.sum(-1), 1.0, atol=1e-5)
+
+
+def test_induction_on_the_fast_engine_equals_the_bridges_cache_and_loss(gpt2_shaped):
+    """Scores read off TransformerLens's cache; the loss is its lm_cross_entropy_loss on the bridge's logits."""
+    seq_len, batch = 20, 3
+    result = induction_scores(gpt2_shaped, seq_len=seq_len, batch=batch, seed=2)
+    assert exact.fast_engine(gpt2_shaped).verified  # the fast path is what is being checked
+    tokens = repeated_random_tokens(gpt2_shaped, seq_len, batch, seed=2)
+    with torch.no_grad():
+        logits, cache = gpt2_shaped.run_with_cache(tokens)
+    loss = tl_utils.lm_cross_entropy_loss(logits, tokens, per_token=True).double().mean(0)
+    np.testing.assert_allclose(result.loss_by_position, loss.cpu().numpy(), rtol=1e-5)
+    second = torch.arange(seq_len + 1, 2 * seq_len + 1)
+    for layer in (0, 5, 11):
+        pattern = cache["pattern", layer].double()  # [batch, head, dest, src]
+        induction = pattern[:, :, second, second - seq_len + 1].mean((0, 2))
+        duplicate = pattern[:, :, second, second - seq_len].mean((0, 2))
+        previous = pattern.diagonal(-1, -2, -1).mean((0, 2))
+        np.testing.assert_allclose(result.scores[layer], induction.cpu().numpy(), atol=1e-6)
+        np.testing.assert_allclose(result.duplicate_token_scores[layer], duplicate.cpu().numpy(), atol=1e-6)
+        np.testing.assert_allclose(result.prev_token_scores[layer], previous.cpu().numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("block", [1000, 2048, 60000])
+def test_next_token_losses_in_token_blocks_equal_cross_entropy(gpt2_shaped, monkeypatch, block):
+    fast_module = importlib.import_module("core.patching.fast")
+    monkeypatch.setattr(fast_module, "DEFAULTS", dataclasses.replace(fast_module.DEFAULTS, vocab_block=block))
+    engine = exact.fast_engine(gpt2_shaped)
+    generator = torch.Generator().manual_seed(0)
+    final = 3 * torch.randn(2, 9, gpt2_shaped.cfg.d_model, generator=generator)
+    tokens = torch.randint(0, gpt2_shaped.cfg.d_vocab, (2, 9), generator=generator)
+    with torch.no_grad():
+        logits = engine._ln(final, engine.ln_final) @ gpt2_shaped.W_U + gpt2_shaped.b_U
+        expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
+        torch.testing.assert_close(engine.next_token_losses(final, tokens), expected.view(2, 8))
+
+
+def test_induction_never_uses_a_fast_engine_that_disagrees_with_the_model(tiny_model, monkeypatch):
+    truth = induction_scores(tiny_model, seq_len=8, batch=3, seed=1)
+    broken = Engine(tiny_model)
+    broken.b_U = broken.b_U + torch.arange(broken.b_U.shape[0], dtype=broken.b_U.dtype) / 100  # changes every loss
+    monkeypatch.setitem(exact._ENGINES, tiny_model, broken)
+    result = induction_scores(tiny_model, seq_len=8, batch=3, seed=1)
+    assert exact._ENGINES[tiny_model] is None  # dropped for this model from now on
+    assert not broken.verified
+    np.testing.assert_allclose(result.loss_by_position, truth.loss_by_position, rtol=1e-6)
+    np.testing.assert_allclose(result.scores, truth.scores, atol=1e-7)

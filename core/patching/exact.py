@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import functools
 import weakref
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from core import plots
 from core.config import DEFAULTS
@@ -38,6 +41,27 @@ def fast_engine(model: Model) -> Engine | None:
     return _ENGINES[model]
 
 
+def verified_engine(model: Model, agrees: Callable[[Engine], bool]) -> Engine | None:
+    """The model's fast engine, once `agrees(engine)` has seen it answer as the model's own forward pass does
+    (asked until one check passes, here or in run_pair); None if the model is not supported or the engine
+    ever disagreed: then it is never used for that model."""
+    found = fast_engine(model)
+    if found is None or found.verified:
+        return found
+    if agrees(found):
+        found.verified = True
+        return found
+    _ENGINES[model] = None
+    return None
+
+
+def close(ours: float | Tensor, theirs: float | Tensor) -> bool:
+    """Whether a fast path's value is the model's own, to DEFAULTS.fast_path_tolerance (relative above 1)."""
+    theirs = torch.as_tensor(theirs, dtype=torch.float64)
+    difference = (torch.as_tensor(ours, dtype=torch.float64) - theirs).abs()
+    return bool((difference <= DEFAULTS.fast_path_tolerance * (1 + theirs.abs())).all())
+
+
 def run_pair(model: Model, pair: ContrastPair, engine: Literal["auto", "hooks"] = "auto") -> FastRun | HookRun:
     """One pair on the fast engine where the model allows it, else through hooks. The first time on a
     model, the fast engine's unpatched values must match the model's own forward pass
@@ -49,7 +73,7 @@ def run_pair(model: Model, pair: ContrastPair, engine: Literal["auto", "hooks"] 
     if not found.verified:
         reference = HookRun(model, pair)
         values = ((run.clean_value, reference.clean_value), (run.corrupted_value, reference.corrupted_value))
-        if all(abs(ours - theirs) <= DEFAULTS.fast_path_tolerance * (1 + abs(theirs)) for ours, theirs in values):
+        if all(close(ours, theirs) for ours, theirs in values):
             found.verified = True
         else:  # an architecture detail the engine does not model
             _ENGINES[model] = None

@@ -45,6 +45,22 @@ ACTIVATIONS = {  # gelu_new and gelu_fast are both the tanh approximation of GEL
 
 
 @dataclass(frozen=True)
+class Step:
+    """One layer of a forward pass, every activation [batch, pos, ...]."""
+
+    layer: int
+    resid_pre: Float[Tensor, "batch pos d_model"]
+    k: Float[Tensor, "batch pos head d_head"]
+    v: Float[Tensor, "batch pos head d_head"]
+    pattern: Float[Tensor, "batch head dest_pos src_pos"]
+    z: Float[Tensor, "batch pos head d_head"]
+    attn_out: Float[Tensor, "batch pos d_model"]
+    resid_mid: Float[Tensor, "batch pos d_model"]
+    mlp_out: Float[Tensor, "batch pos d_model"]
+    resid_post: Float[Tensor, "batch pos d_model"]
+
+
+@dataclass(frozen=True)
 class Trace:
     """Every activation of one unpatched run (one prompt), position-major."""
 
@@ -76,6 +92,7 @@ class Engine:
             self.W_in, self.b_in = self._per_layer(model, "W_in"), model.b_in.detach()
             self.W_out, self.b_out = self._per_layer(model, "W_out"), model.b_out.detach()
             self.W_U, self.b_U = model.W_U.detach(), model.b_U.detach()
+            self.W_U_T = self.W_U.T.contiguous()  # [vocab, d_model]: a block of tokens is contiguous (GPT-2's W_U is already stored so: no copy)
             d = cfg.d_model
             # [layer, head, d_model, d_head] -> [layer, d_model, head * d_head]: one matmul per projection
             self.W_QKV = torch.cat([w.detach().permute(0, 2, 1, 3).reshape(self.n_layers, d, -1) for w in (model.W_Q, model.W_K, model.W_V)], -1)
@@ -137,30 +154,50 @@ class Engine:
     def traces(self, tokens: Int[Tensor, "batch pos"], directions: Sequence) -> list[Trace]:
         """Each prompt's Trace (prompts of one token length, one pass: small matrix products run several
         times below the machine's throughput, so a task's prompts travel together)."""
-        B, n, H, dh = *tokens.shape, self.n_heads, self.d_head
-        x = self.W_E[tokens] + self.W_pos[:n]
-        causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
-        keep: dict[str, list[Tensor]] = {k: [] for k in ("resid_pre", "resid_mid", "attn_out", "mlp_out", "z", "k", "v")}
-        for layer in range(self.n_layers):
-            keep["resid_pre"].append(x)
-            qkv = linear(self._ln(x, self.ln1[layer]), self.W_QKV_T[layer], self.b_QKV[layer])
-            q, k, v = (t.reshape(B, n, H, dh) for t in qkv.split(H * dh, -1))
-            scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * self.scale
-            pattern = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
-            z = torch.einsum("bhqk,bkhd->bqhd", pattern, v)
-            attn_out = linear(z.reshape(B, n, H * dh), self.W_O_flat[layer].T, self.b_O[layer])
-            x = x + attn_out
-            keep["resid_mid"].append(x)
-            mlp_out = self.mlp(layer, x)
-            x = x + mlp_out
-            for name, value in (("attn_out", attn_out), ("mlp_out", mlp_out), ("z", z), ("k", k), ("v", v)):
-                keep[name].append(value)
+        keep: dict[str, list[Tensor]] = {name: [] for name in ("resid_pre", "resid_mid", "attn_out", "mlp_out", "z", "k", "v")}
+        for step in self.layers(tokens):
+            for name in keep:
+                keep[name].append(getattr(step, name))
+        x = step.resid_post
         keep["resid_pre"].append(x)
         stacked = {name: torch.stack(values, 1) for name, values in keep.items()}  # [batch, layer, ...]
         return [
             Trace(**{name: value[b] for name, value in stacked.items()}, metric=float(self._metric(x[b, -1], direction)))
             for b, direction in enumerate(directions)
         ]
+
+    def layers(self, tokens: Int[Tensor, "batch pos"]) -> Iterator[Step]:
+        """The model's forward pass over `tokens`, one layer at a time: each layer's activations, in order
+        (the last one's `resid_post` is the final residual stream)."""
+        B, n, H, dh = *tokens.shape, self.n_heads, self.d_head
+        x = self.W_E[tokens] + self.W_pos[:n]
+        causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
+        for layer in range(self.n_layers):
+            resid_pre = x
+            qkv = linear(self._ln(x, self.ln1[layer]), self.W_QKV_T[layer], self.b_QKV[layer])
+            q, k, v = (t.reshape(B, n, H, dh) for t in qkv.split(H * dh, -1))
+            scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * self.scale
+            pattern = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
+            z = torch.einsum("bhqk,bkhd->bqhd", pattern, v)
+            attn_out = linear(z.reshape(B, n, H * dh), self.W_O_flat[layer].T, self.b_O[layer])
+            resid_mid = x + attn_out
+            mlp_out = self.mlp(layer, resid_mid)
+            x = resid_mid + mlp_out
+            yield Step(layer, resid_pre, k, v, pattern, z, attn_out, resid_mid, mlp_out, x)
+
+    def next_token_losses(self, final_resid: Float[Tensor, "batch pos d_model"], tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos_minus_1"]:
+        """Each position's cross-entropy loss on the token that follows it (float32, as
+        `torch.nn.functional.cross_entropy` on the logits): the unembedding taken DEFAULTS.vocab_block tokens
+        at a time, each block's logsumexp taken while its logits are in cache, never a [row, vocab] tensor."""
+        normed = self._ln(final_resid[:, :-1], self.ln_final).reshape(-1, final_resid.shape[-1])
+        weight = self.W_U_T
+        total = torch.full(normed.shape[:1], float("-inf"), device=self.device)
+        for start in range(0, weight.shape[0], DEFAULTS.vocab_block):
+            block = slice(start, start + DEFAULTS.vocab_block)
+            total = torch.logaddexp(total, torch.logsumexp(linear(normed, weight[block], self.b_U[block]), -1))
+        following = tokens[:, 1:].reshape(-1)
+        target = (normed * weight[following]).sum(-1) + self.b_U[following]
+        return (total - target).view(tokens.shape[0], -1)
 
     def mlp(self, layer: int, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         """The layer's MLP output for residual stream `x` (its LayerNorm included)."""
