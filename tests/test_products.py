@@ -42,25 +42,43 @@ def test_a_product_autograd_must_see_is_torchs():
 
 
 def test_onednn_is_used_here_and_agrees():
-    """On these machines (CPU torch with oneDNN) the fast product is there and passes its check."""
+    """On these machines (CPU torch with oneDNN) the fast product, and the product with GELU fused, are
+    there and pass their checks."""
     products.onednn_agrees.cache_clear()
-    assert products.onednn_agrees()
+    assert products.onednn_agrees() and products.onednn_agrees("gelu_tanh")
+
+
+@pytest.mark.parametrize("activation", ["gelu_tanh", "gelu", "relu"])
+@pytest.mark.parametrize("shape", [(5, 64), (2, 7, 64), (0, 64)])
+def test_a_product_with_an_activation_equals_torchs_activation_of_torchs_product(shape, activation):
+    generator = torch.Generator().manual_seed(4)
+    x, weight, bias = torch.randn(*shape, generator=generator), torch.randn(300, 64, generator=generator) / 4, torch.randn(300, generator=generator)
+    with torch.no_grad():
+        ours = products.linear(x, weight, bias, activation)
+        product = torch.nn.functional.linear(x, weight, bias)
+    theirs = products.ACTIVATIONS[activation](product)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    if len(x):
+        assert not torch.equal(theirs, product)  # an activation was applied
+        assert (product < -3).any() and (product > 3).any()  # both tails of its curve were tested
 
 
 @pytest.mark.parametrize("fault", ["wrong numbers", "missing"])
 def test_a_product_that_disagrees_or_is_missing_is_never_used(monkeypatch, fault):
-    def wrong(rows, weight, bias):
+    def wrong(rows, weight, bias, activation="none"):
         if fault == "missing":
             raise RuntimeError("no such operator")
-        return torch.nn.functional.linear(rows, weight, bias) * 1.001
+        return products.ACTIVATIONS[activation](torch.nn.functional.linear(rows, weight, bias)) * 1.001
 
     monkeypatch.setattr(products, "_onednn_linear", wrong)
     products.onednn_agrees.cache_clear()
     try:
-        assert not products.onednn_agrees()
+        assert not products.onednn_agrees() and not products.onednn_agrees("gelu_tanh")
         x, weight = torch.randn(6, 16), torch.randn(40, 16)
         with torch.no_grad():
             assert torch.equal(products.linear(x, weight), torch.nn.functional.linear(x, weight))  # torch's own, bit for bit
+            fused = products.linear(x, weight, activation="gelu_tanh")
+            assert torch.equal(fused, torch.nn.functional.gelu(torch.nn.functional.linear(x, weight), approximate="tanh"))
     finally:
         products.onednn_agrees.cache_clear()
 
@@ -73,7 +91,7 @@ def test_a_loaded_model_computes_its_products_on_onednn_and_answers_as_with_torc
     tokens = torch.tensor([[50256, 464, 3290, 318, 287, 262, 1748, 286]])
     with torch.no_grad():
         ours = model(tokens)
-        monkeypatch.setattr(products, "onednn_agrees", lambda: False)
+        monkeypatch.setattr(products, "onednn_agrees", lambda activation="none": False)
         theirs = model(tokens)
     assert not torch.equal(ours, theirs)  # not the same products...
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)  # ...the same numbers
@@ -82,8 +100,8 @@ def test_a_loaded_model_computes_its_products_on_onednn_and_answers_as_with_torc
 def test_routing_is_undone_where_the_model_answers_otherwise(monkeypatch):
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
     x = torch.randn(5, 16)
-    monkeypatch.setattr(products, "onednn_agrees", lambda: True)
-    monkeypatch.setattr(products, "_onednn_linear", lambda rows, weight, bias: torch.nn.functional.linear(rows, weight, bias) + 0.01)
+    monkeypatch.setattr(products, "onednn_agrees", lambda activation="none": True)
+    monkeypatch.setattr(products, "_onednn_linear", lambda rows, weight, bias, activation="none": torch.nn.functional.linear(rows, weight, bias) + 0.01)
     assert not products.route_products(model, lambda: model(x))
     assert not products.routed(model) and all("forward" not in vars(module) for module in model.modules())
     monkeypatch.undo()

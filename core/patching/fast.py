@@ -36,11 +36,11 @@ from core.model import Model
 from core.products import linear
 from core.registry import Progress
 
-ACTIVATIONS = {  # gelu_new and gelu_fast are both the tanh approximation of GELU (GPT-2's)
-    "gelu_new": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
-    "gelu": torch.nn.functional.gelu,
-    "relu": torch.relu,
+ACTIVATIONS = {  # the model's activation function -> core.products.linear's, applied inside the MLP's first product
+    "gelu_new": "gelu_tanh",  # gelu_new and gelu_fast are both the tanh approximation of GELU (GPT-2's)
+    "gelu_fast": "gelu_tanh",
+    "gelu": "gelu",
+    "relu": "relu",
 }
 
 
@@ -201,7 +201,7 @@ class Engine:
 
     def mlp(self, layer: int, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         """The layer's MLP output for residual stream `x` (its LayerNorm included)."""
-        hidden = self.act(linear(self._ln(x, self.ln2[layer]), self.W_in[layer].T, self.b_in[layer]))
+        hidden = linear(self._ln(x, self.ln2[layer]), self.W_in[layer].T, self.b_in[layer], self.act)
         return linear(hidden, self.W_out[layer].T, self.b_out[layer])
 
     def head_dla(self, trace: Trace, direction) -> Float[Tensor, "layer head"]:
@@ -328,7 +328,7 @@ class Engine:
         flat = x.view(-1, x.shape[-1])
         if last:
             rows = self._final_rows(x)
-        hidden = self.act(linear(self._ln(flat.index_select(0, rows), self.ln2[layer]), self.W_in[layer].T, self.b_in[layer]))
+        hidden = linear(self._ln(flat.index_select(0, rows), self.ln2[layer]), self.W_in[layer].T, self.b_in[layer], self.act)
         flat.index_add_(0, rows, linear(hidden, self.W_out[layer].T, self.b_out[layer]))
 
 
