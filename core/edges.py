@@ -145,7 +145,7 @@ def _forward(
     for layer in range(L):
         own = head_input(layer, x) if head_input is not None else None
         if own is None:
-            qkv = (engine._ln(x, engine.ln1[layer]) @ engine.W_QKV[layer] + engine.b_QKV[layer]).reshape(B, n, 3, H, dh)
+            qkv = engine.qkv(layer, x).reshape(B, n, 3, H, dh)
         else:
             W = engine.W_QKV[layer].reshape(d, 3, H, dh)
             qkv = torch.einsum("bpchm,mche->bpche", engine._ln(own, engine.ln1[layer]), W) + engine.b_QKV[layer].reshape(3, H, dh)
@@ -351,13 +351,13 @@ def _ablated_metrics(
         W, bias = engine.W_QKV[layer], engine.b_QKV[layer]
         ablated = ablated_kind[:, first : first + 3 * H].view(C, H, 3)
         if ablated.any():
-            qkv = (engine._ln(stream, engine.ln1[layer]) @ W + bias).view(1, B, n, 3, H, dh).expand(C, -1, -1, -1, -1, -1).clone()
+            qkv = engine.qkv(layer, stream).view(1, B, n, 3, H, dh).expand(C, -1, -1, -1, -1, -1).clone()
             live = (~ablated).flatten(1).any(1)  # the circuits with a reader on their own stream in this layer
             if live.any():
-                own = (engine._ln(x[live], engine.ln1[layer]) @ W + bias).view(-1, B, n, 3, H, dh)
+                own = engine.qkv(layer, x[live]).view(-1, B, n, 3, H, dh)
                 qkv[live] = torch.where(ablated[live].transpose(1, 2)[:, None, None, :, :, None], qkv[live], own)
         else:
-            qkv = (engine._ln(x, engine.ln1[layer]) @ W + bias).view(C, B, n, 3, H, dh)  # every reader on its circuit's live stream
+            qkv = engine.qkv(layer, x).view(C, B, n, 3, H, dh)  # every reader on its circuit's live stream
         for c in mixed_kind[:, first : first + 3 * H].any(1).nonzero()[:, 0].tolist():
             readers = mixed_kind[c, first : first + 3 * H].nonzero()[:, 0]
             head, component = readers // 3, readers % 3

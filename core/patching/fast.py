@@ -174,8 +174,7 @@ class Engine:
         causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
         for layer in range(self.n_layers):
             resid_pre = x
-            qkv = linear(self._ln(x, self.ln1[layer]), self.W_QKV_T[layer], self.b_QKV[layer])
-            q, k, v = (t.reshape(B, n, H, dh) for t in qkv.split(H * dh, -1))
+            q, k, v = (t.reshape(B, n, H, dh) for t in self.qkv(layer, x).split(H * dh, -1))
             scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * self.scale
             pattern = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
             z = torch.einsum("bhqk,bkhd->bqhd", pattern, v)
@@ -198,6 +197,11 @@ class Engine:
         following = tokens[:, 1:].reshape(-1)
         target = (normed * weight[following]).sum(-1) + self.b_U[following]
         return (total - target).view(tokens.shape[0], -1)
+
+    def qkv(self, layer: int, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... qkv_head_d_head"]:
+        """The layer's queries, keys and values (q, k, v, each [head, d_head], flattened) for residual stream `x`
+        (its LayerNorm included)."""
+        return linear(self._ln(x, self.ln1[layer]), self.W_QKV_T[layer], self.b_QKV[layer])
 
     def mlp(self, layer: int, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         """The layer's MLP output for residual stream `x` (its LayerNorm included)."""

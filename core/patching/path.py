@@ -112,9 +112,8 @@ def receiver_writes(engine: Engine, corrupted: Trace, layer: int, start: int, ch
     positions start..) is added to its query, key or value input alone: all heads at once per component."""
     H, dh = engine.n_heads, engine.d_head
     x = corrupted.resid_pre[layer, start:]
-    w, b = engine.W_QKV[layer], engine.b_QKV[layer]
-    old = (engine._ln(x, engine.ln1[layer]) @ w + b).reshape(-1, 3, H, dh)
-    new = (engine._ln(x + change, engine.ln1[layer]) @ w + b).reshape(-1, 3, H, dh)
+    old = engine.qkv(layer, x).reshape(-1, 3, H, dh)
+    new = engine.qkv(layer, x + change).reshape(-1, 3, H, dh)
     k_all, v_all = corrupted.k[layer], corrupted.v[layer]  # [pos, head, d_head], every position
     q_old = old[:, 0]
     k_new = torch.cat([k_all[:start], new[:, 1]])
