@@ -108,7 +108,7 @@ def _use_onednn(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str 
         all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
         and onednn_agrees()
-        and onednn_agrees(activation)
+        and (activation == "none" or onednn_agrees(activation))
     )
 
 

@@ -42,10 +42,10 @@ def test_a_product_autograd_must_see_is_torchs():
 
 
 def test_onednn_is_used_here_and_agrees():
-    """On these machines (CPU torch with oneDNN) the fast product, and the product with GELU fused, are
-    there and pass their checks."""
+    """On these machines (CPU torch with oneDNN) the fast product, and the product with each activation fused,
+    are there and pass their checks (so the tests of `linear` below test oneDNN's)."""
     products.onednn_agrees.cache_clear()
-    assert products.onednn_agrees() and products.onednn_agrees("gelu_tanh")
+    assert all(products.onednn_agrees(activation) for activation in products.ACTIVATIONS)
 
 
 @pytest.mark.parametrize("activation", ["gelu_tanh", "gelu", "relu"])

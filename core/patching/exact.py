@@ -43,12 +43,17 @@ def fast_engine(model: Model) -> Engine | None:
 
 def verified_engine(model: Model, agrees: Callable[[Engine], bool]) -> Engine | None:
     """The model's fast engine, once `agrees(engine)` has seen it answer as the model's own forward pass does
-    (asked until one check passes, here or in run_pair); None if the model is not supported or the engine
-    ever disagreed: then it is never used for that model."""
+    (asked until one check passes, here or in run_pair: the engine is one model of the forward pass, so one
+    check stands for every technique that runs on it); None if the model is not supported or the engine
+    ever disagreed (or raised while checked): then it is never used for that model."""
     found = fast_engine(model)
     if found is None or found.verified:
         return found
-    if agrees(found):
+    try:
+        agreed = agrees(found)
+    except Exception:  # noqa: BLE001  (an engine that cannot run what the model runs disagrees)
+        agreed = False
+    if agreed:
         found.verified = True
         return found
     _ENGINES[model] = None
