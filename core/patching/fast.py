@@ -16,6 +16,8 @@ A GPT-2-style model is re-expressed in plain tensor algebra from its (folded) we
 LayerNorm, sequential attention then MLP); `core.patching.exact` falls back to hooks otherwise, and
 before trusting an engine checks its unpatched runs against the model's own forward pass.
 `FastRun` is one contrast pair on the engine, with the same interface as the hook engine's `HookRun`.
+The engine's plain forward pass (`Engine.layers`, `Engine.next_token_losses`) also serves induction
+(`core.induction`), checked the same way (`core.patching.exact.verified_engine`).
 """
 
 from __future__ import annotations
@@ -75,7 +77,8 @@ class Trace:
 
 
 class Engine:
-    """A model's weights as plain tensors, and the passes exact patching needs."""
+    """A model's weights as plain tensors, and the passes exact patching needs (its whole forward pass, `layers`,
+    also serves induction; circuits and path patching build on its pieces)."""
 
     def __init__(self, model: Model):
         cfg = model.cfg
