@@ -59,23 +59,15 @@ def linear(
 
 def route_products(model: torch.nn.Module, check: Callable[[], Tensor]) -> bool:
     """Every `torch.nn.Linear` and transformers `Conv1D` inside `model` (a TransformerBridge's forward pass
-    runs its products there) computes through `linear`, and transformers' tanh GELU (`NewGELUActivation`,
-    `FastGELUActivation`: the formula in several elementwise passes, 7% of a 16-prompt forward pass here)
-    through torch's fused `gelu(approximate="tanh")`, the same function. Kept only if `check()`, e.g. the logits of a fixed
+    runs its products there) computes through `linear`. Kept only if `check()`, e.g. the logits of a fixed
     prompt, answers as it did before to DEFAULTS.routed_model_tolerance of its largest value; else (or if
     it raises) every module is put back. Returns whether the products were routed. A model whose
     weights are not all CPU float32 is left as it is."""
-    from transformers.activations import FastGELUActivation, NewGELUActivation
     from transformers.pytorch_utils import Conv1D
 
     if not onednn_agrees() or any(p.device.type != "cpu" or p.dtype != torch.float32 for p in model.parameters()):
         return False
-    forwards = {  # exactly these classes: a subclass may compute otherwise
-        torch.nn.Linear: _linear_forward,
-        Conv1D: _conv1d_forward,
-        NewGELUActivation: _gelu_tanh_forward,
-        FastGELUActivation: _gelu_tanh_forward,
-    }
+    forwards = {torch.nn.Linear: _linear_forward, Conv1D: _conv1d_forward}  # exactly these classes: a subclass may compute otherwise
     modules = [module for module in model.modules() if type(module) in forwards and "forward" not in vars(module)]
     try:
         with torch.no_grad():
@@ -95,10 +87,6 @@ def route_products(model: torch.nn.Module, check: Callable[[], Tensor]) -> bool:
 def routed(model: torch.nn.Module) -> bool:
     """Whether route_products routed `model`'s products."""
     return any(getattr(vars(module).get("forward"), "func", None) in (_linear_forward, _conv1d_forward) for module in model.modules())
-
-
-def _gelu_tanh_forward(self: torch.nn.Module, x: Tensor) -> Tensor:
-    return ACTIVATIONS["gelu_tanh"](x)
 
 
 def _linear_forward(self: torch.nn.Linear, x: Tensor) -> Tensor:
