@@ -20,8 +20,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 from benchmarks.bench_patching import matmul_gflops  # noqa: E402
 from benchmarks.common import arguments, peak_memory, rss_bytes  # noqa: E402
 from core import induction_scores, load_model, save_random_gpt2  # noqa: E402
-from core.config import DEFAULTS  # noqa: E402
-from core.induction import _bridge_pass, repeated_random_tokens  # noqa: E402
+from core.induction import _bridge_pass, repeated_random_tokens, split_passes  # noqa: E402
 
 
 def forward_flops(n_layers: int, d: int, d_mlp: int, n_pos: int, rows: int, d_vocab: int) -> float:
@@ -34,7 +33,7 @@ def forward_flops(n_layers: int, d: int, d_mlp: int, n_pos: int, rows: int, d_vo
 
 @torch.no_grad()
 def bridge(model, tokens, seq_len: int) -> list:
-    return [_bridge_pass(model, rows, seq_len) for rows in tokens.split(max(1, DEFAULTS.tokens_per_forward // tokens.shape[1]))]
+    return [_bridge_pass(model, rows, seq_len) for rows in split_passes(tokens)]
 
 
 def main() -> None:

@@ -49,6 +49,11 @@ def _stripe_sums(pattern: Float[Tensor, "batch head dest src"], seq_len: int) ->
     )
 
 
+def split_passes(tokens: Int[Tensor, "batch pos"], tokens_per_forward: int = DEFAULTS.tokens_per_forward) -> tuple[Tensor, ...]:
+    """The sequences of `tokens`, as many per forward pass as fit in `tokens_per_forward` (at least one)."""
+    return tokens.split(max(1, tokens_per_forward // tokens.shape[1]))
+
+
 def _engine_pass(engine: Engine, rows: Int[Tensor, "batch pos"], seq_len: int, on_layer: Callable[[], None] = lambda: None):
     """(summed stripes [layer, 3, head], next-token losses [batch, pos - 1]) of `rows` on the fast engine."""
     sums = []
@@ -127,7 +132,7 @@ def induction_scores(
     seq_len, batch, seed = (check_int(value, name, *limits[name]) for name, value in (("seq_len", seq_len), ("batch", batch), ("seed", seed)))
     _check_size(seq_len, batch)
     tokens = repeated_random_tokens(model, seq_len, batch, seed)
-    passes = tokens.split(max(1, tokens_per_forward // tokens.shape[1]))
+    passes = split_passes(tokens, tokens_per_forward)
     steps = iter(range(1, len(passes) * model.cfg.n_layers + 1))
 
     def on_layer() -> None:

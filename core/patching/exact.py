@@ -43,8 +43,8 @@ def fast_engine(model: Model) -> Engine | None:
 
 def verified_engine(model: Model, agrees: Callable[[Engine], bool]) -> Engine | None:
     """The model's fast engine, once `agrees(engine)` has seen it answer as the model's own forward pass does
-    (asked until one check passes, here or in run_pair: the engine is one model of the forward pass, so one
-    check stands for every technique that runs on it); None if the model is not supported or the engine
+    (asked until one check passes, whichever technique asks: the engine is one model of the forward pass,
+    so one check stands for every technique that runs on it); None if the model is not supported or the engine
     ever disagreed (or raised while checked): then it is never used for that model."""
     found = fast_engine(model)
     if found is None or found.verified:
@@ -71,19 +71,18 @@ def run_pair(model: Model, pair: ContrastPair, engine: Literal["auto", "hooks"] 
     """One pair on the fast engine where the model allows it, else through hooks. The first time on a
     model, the fast engine's unpatched values must match the model's own forward pass
     (DEFAULTS.fast_path_tolerance); if they do not, its numbers are never used for that model."""
-    found = fast_engine(model) if engine == "auto" else None
-    if found is None:
+    if engine != "auto" or fast_engine(model) is None:
         return HookRun(model, pair)
-    run = FastRun(found, pair)
-    if not found.verified:
-        reference = HookRun(model, pair)
-        values = ((run.clean_value, reference.clean_value), (run.corrupted_value, reference.corrupted_value))
-        if all(close(ours, theirs) for ours, theirs in values):
-            found.verified = True
-        else:  # an architecture detail the engine does not model
-            _ENGINES[model] = None
-            return reference
-    return run
+    runs: dict[str, FastRun | HookRun] = {}
+
+    def agrees(found: Engine) -> bool:  # the check's two runs are kept: whichever is trusted is the answer
+        runs["fast"], runs["hooks"] = FastRun(found, pair), HookRun(model, pair)
+        return all(close(getattr(runs["fast"], value), getattr(runs["hooks"], value)) for value in ("clean_value", "corrupted_value"))
+
+    found = verified_engine(model, agrees)
+    if found is None:  # an architecture detail the engine does not model
+        return runs["hooks"] if "hooks" in runs else HookRun(model, pair)
+    return runs["fast"] if "fast" in runs else FastRun(found, pair)
 
 
 def run_pairs(model: Model, pairs: list[ContrastPair], engine: Literal["auto", "hooks"] = "auto"):
