@@ -16,7 +16,7 @@ from torch import Tensor
 from core import plots
 from core.config import DEFAULTS
 from core.model import Model, PromptJob, PromptReader, PromptRun, one_pass, single_token_id, str_tokens
-from core.products import linear
+from core.products import linear, logsumexp
 from core.registry import PROMPT, Input, Technique
 from core.results import LogitLensResult
 from examples import EIFFEL
@@ -83,7 +83,7 @@ def _unembed_summary(model: Model, rows: Float[Tensor, "row d_model"], target_id
         ids = best.indices + start
         better = (best.values > top_logit) | ((best.values == top_logit) & (ids < top_id))  # ties: the lowest token id, as one max would
         top_logit, top_id = torch.where(better, best.values, top_logit), torch.where(better, ids, top_id)
-        total = torch.logaddexp(total, torch.logsumexp(logits, -1))
+        total = torch.logaddexp(total, logsumexp(logits, best.values))
     return top_logit, top_id, total, target_logit, target_rank
 
 

@@ -7,11 +7,15 @@ measures both on the logit lens's unembedding). torch ships oneDNN too, and `tor
 calls its product as `torch.ops.mkldnn._linear_pointwise`; that operator is private, so it is used only
 after it has answered a fixed product as torch's `linear` does (DEFAULTS.product_check_tolerance), and
 never where it is missing, fails that check, or autograd would need to see the product.
+
+`logsumexp` is torch's over the last axis of such products' logits, at the processor's rate whatever
+their spread (below).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Callable
 
@@ -55,6 +59,20 @@ def linear(
     weight = weight if weight.is_contiguous() or weight.T.is_contiguous() else weight.contiguous()  # [in, out] weights as their .T: no copy
     out = _onednn_linear(rows, weight, None if bias is None else bias.contiguous(), activation)
     return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+_EXP_FLOOR = math.log(torch.finfo(torch.float32).tiny) + 1  # about -86.3: its exp (3e-38) is a normal float32
+
+
+def logsumexp(logits: Float[Tensor, "... vocab"], maxes: Float[Tensor, "..."] | None = None) -> Float[Tensor, "..."]:
+    """`torch.logsumexp(logits, -1)` for finite logits, computed as torch does (max, exp of the differences,
+    sum, log, plus max), except that a difference below _EXP_FLOOR is taken at it. Its exp would be a
+    float32 subnormal, which this processor computes about 14x slower (a random model's lens logits
+    spread over 240: 12 us against 0.9 us a row of 2,048 tokens); such terms, at most 3e-38 each, cannot
+    move a sum that holds the max's own 1. `maxes`: the logits' maxima where the caller has them."""
+    maxes = logits.amax(-1) if maxes is None else maxes
+    shifted = torch.sub(logits, maxes[..., None]).clamp_(min=_EXP_FLOOR)
+    return shifted.exp_().sum(-1).log_().add_(maxes)
 
 
 def route_products(model: torch.nn.Module, check: Callable[[], Tensor]) -> bool:

@@ -117,3 +117,13 @@ def test_a_check_that_raises_leaves_the_model_as_it_was():
 
     assert not products.route_products(model, broken) and not products.routed(model)
     assert "forward" not in vars(model[0])
+
+
+@pytest.mark.parametrize("spread", [1.0, 30.0, 300.0])  # 300: most differences from the max underflow float32's normal range
+def test_logsumexp_equals_torchs_bit_for_bit(spread):
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 7, 2048, generator=generator) * spread
+    expected = torch.logsumexp(logits, -1)
+    assert torch.equal(products.logsumexp(logits), expected)
+    assert torch.equal(products.logsumexp(logits, logits.amax(-1)), expected)  # the maxima given
+    assert torch.equal(products.logsumexp(torch.zeros(2, 5)), torch.logsumexp(torch.zeros(2, 5), -1))  # ties: log(5)

@@ -35,7 +35,7 @@ from torch import Tensor
 from core.config import DEFAULTS
 from core.contrast import SWEEPS, ContrastPair
 from core.model import Model
-from core.products import linear
+from core.products import linear, logsumexp
 from core.registry import Progress
 
 ACTIVATIONS = {  # the model's activation function -> core.products.linear's, applied inside the MLP's first product
@@ -196,7 +196,7 @@ class Engine:
         total = torch.full(normed.shape[:1], float("-inf"), device=self.device)
         for start in range(0, weight.shape[0], DEFAULTS.vocab_block):
             block = slice(start, start + DEFAULTS.vocab_block)
-            total = torch.logaddexp(total, torch.logsumexp(linear(normed, weight[block], self.b_U[block]), -1))
+            total = torch.logaddexp(total, logsumexp(linear(normed, weight[block], self.b_U[block])))
         following = tokens[:, 1:].reshape(-1)
         target = (normed * weight[following]).sum(-1) + self.b_U[following]
         return (total - target).view(tokens.shape[0], -1)
