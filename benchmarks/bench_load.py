@@ -6,11 +6,13 @@
 load: a fixed, seeded list of distinct requests spread over every endpoint (JSON API and UI
 events; `--lane light`: the one-pass ones, which share forward passes) is answered once by one
 user (the serial answers), then, on a freshly started server each time (so nothing is answered
-from the results cache), by N concurrent users (with `--heavy H`, beside H users sending exact
+from the results cache) once it has warmed its examples, by N concurrent users (with `--heavy H`, beside H users sending exact
 patching requests all along). Prints throughput, p50/p95 latency, errors (must be 0), whether
 every answer equals the serial one, the share of the machine's CPU the server and the users' own
 process used meanwhile (they share the machine), and the server's resident memory after the run,
 its peak while the users were served, and its peak since start (loading the model included).
+`--lane light` also prints the model's own requests/s for the same requests: the app's runner in
+the benchmark's process, 1 and N threads, without HTTP or figures.
 
 soak: one server answers `--requests` mixed requests (mostly distinct, so the caches fill and
 evict) from `--users` concurrent users; prints the server's resident memory at launch, after the
@@ -36,6 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TQDM_DISABLE", "1")  # the model the benchmark writes, and loads for its "model alone" line
 
 import numpy as np  # noqa: E402
 from gradio_client import Client  # noqa: E402
@@ -155,7 +158,9 @@ def agreement(answers: list, serial: list, atol: float = 1e-4) -> str:
 
 
 class Server:
-    """`python app.py` in its own process on a free port, with an empty cache directory."""
+    """`python app.py` in its own process on a free port, with an empty cache directory. Its console
+    lines are kept (`lines`); `warmed()` waits until the examples it computes in the background are
+    ready, so that a row measures the users' requests, not the users beside the app's own warming."""
 
     def __init__(self, model: str, cache_dir: str):
         import socket
@@ -166,8 +171,11 @@ class Server:
         env = os.environ | {"CIRCUITBREAKER_CACHE_DIR": cache_dir, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
         self.process = subprocess.Popen(
             [sys.executable, str(ROOT / "app.py"), "--model", model, "--port", str(self.port)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )
+        self.lines: list[str] = []
+        self._said = threading.Condition()
+        threading.Thread(target=self._read_console, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.port}/"
         deadline = time.time() + 900
         while time.time() < deadline:
@@ -179,6 +187,23 @@ class Server:
             except OSError:
                 time.sleep(0.5)
         raise RuntimeError("the app did not start in 15 minutes")
+
+    def _read_console(self) -> None:
+        for line in self.process.stdout:  # read all along: a full pipe would block the app's prints
+            with self._said:
+                self.lines.append(line.rstrip("\n"))
+                self._said.notify_all()
+        with self._said:  # the app exited
+            self._said.notify_all()
+
+    def warmed(self, timeout_s: float = 900) -> float:
+        """Wait until the app says its background warming of the examples ended; the seconds waited."""
+        start = time.perf_counter()
+        ended = lambda: any("examples ready" in line or "warming examples stopped" in line for line in self.lines)  # noqa: E731
+        with self._said:
+            if not self._said.wait_for(lambda: ended() or self.process.poll() is not None, timeout_s) or not ended():
+                raise RuntimeError(f"the app did not finish warming its examples; its last lines: {self.lines[-3:]}")
+        return time.perf_counter() - start
 
     def rss_mib(self, field: str = "VmRSS") -> float:
         """Resident memory now (VmRSS) or at its peak so far (VmHWM)."""
@@ -243,6 +268,33 @@ def model_argument(name: str, workdir: str) -> tuple[str, int]:
     return save_random_gpt2(Path(workdir) / "gpt2-shaped"), 12
 
 
+def model_alone(model_name: str, requests: list[tuple[str, tuple]], users: list[int]) -> dict[int, float]:
+    """Requests/s of the model's part of the light `requests`: the app's runner in this process (batching
+    what waits together, as the server's does), no HTTP and no figures, N threads at once."""
+    from core import DEFAULTS, load_model
+    from core.explorer import explore
+    from serving.runner import Runner
+
+    model = load_model(model_name)
+
+    def call(runner: Runner, endpoint: str, args: tuple):
+        if endpoint == "/explore":  # what ui.handlers.Handlers.explore asks of the runner
+            prompt, target, competing, layer = args
+            return runner.run(explore, prompt, target or None, competing or None, layer, DEFAULTS.top_k)
+        technique = TECHNIQUES[endpoint[1:]]
+        return runner.run(technique.run, *technique.arguments(args))
+
+    call(Runner(model, cache_dir=None), *requests[0])  # warm-up
+    rates = {}
+    for n in users:
+        runner = Runner(model, cache_dir=None)
+        start = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(max_workers=n) as pool:
+            list(pool.map(lambda u: [call(runner, *requests[i]) for i in range(u, len(requests), n)], range(n)))
+        rates[n] = len(requests) / (time.perf_counter() - start)
+    return rates
+
+
 def load(args) -> None:
     with tempfile.TemporaryDirectory() as workdir:
         model, n_layers = model_argument(args.model, workdir)
@@ -250,6 +302,7 @@ def load(args) -> None:
         requests = make_requests(args.requests, seed=0, n_layers=n_layers, endpoints=endpoints)
         server = Server(model, tempfile.mkdtemp(dir=workdir))
         try:
+            server.warmed()
             serial, _, serial_errors, serial_wall = run_users(server.url, requests, 1)
         finally:
             server.stop()
@@ -257,6 +310,10 @@ def load(args) -> None:
         one_user = len(requests) / serial_wall  # "vs one user": the users=1 row where there is one, else this run
         print(f"model: {args.model}; {len(requests)} distinct requests over {len(endpoints)} endpoints ({', '.join(endpoints)}); fresh server per row\n")
         print(f"serial answers (one user, its own server): {one_user:.2f} requests/s\n")
+        if args.lane == "light":
+            alone = model_alone(model, requests, sorted({1, *args.users}))
+            shown = "; ".join(f"{n} user{'s' * (n > 1)} {rate:.2f} requests/s ({rate / alone[1]:.1f}x)" for n, rate in alone.items())
+            print(f"the model alone (the same requests through the app's runner in this process: no HTTP, no figures): {shown}\n")
         columns = ["users", "requests/s", "vs one user", "p50 latency (s)", "p95 latency (s)", "errors", "every answer = serial answer"]
         columns += ["CPU: server / users", "memory after (MiB)", "peak while serving (MiB)", "peak, loading included (MiB)"]
         print("| " + " | ".join(columns) + " |")
@@ -266,7 +323,8 @@ def load(args) -> None:
             stop, heavy_seconds, heavy_errors = threading.Event(), [], []
             heavy = [threading.Thread(target=heavy_user, args=(server.url, stop, heavy_seconds, heavy_errors)) for _ in range(args.heavy)]
             try:
-                peak = server.rss_mib("VmHWM")  # loading the model (and the first examples) included
+                server.warmed()
+                peak = server.rss_mib("VmHWM")  # loading the model and warming the examples included
                 fresh = server.start_peak()
                 for thread in heavy:
                     thread.start()
