@@ -215,10 +215,11 @@ def test_validators_show_each_message_on_its_field_before_the_run(demo_model, tm
     assert "empty" in checks[0]["message"] and "same" in checks[2]["message"]
     circuit = validator(handlers, induction_errors, ["seq_len", "batch", "seed"])
     assert [c["is_valid"] for c in circuit(1000, 2, 0)] == [False, True, True]
-    busy = threading.Thread(target=handlers.runner.lock.acquire)  # the model busy elsewhere: the run checks instead
+    busy = threading.Thread(target=handlers.runner.lock.acquire)  # the model busy elsewhere (for good): the checks do not wait
     busy.start()
     busy.join()
-    assert all(c["is_valid"] for c in contrast("", "", "", ""))
+    assert [c["is_valid"] for c in contrast(IOI_CLEAN, "When John and Mary went", " Mary", "Berlin")] == [True, False, True, False]
+    assert [c["message"] for c in explorer("", " Paris", " Paris", 0, 0)] == [c["message"] for c in checks]
 
 
 def test_persistent_cache_survives_a_restart_and_is_keyed_by_model_and_code(tiny_model, gpt2_shaped, tmp_path, monkeypatch):
@@ -282,7 +283,11 @@ def test_python_app_py_serves_a_local_model_directory(tiny_model, tmp_path):
     try:
         wait_for_page(process, port)
         result = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(IOI_CLEAN, 2, api_name="/predict")
-        assert result == predict(tiny_model, IOI_CLEAN, 2).to_dict()
+        expected = predict(tiny_model, IOI_CLEAN, 2).to_dict()
+        # the same tokens and predictions; the probabilities to float32 rounding: another process's float32 sums can add in
+        # another order (seen here: 1 run in 3 differed, by 3e-10 of a probability)
+        assert {**result, "top_probs": None} == {**expected, "top_probs": None}
+        assert result["top_probs"] == pytest.approx(expected["top_probs"], rel=1e-6)
         process.terminate()  # SIGTERM, as a Space stopping sends: a drain, then a clean exit
         output, _ = process.communicate(timeout=60)
         assert process.returncode == 0, output
