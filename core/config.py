@@ -64,7 +64,6 @@ class Limits:
     # --- how the server shares one model ---
     max_queue_size: int = 64  # requests waiting in the Gradio queue; more are turned away with a message
     max_requests_per_client: int = 32  # waiting + running requests from one address (half the queue: others keep room)
-    validation_wait_s: float = 2.0  # input checks wait this long for a busy model, then leave checking to the run
     lock_poll_s: float = 0.25  # a request waiting for the model checks this often whether it is still wanted
     max_batch_calls: int = 16  # one-pass calls (predictions, logit lens, DLA, attention, the Explorer) answered from one batched pass
     batch_poll_s: float = 0.02  # a call waiting in a batch checks this often whether another request's pass answered it

@@ -6,8 +6,10 @@
   a ValueError, so the app shows it as a message).
 - Batched: calls of one-pass techniques (`core.model.one_pass`: predictions, the logit lens, DLA,
   attention, the Explorer) wait together; whichever of them gets the lock answers every waiting one
-  from shared forward passes (`core.model.read_prompts`), so many users' light requests cost
-  little more than one. Each call still gets its own result or its own error.
+  from shared forward passes (`core.model.read_prompts`). Each call still gets its own result or its
+  own error.
+- Input checks (the validators: tokenizing only) never wait for the model: they tokenize with a copy
+  of its tokenizer, one check at a time (`check`).
 - Memoised: results are immutable, so a repeated call (an example clicked again, a layer
   slider moved back) is answered from a bounded in-memory LRU.
 - Persisted where asked (the app's examples): on disk, keyed by a fingerprint of the model's
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import copy
 import ctypes
 import functools
 import hashlib
@@ -148,6 +151,21 @@ class _Call:
         return self.outcome
 
 
+class _Tokenizing:
+    """The model as input checks see it: every attribute the model's, except its tokenizer, a copy of it
+    (a fast tokenizer is not to be called from two threads at once: a call sets its padding and truncation)."""
+
+    def __init__(self, model: Model):
+        self._model = model
+        self.tokenizer = copy.deepcopy(model.tokenizer)
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+    def to_tokens(self, *args, **kwargs):  # the model's own method, reading this copy's tokenizer
+        return type(self._model).to_tokens(self, *args, **kwargs)
+
+
 class Runner:
     """A model plus a lock, an LRU of results and an on-disk store for persistent ones."""
 
@@ -173,7 +191,7 @@ class Runner:
         self._loading = threading.Lock()
         self._load_error: Exception | None = None
         self.still_wanted = still_wanted
-        self.limits = limits  # waits: max_wait_s, lock_poll_s, validation_wait_s
+        self.limits = limits  # waits: max_wait_s, lock_poll_s, batch_poll_s
         self.lock = threading.RLock()
         self.max_entries = max_entries
         self._memory: OrderedDict[str, Any] = OrderedDict()
@@ -189,6 +207,8 @@ class Runner:
         self._batch: list[_Call] = []  # one-pass calls waiting for the next batched pass
         self.passes = 0  # batched runs of one-pass calls (each one or more forward passes)
         self._cached_only = threading.local()  # per thread: inside cached_only(), run() computes nothing
+        self._checks = threading.Lock()  # one input check at a time, on the model's tokenizing copy
+        self._tokenizing: _Tokenizing | None = None
 
     @property
     def model(self) -> Model:
@@ -388,18 +408,16 @@ class Runner:
         progress.shown = report is not None  # only checking: the technique keeps its usual step size (same numbers)
         return progress
 
-    def check(self, fn: Callable, *args, wait_s: float | None = None):
-        """fn(model, *args) for a quick check (input validation: tokenizing, no forward pass), under
-        the lock (the tokenizer is shared), uncached; None if the model stays busy for `wait_s`
-        (default `limits.validation_wait_s`) or is still loading (the run checks its input itself)."""
+    def check(self, fn: Callable, *args):
+        """fn(model, *args) for a quick check (input validation: tokenizing, no forward pass), uncached, at
+        once even while the model is busy: `fn` gets the model with a copy of its tokenizer. None while
+        the model is still loading (the run checks its input itself)."""
         if not self.loaded:
             return None
-        if not self.lock.acquire(timeout=self.limits.validation_wait_s if wait_s is None else wait_s):
-            return None
-        try:
-            return fn(self.model, *args)
-        finally:
-            self.lock.release()
+        with self._checks:
+            if self._tokenizing is None:
+                self._tokenizing = _Tokenizing(self.model)
+            return fn(self._tokenizing, *args)
 
     def _path(self, key: str) -> Path | None:
         return None if self.cache_dir is None else self.cache_dir / f"{key}.json"

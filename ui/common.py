@@ -166,7 +166,8 @@ def examples(rows, labels, inputs, outputs, fn, api_name: str, lane: dict):
 def validator(h, errors_of, names: list[str]):
     """A Gradio validator: core's checks of the inputs (tokenizing only, no forward pass), each message
     shown on its own field before the run starts, so a bad input never replaces the results shown.
-    When the model stays busy for a moment the run itself checks (and reports) instead."""
+    It does not wait for a busy model (`Runner.check`); while the model is still loading, the run
+    itself checks (and reports) instead."""
 
     def validate(*values):
         errors = h.runner.check(errors_of, *values[: len(names)]) or {}
