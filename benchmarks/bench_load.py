@@ -12,7 +12,8 @@ every answer equals the serial one, the share of the machine's CPU the server an
 process used meanwhile (they share the machine), and the server's resident memory after the run,
 its peak while the users were served, and its peak since start (loading the model included).
 `--lane light` also prints the model's own requests/s for the same requests: the app's runner in
-the benchmark's process, 1 and N threads, without HTTP or figures.
+the benchmark's process, 1 and N threads, without HTTP or figures; and, endpoint by endpoint, what a
+request costs the model alone and among the most users at once.
 
 soak: one server answers `--requests` mixed requests (mostly distinct, so the caches fill and
 evict) from `--users` concurrent users; prints the server's resident memory at launch, after the
@@ -268,9 +269,11 @@ def model_argument(name: str, workdir: str) -> tuple[str, int]:
     return save_random_gpt2(Path(workdir) / "gpt2-shaped"), 12
 
 
-def model_alone(model_name: str, requests: list[tuple[str, tuple]], users: list[int]) -> dict[int, float]:
-    """Requests/s of the model's part of the light `requests`: the app's runner in this process (batching
-    what waits together, as the server's does), no HTTP and no figures, N threads at once."""
+def model_alone(model_name: str, requests: list[tuple[str, tuple]], users: list[int]) -> tuple[dict[int, float], dict[str, tuple[float, float]]]:
+    """The model's part of the light `requests`: the app's runner in this process (batching what waits
+    together, as the server's does), no HTTP and no figures. Returns the requests/s of N threads at once,
+    for each N in `users`, and for each endpoint the seconds a request of its own takes alone and
+    with the most users at once (only that endpoint's requests)."""
     from core import DEFAULTS, load_model
     from core.explorer import explore
     from serving.runner import Runner
@@ -284,15 +287,20 @@ def model_alone(model_name: str, requests: list[tuple[str, tuple]], users: list[
         technique = TECHNIQUES[endpoint[1:]]
         return runner.run(technique.run, *technique.arguments(args))
 
-    call(Runner(model, cache_dir=None), *requests[0])  # warm-up
-    rates = {}
-    for n in users:
-        runner = Runner(model, cache_dir=None)
+    def seconds(todo: list[tuple[str, tuple]], n: int) -> float:
+        runner = Runner(model, cache_dir=None)  # an empty results cache
         start = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(max_workers=n) as pool:
-            list(pool.map(lambda u: [call(runner, *requests[i]) for i in range(u, len(requests), n)], range(n)))
-        rates[n] = len(requests) / (time.perf_counter() - start)
-    return rates
+            list(pool.map(lambda u: [call(runner, *todo[i]) for i in range(u, len(todo), n)], range(n)))
+        return time.perf_counter() - start
+
+    call(Runner(model, cache_dir=None), *requests[0])  # warm-up
+    rates = {n: len(requests) / seconds(requests, n) for n in users}
+    by_endpoint = {}
+    for endpoint in dict.fromkeys(endpoint for endpoint, _ in requests):
+        own = [request for request in requests if request[0] == endpoint]
+        by_endpoint[endpoint] = (seconds(own, 1) / len(own), seconds(own, max(users)) / len(own))
+    return rates, by_endpoint
 
 
 def load(args) -> None:
@@ -311,9 +319,15 @@ def load(args) -> None:
         print(f"model: {args.model}; {len(requests)} distinct requests over {len(endpoints)} endpoints ({', '.join(endpoints)}); fresh server per row\n")
         print(f"serial answers (one user, its own server): {one_user:.2f} requests/s\n")
         if args.lane == "light":
-            alone = model_alone(model, requests, sorted({1, *args.users}))
+            alone, by_endpoint = model_alone(model, requests, sorted({1, *args.users}))
             shown = "; ".join(f"{n} user{'s' * (n > 1)} {rate:.2f} requests/s ({rate / alone[1]:.1f}x)" for n, rate in alone.items())
             print(f"the model alone (the same requests through the app's runner in this process: no HTTP, no figures): {shown}\n")
+            most = max(args.users)
+            print(f"| the model alone, one endpoint's requests | ms a request, alone | ms a request, {most} at once | gain |")
+            print("|---|---:|---:|---:|")
+            for endpoint, (one, many) in by_endpoint.items():
+                print(f"| {endpoint[1:]} | {one * 1e3:.1f} | {many * 1e3:.1f} | {one / many:.1f}x |")
+            print()
         columns = ["users", "requests/s", "vs one user", "p50 latency (s)", "p95 latency (s)", "errors", "every answer = serial answer"]
         columns += ["CPU: server / users", "memory after (MiB)", "peak while serving (MiB)", "peak, loading included (MiB)"]
         print("| " + " | ".join(columns) + " |")
