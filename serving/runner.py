@@ -152,18 +152,17 @@ class _Call:
 
 
 class _Tokenizing:
-    """The model as input checks see it: every attribute the model's, except its tokenizer, a copy of it
-    (a fast tokenizer is not to be called from two threads at once: a call sets its padding and truncation)."""
+    """The model as input checks see it: its tokenizer a copy of the model's (a fast tokenizer is not to be
+    called from two threads at once: a call sets its padding and truncation), every other attribute the
+    model's, and its methods (`to_tokens`, `to_str_tokens`, ...) the model's own, reading that copy."""
 
     def __init__(self, model: Model):
         self._model = model
         self.tokenizer = copy.deepcopy(model.tokenizer)
 
     def __getattr__(self, name: str):
-        return getattr(self._model, name)
-
-    def to_tokens(self, *args, **kwargs):  # the model's own method, reading this copy's tokenizer
-        return type(self._model).to_tokens(self, *args, **kwargs)
+        method = getattr(type(self._model), name, None)
+        return method.__get__(self) if inspect.isfunction(method) else getattr(self._model, name)
 
 
 class Runner:

@@ -222,6 +222,14 @@ def test_validators_show_each_message_on_its_field_before_the_run(demo_model, tm
     assert [c["message"] for c in explorer("", " Paris", " Paris", 0, 0)] == [c["message"] for c in checks]
 
 
+def test_input_checks_tokenize_as_the_model_does_with_a_copy_of_its_tokenizer(demo_model):
+    """Runner.check hands checks the model with its own tokenizer copy: the same tokens, never the tokenizer a pass uses."""
+    runner = Runner(demo_model, cache_dir=None)
+    tokens, str_tokens, shared = runner.check(lambda m, p: (m.to_tokens(p), m.to_str_tokens(p), m.tokenizer is demo_model.tokenizer), IOI_CLEAN)
+    assert tokens.tolist() == demo_model.to_tokens(IOI_CLEAN).tolist() and str_tokens == demo_model.to_str_tokens(IOI_CLEAN)
+    assert not shared
+
+
 def test_persistent_cache_survives_a_restart_and_is_keyed_by_model_and_code(tiny_model, gpt2_shaped, tmp_path, monkeypatch):
     first = Runner(tiny_model, cache_dir=tmp_path)
     real = first.run(predict, IOI_CLEAN, 3, persist=True)
