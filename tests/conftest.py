@@ -48,6 +48,16 @@ def demo_model():
     return load_model("demo")
 
 
+def assert_same_answer(served: dict, expected: dict) -> None:
+    """An answer another process served equals ours: text, tokens and counts exactly, numbers to 1e-6 relative.
+    Another process's float32 sums can add in another order (seen here: 1e-7 of a probability, in about one start
+    in three), so its numbers can differ from ours in their last float32 digits."""
+    assert served.keys() == expected.keys()
+    for key, value in expected.items():
+        numbers = isinstance(value, list) and value and all(isinstance(v, float) for v in value)
+        assert served[key] == (pytest.approx(value, rel=1e-6) if numbers else value), key
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
