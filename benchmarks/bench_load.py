@@ -197,14 +197,12 @@ class Server:
         with self._said:  # the app exited
             self._said.notify_all()
 
-    def warmed(self, timeout_s: float = 900) -> float:
-        """Wait until the app says its background warming of the examples ended; the seconds waited."""
-        start = time.perf_counter()
+    def warmed(self, timeout_s: float = 900) -> None:
+        """Wait until the app says its background warming of the examples ended."""
         ended = lambda: any("examples ready" in line or "warming examples stopped" in line for line in self.lines)  # noqa: E731
         with self._said:
             if not self._said.wait_for(lambda: ended() or self.process.poll() is not None, timeout_s) or not ended():
                 raise RuntimeError(f"the app did not finish warming its examples; its last lines: {self.lines[-3:]}")
-        return time.perf_counter() - start
 
     def rss_mib(self, field: str = "VmRSS") -> float:
         """Resident memory now (VmRSS) or at its peak so far (VmHWM)."""
@@ -279,8 +277,9 @@ def model_alone(model_name: str, requests: list[tuple[str, tuple]], users: list[
     from serving.runner import Runner
 
     model = load_model(model_name)
+    runner = Runner(model, cache_dir=None, max_entries=0)  # keeps no results: every call computes (the requests are distinct)
 
-    def call(runner: Runner, endpoint: str, args: tuple):
+    def call(endpoint: str, args: tuple):
         if endpoint == "/explore":  # what ui.handlers.Handlers.explore asks of the runner
             prompt, target, competing, layer = args
             return runner.run(explore, prompt, target or None, competing or None, layer, DEFAULTS.top_k)
@@ -288,13 +287,12 @@ def model_alone(model_name: str, requests: list[tuple[str, tuple]], users: list[
         return runner.run(technique.run, *technique.arguments(args))
 
     def seconds(todo: list[tuple[str, tuple]], n: int) -> float:
-        runner = Runner(model, cache_dir=None)  # an empty results cache
         start = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(max_workers=n) as pool:
-            list(pool.map(lambda u: [call(runner, *todo[i]) for i in range(u, len(todo), n)], range(n)))
+            list(pool.map(lambda u: [call(*todo[i]) for i in range(u, len(todo), n)], range(n)))
         return time.perf_counter() - start
 
-    call(Runner(model, cache_dir=None), *requests[0])  # warm-up
+    call(*requests[0])  # warm-up
     rates = {n: len(requests) / seconds(requests, n) for n in users}
     by_endpoint = {}
     for endpoint in dict.fromkeys(endpoint for endpoint, _ in requests):
