@@ -15,7 +15,7 @@ def _hook(layer: int) -> str:
 
 def _prepare(model: Model, layer: int):
     layer = check_int(layer, "layer", 0, model.cfg.n_layers - 1)
-    return (lambda name: name == _hook(layer)), layer
+    return frozenset({_hook(layer)}), layer
 
 
 def _read(model: Model, run: PromptRun, layer: int) -> AttentionResult:

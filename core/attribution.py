@@ -78,7 +78,7 @@ def _hooks(model: Model):
     n_layers = model.cfg.n_layers
     needed = {"hook_embed", "hook_pos_embed", f"blocks.{n_layers - 1}.hook_resid_post", "ln_final.hook_scale"}
     needed |= {f"blocks.{layer}.{hook}" for layer in range(n_layers) for hook in ("attn.hook_z", "hook_mlp_out")}
-    return needed.__contains__
+    return frozenset(needed)
 
 
 def _read(model: Model, run: PromptRun, prepared: tuple[str, str | None, LogitDiff, bool]) -> DLAResult:

@@ -21,11 +21,10 @@ from core.registry import PROMPT, Input, Technique
 from core.results import LogitLensResult
 from examples import EIFFEL
 
-_RESID_HOOKS = ("hook_resid_pre", "hook_resid_post")
 
-
-def _hooks(model: Model):
-    return lambda name: name.endswith(_RESID_HOOKS)
+def _hooks(model: Model) -> frozenset[str]:  # what accumulated_resid(incl_mid=False) reads
+    n_layers = model.cfg.n_layers
+    return frozenset({f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)} | {f"blocks.{n_layers - 1}.hook_resid_post"})
 
 
 def _prepare(model: Model, target: str | None):

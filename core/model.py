@@ -351,8 +351,8 @@ def run_cached(model: Model, tokens: Tensor, names, **kwargs):
         return model.run_with_cache(tokens, names_filter=names, **kwargs)
 
 
-Names = Callable[[str], bool]  # which hooks a forward pass caches
-NO_HOOKS: Names = lambda name: False  # noqa: E731  (a technique that reads only the logits)
+Names = frozenset[str]  # the activations a forward pass caches, by TransformerLens's hook names
+NO_HOOKS: Names = frozenset()  # a technique that reads only the logits
 
 
 @dataclass(frozen=True)
@@ -369,8 +369,8 @@ class PromptRun:
 @dataclass(frozen=True)
 class PromptReader:
     """How a technique reads one forward pass over a prompt, so that several can share one pass.
-    `prepare(model, *inputs)` checks the technique's other inputs and returns (the hooks it reads,
-    what `read` needs); `read(model, run, prepared)` computes its result from the `PromptRun`.
+    `prepare(model, *inputs)` checks the technique's other inputs and returns (the names of the hooks
+    it reads, what `read` needs); `read(model, run, prepared)` computes its result from the `PromptRun`.
     `hooks(model)`, where the hooks it reads do not depend on its inputs: then its inputs may wait for
     the results of the readers before it in the same pass (read_prompt)."""
 
@@ -467,19 +467,13 @@ def _plan(model: Model, job: PromptJob):
 def _forward(model: Model, tokens: list[Tensor], hooks: list[list[Names]]) -> list[PromptRun]:
     """One pass over every prompt (one prompt: its own pass, unpadded), caching the union of the hooks read
     and unembedding the final positions only."""
-    names = [names for job_hooks in hooks for names in job_hooks]
-    wanted = lambda name: any(read(name) for read in names)  # noqa: E731
+    wanted = frozenset().union(*(names for job_hooks in hooks for names in job_hooks))
     longest = max(t.shape[-1] for t in tokens)
     batch = torch.full((len(tokens), longest), int(tokens[0][0, 0]), dtype=tokens[0].dtype, device=tokens[0].device)
     for row, t in enumerate(tokens):
         batch[row, : t.shape[-1]] = t[0]  # the rest is padding (BOS), after the prompt: never attended to
     finals = sorted({t.shape[-1] - 1 for t in tokens})  # readers read the final position's logits only
-    try:
-        logits, cache = run_cached(model, batch, wanted, logits_to_keep=torch.tensor(finals, device=batch.device))
-    except TypeError as err:  # a model whose forward has no logits_to_keep: every position's
-        if "logits_to_keep" not in str(err):
-            raise
-        logits, cache = run_cached(model, batch, wanted)
+    logits, cache = prompt_pass(model, batch, wanted, finals)
     if logits.shape[1] != len(finals):  # the forward ignored logits_to_keep: it gave every position's
         finals = list(range(logits.shape[1]))
     runs = []
@@ -493,6 +487,28 @@ def _forward(model: Model, tokens: list[Tensor], hooks: list[list[Names]]) -> li
         cut_cache = type(cache)({name: cut(name, value) for name, value in cache.items()}, model)
         runs.append(PromptRun(t, logits[row : row + 1, final : final + 1], cut_cache))
     return runs
+
+
+def prompt_pass(model: Model, tokens: Int[Tensor, "batch pos"], names: Names, positions: list[int]) -> tuple[Tensor, ActivationCache]:
+    """One forward pass: the logits at `positions` (or, for a model whose forward cannot keep only some, at
+    every position) and the activations `names`. On the model's fast engine where it gives them all (the plain
+    tensor-algebra model of core.patching.fast, checked against the model's own cache the first time), else
+    through the model's hooks."""
+    from core.patching.exact import prompt_engine  # here: core.patching builds on this module
+
+    engine = prompt_engine(model, names)
+    if engine is not None:
+        from transformer_lens import ActivationCache
+
+        with torch.no_grad():
+            logits, cache = engine.run_with_cache(tokens, names, positions)
+        return logits, ActivationCache(cache, model)
+    try:
+        return run_cached(model, tokens, names.__contains__, logits_to_keep=torch.tensor(positions, device=tokens.device))
+    except TypeError as err:  # a model whose forward has no logits_to_keep: every position's
+        if "logits_to_keep" not in str(err):
+            raise
+        return run_cached(model, tokens, names.__contains__)
 
 
 def _read_job(model: Model, job: PromptJob, run: PromptRun, prepared: list):

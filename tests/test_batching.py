@@ -17,7 +17,8 @@ import core.model
 from benchmarks.bench_load import rank_slack
 from core import attention_patterns, direct_logit_attribution, logit_lens, predict
 from core.explorer import explore
-from core.model import read_prompts, run_cached, to_tokens
+from core.model import NO_HOOKS, prompt_pass, read_prompts, to_tokens
+from core.patching.exact import prompt_engine
 from core.registry import techniques
 from demo_model import corpus
 from serving.runner import Abandoned, Runner
@@ -99,12 +100,12 @@ def test_a_batched_pass_answers_every_call_as_its_own_pass_would(gpt2_shaped, mo
     todo = calls(prompts)
     passes = []
 
-    def spy(model, tokens, names, **kwargs):
-        logits, cache = run_cached(model, tokens, names, **kwargs)
-        passes.append((tokens.shape, len(kwargs.get("logits_to_keep", ())), logits.shape[1]))
+    def spy(model, tokens, names, positions):
+        logits, cache = prompt_pass(model, tokens, names, positions)
+        passes.append((tokens.shape, len(positions), logits.shape[1]))
         return logits, cache
 
-    monkeypatch.setattr(core.model, "run_cached", spy)
+    monkeypatch.setattr(core.model, "prompt_pass", spy)
     batched = read_prompts(gpt2_shaped, [functools.partial(fn.job, gpt2_shaped, *args) for fn, *args in todo], max_tokens=160)
     monkeypatch.undo()
     assert 1 < len(passes) < len(todo) - 3 and all(shape.numel() <= 160 and (kept == positions or shape[0] == 1) for shape, kept, positions in passes)
@@ -181,12 +182,15 @@ def test_concurrent_users_of_the_app_share_passes_and_get_their_own_answers(demo
 
 
 def test_one_call_alone_is_exactly_its_own_pass(demo_model):
-    """A batch of one is the model's own pass over that prompt alone, unembedding its final position only,
-    bit for bit (the cache relies on it); the whole pass's final logits agree to float32 rounding."""
+    """A batch of one is the pass over that prompt alone (the fast engine's, once checked against the model),
+    unembedding its final position only, bit for bit (the cache relies on it); the model's own pass, every
+    position unembedded, gives the same final logits to float32 rounding."""
     (result,) = read_prompts(demo_model, [functools.partial(predict.job, demo_model, IOI_CLEAN, 5)])
     tokens = to_tokens(demo_model, IOI_CLEAN)
+    engine = prompt_engine(demo_model, NO_HOOKS)
+    assert engine is not None and engine.verified
     with torch.no_grad():
-        final = demo_model(tokens, logits_to_keep=torch.tensor([tokens.shape[-1] - 1]))[0, -1]
+        final = engine.run_with_cache(tokens, NO_HOOKS, [tokens.shape[-1] - 1])[0][0, -1]
         whole = demo_model(tokens)[0, -1]
     assert np.array_equal(result.top_probs, torch.softmax(final.double(), -1).topk(5).values.numpy())
     torch.testing.assert_close(final, whole, rtol=0, atol=1e-5)

@@ -22,9 +22,10 @@ from core import (
     direct_logit_attribution,
     induction_scores,
     logit_lens,
+    predict,
 )
 from core.induction import repeated_random_tokens
-from core.model import to_tokens
+from core.model import prompt_pass, to_tokens
 from core.patching import exact
 from core.patching.fast import Engine
 from tests.conftest import IOI_CLEAN, IOI_CORRUPTED
@@ -238,10 +239,57 @@ def test_logit_lens_token_blocks_equal_one_full_product(gpt2_shaped, monkeypatch
 
 def test_attention_equals_cached_pattern_and_rows_sum_to_one(gpt2_shaped):
     result = attention_patterns(gpt2_shaped, IOI_CLEAN, layer=5)
+    assert exact.fast_engine(gpt2_shaped).verified  # read off the fast engine's pass: that is what is being checked
     with torch.no_grad():
         _, cache = gpt2_shaped.run_with_cache(to_tokens(gpt2_shaped, IOI_CLEAN))
-    np.testing.assert_allclose(result.patterns, cache["pattern", 5][0].cpu().numpy(), atol=1e-7)
+    np.testing.assert_allclose(result.patterns, cache["pattern", 5][0].cpu().numpy(), atol=1e-6)  # float32 products added in another order
     np.testing.assert_allclose(result.patterns.sum(-1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("fixture", ["gpt2_shaped", "demo_model"])
+def test_the_fast_engines_cache_equals_the_models_own(request, fixture):
+    """Every activation the engine gives a prompt pass, under TransformerLens's hook names, equals the model's
+    run_with_cache of it (same shape; float32 rounding), and its logits at the positions kept equal the model's,
+    for two prompts in one padded batch (the runner's batched passes)."""
+    model = request.getfixturevalue(fixture)
+    engine = exact.fast_engine(model)
+    first, second = to_tokens(model, IOI_CLEAN), to_tokens(model, "When John and Mary went to")
+    tokens = torch.cat([first, torch.nn.functional.pad(second, (0, first.shape[-1] - second.shape[-1]))])
+    keep = [second.shape[-1] - 1, first.shape[-1] - 1]
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in engine.hook_names)
+        ours, our_cache = engine.run_with_cache(tokens, engine.hook_names, keep)
+    assert our_cache.keys() == engine.hook_names and len(engine.hook_names) == 9 * model.cfg.n_layers + 3
+    torch.testing.assert_close(ours, logits[:, keep], rtol=1e-5, atol=1e-5 * logits.abs().max().item())
+    for name, value in our_cache.items():
+        expected = cache[name]
+        assert value.shape == expected.shape, name
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-5 * (1 + expected.abs().max().item()), msg=name)
+
+
+def test_a_prompt_pass_reads_hooks_the_engine_lacks_through_the_model(gpt2_shaped):
+    """A pass that caches an activation the engine does not give (here the queries) runs through the model's hooks."""
+    tokens = to_tokens(gpt2_shaped, IOI_CLEAN)
+    names = frozenset({"blocks.3.attn.hook_q", "blocks.3.hook_resid_pre"})
+    assert exact.prompt_engine(gpt2_shaped, names) is None and exact.prompt_engine(gpt2_shaped, names - {"blocks.3.attn.hook_q"}) is not None
+    logits, cache = prompt_pass(gpt2_shaped, tokens, names, [tokens.shape[-1] - 1])
+    with torch.no_grad():
+        _, expected = gpt2_shaped.run_with_cache(tokens)
+    assert logits.shape[1] == 1 and torch.equal(cache["blocks.3.attn.hook_q"], expected["blocks.3.attn.hook_q"])
+
+
+def test_prompt_techniques_never_use_a_fast_engine_that_disagrees_with_the_model(tiny_model, monkeypatch):
+    """Predictions, the lens, DLA and attention: an engine whose logits are off fails its check against the model's
+    cache, is dropped, and every answer comes from the model's own pass."""
+    calls = [(predict, 5), (logit_lens, " Mary"), (direct_logit_attribution, " Mary", " John"), (attention_patterns, 1)]
+    monkeypatch.setitem(exact._ENGINES, tiny_model, None)  # the model's own pass: the truth
+    truth = [fn(tiny_model, IOI_CLEAN, *args).to_dict() for fn, *args in calls]
+    broken = Engine(tiny_model)
+    broken.b_U = broken.b_U + torch.arange(broken.b_U.shape[0], dtype=broken.b_U.dtype) / 100  # changes every logit
+    monkeypatch.setitem(exact._ENGINES, tiny_model, broken)
+    results = [fn(tiny_model, IOI_CLEAN, *args).to_dict() for fn, *args in calls]
+    assert exact._ENGINES[tiny_model] is None  # dropped for this model from now on
+    assert not broken.verified and results == truth
 
 
 def test_induction_on_the_fast_engine_equals_the_bridges_cache_and_loss(gpt2_shaped):

@@ -15,9 +15,10 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 import app
+import core.model
 from core import attention_patterns, direct_logit_attribution, logit_lens, plots, predict
 from core.explorer import explore
-from core.model import Model, read_prompt, str_tokens, to_tokens
+from core.model import Model, prompt_pass, read_prompt, str_tokens, to_tokens
 from core.registry import PROMPT, Input, Technique, techniques
 from core.results import _Result
 from serving.runner import Runner
@@ -60,8 +61,7 @@ def test_the_prompt_explorer_techniques_share_one_forward_pass(demo_model, monke
     assert {t.name for t in readers} >= {"predict", "logit_lens", "dla", "attention"}
     alone = [t.run(demo_model, IOI_CLEAN, *t.arguments()[1:]).to_dict() for t in readers]
     passes = []
-    forward = demo_model.run_with_cache
-    monkeypatch.setattr(demo_model, "run_with_cache", lambda *args, **kwargs: passes.append(1) or forward(*args, **kwargs))
+    monkeypatch.setattr(core.model, "prompt_pass", lambda *args: passes.append(1) or prompt_pass(*args))
     together = read_prompt(demo_model, IOI_CLEAN, *[(t.reads_prompt, t.arguments()[1:]) for t in readers])
     assert len(passes) == 1 and [result.to_dict() for result in together] == alone
 
@@ -72,8 +72,7 @@ def test_the_prompt_explorer_reads_all_four_from_one_pass_following_the_top_pred
     top = predict(demo_model, IOI_CLEAN)
     target, competing = top.top_tokens[0], top.top_tokens[1]
     passes = []
-    forward = demo_model.run_with_cache
-    monkeypatch.setattr(demo_model, "run_with_cache", lambda *args, **kwargs: passes.append(1) or forward(*args, **kwargs))
+    monkeypatch.setattr(core.model, "prompt_pass", lambda *args: passes.append(1) or prompt_pass(*args))
     together = explore(demo_model, IOI_CLEAN, None, competing, 2)
     assert len(passes) == 1
     monkeypatch.undo()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import core.model
 from core import (
     LIMITS,
     activation_patching,
@@ -201,14 +202,18 @@ def test_activation_caches_keep_only_the_hooks_a_technique_needs(tiny_model, mon
     also files some tensors under alias names (attn.o.hook_in for attn.hook_z); those are the
     same tensors, so memory is counted by distinct storage."""
     cached: list[dict] = []
-    original = tiny_model.run_with_cache
+    predict(tiny_model, PROMPT)  # the fast engine's one check against the model's whole cache, first
 
-    def spy(*args, **kwargs):
-        logits, cache = original(*args, **kwargs)
-        cached.append(dict(cache.items()))
-        return logits, cache
+    def spy(original):
+        def spied(*args, **kwargs):
+            logits, cache = original(*args, **kwargs)
+            cached.append(dict(cache.items()))
+            return logits, cache
 
-    monkeypatch.setattr(tiny_model, "run_with_cache", spy)
+        return spied
+
+    monkeypatch.setattr(core.model, "prompt_pass", spy(core.model.prompt_pass))  # a prompt pass, on the fast engine or through hooks
+    monkeypatch.setattr(tiny_model, "run_with_cache", spy(tiny_model.run_with_cache))  # any other pass through hooks
     n_layers = tiny_model.cfg.n_layers
 
     def tensors_of(call) -> dict[str, torch.Tensor]:

@@ -60,6 +60,29 @@ def verified_engine(model: Model, agrees: Callable[[Engine], bool]) -> Engine | 
     return None
 
 
+def prompt_engine(model: Model, names: frozenset[str]) -> Engine | None:
+    """The engine for a prompt pass (core.model.read_prompts) that caches `names`, if it gives them all; checked
+    once (verified_engine) on a fixed prompt: its logits and every activation it can give, against the model's
+    own `run_with_cache`."""
+    found = fast_engine(model)
+    if found is None or not names <= found.hook_names:
+        return None
+    return verified_engine(model, _agrees_with_the_cache(model))
+
+
+def _agrees_with_the_cache(model: Model) -> Callable[[Engine], bool]:
+    def agrees(engine: Engine) -> bool:
+        tokens = (torch.arange(1, 17, device=engine.device) * 997 % model.cfg.d_vocab)[None, : model.cfg.n_ctx]  # a fixed prompt
+        names = engine.hook_names
+        with torch.no_grad():
+            logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
+            ours, our_cache = engine.run_with_cache(tokens, names, range(tokens.shape[-1]))
+        found = names <= cache.keys()  # the model's cache may hold more: aliases of the same hooks
+        return found and close(ours, logits) and all(value.shape == cache[name].shape and close(value, cache[name]) for name, value in our_cache.items())
+
+    return agrees
+
+
 def close(ours: float | Tensor, theirs: float | Tensor) -> bool:
     """Whether a fast path's value is the model's own, to DEFAULTS.fast_path_tolerance (relative above 1)."""
     theirs = torch.as_tensor(theirs, dtype=torch.float64)

@@ -17,7 +17,9 @@ LayerNorm, sequential attention then MLP); `core.patching.exact` falls back to h
 before trusting an engine checks its unpatched runs against the model's own forward pass.
 `FastRun` is one contrast pair on the engine, with the same interface as the hook engine's `HookRun`.
 The engine's plain forward pass (`Engine.layers`, `Engine.next_token_losses`) also serves induction
-(`core.induction`), checked the same way (`core.patching.exact.verified_engine`).
+(`core.induction`), and, with its activations under TransformerLens's hook names (`Engine.run_with_cache`),
+the prompt passes of predictions, the logit lens, DLA and attention (`core.model.prompt_pass`); each is
+checked the same way (`core.patching.exact.verified_engine`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +64,19 @@ class Step:
     resid_post: Float[Tensor, "batch pos d_model"]
 
 
+STEP_HOOKS = {  # a Step's activations under TransformerLens's hook names (blocks.<layer>.<name>), shaped as its cache holds them
+    "resid_pre": "hook_resid_pre",
+    "k": "attn.hook_k",
+    "v": "attn.hook_v",
+    "pattern": "attn.hook_pattern",
+    "z": "attn.hook_z",
+    "attn_out": "hook_attn_out",
+    "resid_mid": "hook_resid_mid",
+    "mlp_out": "hook_mlp_out",
+    "resid_post": "hook_resid_post",
+}
+
+
 @dataclass(frozen=True)
 class Trace:
     """Every activation of one unpatched run (one prompt), position-major."""
@@ -87,6 +102,8 @@ class Engine:
         self.scale = 1.0 / math.sqrt(cfg.d_head)
         self.act = ACTIVATIONS[cfg.act_fn]
         self.device = model.W_E.device
+        per_layer = {f"blocks.{layer}.{hook}" for layer in range(self.n_layers) for hook in STEP_HOOKS.values()}
+        self.hook_names = frozenset(per_layer | {"hook_embed", "hook_pos_embed", "ln_final.hook_scale"})  # what run_with_cache can give
         self.verified = False  # set once its unpatched runs are seen to match the model's own (core.patching.exact)
         with torch.no_grad():
             self.W_E, self.W_pos = model.W_E.detach(), model.W_pos.detach()
@@ -186,6 +203,29 @@ class Engine:
             mlp_out = self.mlp(layer, resid_mid)
             x = resid_mid + mlp_out
             yield Step(layer, resid_pre, k, v, pattern, z, attn_out, resid_mid, mlp_out, x)
+
+    def run_with_cache(
+        self, tokens: Int[Tensor, "batch pos"], names: Collection[str], positions: Sequence[int]
+    ) -> tuple[Float[Tensor, "batch position vocab"], dict[str, Tensor]]:
+        """The model's `run_with_cache(tokens, names_filter=names)` on the engine: the logits at `positions`
+        only (as Hugging Face's `logits_to_keep`), and the activations `names` (of `hook_names`), each
+        shaped as the model's cache holds it."""
+        B, n = tokens.shape
+        cache: dict[str, Tensor] = {}
+        if "hook_embed" in names:
+            cache["hook_embed"] = self.W_E[tokens]
+        if "hook_pos_embed" in names:
+            cache["hook_pos_embed"] = self.W_pos[:n].expand(B, n, -1)
+        for step in self.layers(tokens):
+            for field, hook in STEP_HOOKS.items():
+                if (name := f"blocks.{step.layer}.{hook}") in names:
+                    cache[name] = getattr(step, field)
+        final = step.resid_post
+        if "ln_final.hook_scale" in names:  # the final LayerNorm's scale, as the model's hook_scale: [batch, pos, 1]
+            centred = final - final.mean(-1, keepdim=True)
+            cache["ln_final.hook_scale"] = (centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+        kept = final[:, torch.as_tensor(list(positions), dtype=torch.long, device=self.device)]
+        return linear(self._ln(kept, self.ln_final), self.W_U_T, self.b_U), cache
 
     def next_token_losses(self, final_resid: Float[Tensor, "batch pos d_model"], tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos_minus_1"]:
         """Each position's cross-entropy loss on the token that follows it (float32, as
