@@ -195,3 +195,18 @@ def test_background_warming_yields_to_waiting_requests_and_stops_when_asked(demo
     quiet: list[str] = []
     warm_in_background(Handlers(runner, str(tmp_path)), quiet.append, stopping=lambda: True).join(30)
     assert quiet == []  # stopping: nothing computed or said
+
+
+def test_warming_from_the_cache_still_prepares_the_fast_engine(tiny_model, tmp_path, monkeypatch):
+    """A restart finds every example on disk and computes nothing; the warming still builds and checks the
+    model's fast engine, so a user's first new prompt does not wait for it."""
+    from core.patching import exact
+    from ui.handlers import Handlers, warm_examples
+
+    warm_examples(Handlers(Runner(tiny_model, cache_dir=tmp_path / "cache"), str(tmp_path)))  # the first start: examples to disk
+    monkeypatch.delitem(exact._ENGINES, tiny_model, raising=False)  # a new process: no engine yet
+    restarted = Runner(tiny_model, cache_dir=tmp_path / "cache")
+    said: list[str] = []
+    warm_examples(Handlers(restarted, str(tmp_path)), said.append)
+    assert restarted.computed == 0 and "(0 computed, " in said[-1]
+    assert exact._ENGINES[tiny_model] is not None and exact._ENGINES[tiny_model].verified

@@ -326,7 +326,8 @@ def example_rows(model: Model) -> dict[str, tuple[list[str], list[list]]]:
 
 def warm_examples(handlers: Handlers, say=None, yield_to_users: bool = False, stopping=None) -> None:
     """Compute every example once (or load it from disk), in the order listed, so clicking one answers
-    at once. `say(line)`, if given, hears one line per example (which, and whether it was computed or
+    at once; then prepare the runner (its model's fast engine), so a user's first new prompt does not wait
+    for it. `say(line)`, if given, hears one line per example (which, and whether it was computed or
     cached) and a last line when all are ready. `yield_to_users`: before each example, wait while a
     request is waiting for the model (a user's click runs before the examples nobody asked for yet; an
     example under way runs to its end), and try again when the model stays busy too long.
@@ -339,10 +340,14 @@ def warm_examples(handlers: Handlers, say=None, yield_to_users: bool = False, st
         for name, row in zip(*rows[tab])
     ]
     began, fresh = time.perf_counter(), 0  # examples computed (not all from the cache)
-    for i, (name, handler, row) in enumerate(work, 1):
+
+    def after_users() -> bool:  # waits while a request waits for the model (yield_to_users); False once stopping
         while yield_to_users and handlers.runner.waiting and not stopped():
             time.sleep(0.1)
-        if stopped():
+        return not stopped()
+
+    for i, (name, handler, row) in enumerate(work, 1):
+        if not after_users():
             return
         computed, start = handlers.runner.computed, time.perf_counter()
         while True:
@@ -356,6 +361,9 @@ def warm_examples(handlers: Handlers, say=None, yield_to_users: bool = False, st
         if say is not None and not stopped():
             how = "from the cache" if handlers.runner.computed == computed else f"computed in {time.perf_counter() - start:.1f} s"
             say(f"warming examples {i}/{len(work)}: {name} ({how})")
+    if not after_users():
+        return
+    handlers.runner.prepare()  # examples all from the cache (a restart) computed nothing: the fast engine too, before a user's first prompt
     if say is not None and not stopped():
         say(f"examples ready: {len(work)} ({fresh} computed, {len(work) - fresh} from the cache) in {time.perf_counter() - began:.1f} s")
 
