@@ -147,8 +147,8 @@ def _forward(
         if own is None:
             qkv = engine.qkv(layer, x).reshape(B, n, 3, H, dh)
         else:
-            W = engine.W_QKV[layer].reshape(d, 3, H, dh)
-            qkv = torch.einsum("bpchm,mche->bpche", engine._ln(own, engine.ln1[layer]), W) + engine.b_QKV[layer].reshape(3, H, dh)
+            W = engine.W_QKV_T[layer].view(3, H, dh, d)
+            qkv = torch.einsum("bpchm,chem->bpche", engine._ln(own, engine.ln1[layer]), W) + engine.b_QKV[layer].reshape(3, H, dh)
         q, k, v = qkv.unbind(2)
         if kept is not None:
             kept.append((k, v))
@@ -348,7 +348,7 @@ def _ablated_metrics(
     causal = torch.ones(n, start + n, dtype=torch.bool, device=x.device).tril(start)
     for layer in range(L):
         first = layer * per_layer
-        W, bias = engine.W_QKV[layer], engine.b_QKV[layer]
+        W, bias = engine.W_QKV_T[layer], engine.b_QKV[layer]
         ablated = ablated_kind[:, first : first + 3 * H].view(C, H, 3)
         if ablated.any():
             qkv = engine.qkv(layer, stream).view(1, B, n, 3, H, dh).expand(C, -1, -1, -1, -1, -1).clone()
@@ -362,7 +362,7 @@ def _ablated_metrics(
             readers = mixed_kind[c, first : first + 3 * H].nonzero()[:, 0]
             head, component = readers // 3, readers % 3
             normed = engine._ln(mixed_input(x, c, readers + first), engine.ln1[layer]).view(len(readers), B * n, d)
-            slices = W.view(d, 3, H, dh)[:, component, head].transpose(0, 1)  # [reader, d_model, d_head]
+            slices = W.view(3, H, dh, d)[component, head].transpose(1, 2)  # [reader, d_model, d_head]
             own = torch.bmm(normed, slices) + bias.view(3, H, 1, dh)[component, head]
             qkv[c].permute(2, 3, 0, 1, 4)[component, head] = own.view(len(readers), B, n, dh)
         q, k, v = qkv.view(C * B, n, 3, H, dh).unbind(2)

@@ -114,10 +114,10 @@ class Engine:
             self.W_U, self.b_U = model.W_U.detach(), model.b_U.detach()
             self.W_U_T = self.W_U.T.contiguous()  # [vocab, d_model]: a block of tokens is contiguous (GPT-2's W_U is already stored so: no copy)
             d = cfg.d_model
-            # [layer, head, d_model, d_head] -> [layer, d_model, head * d_head]: one matmul per projection
-            self.W_QKV = torch.cat([w.detach().permute(0, 2, 1, 3).reshape(self.n_layers, d, -1) for w in (model.W_Q, model.W_K, model.W_V)], -1)
-            # the same, [layer, head * d_head (q, k, v), d_model]: a projection's rows contiguous, as core.products.linear takes them
-            self.W_QKV_T = self.W_QKV.transpose(1, 2).contiguous()
+            # [layer, head, d_model, d_head] -> [layer, head * d_head (q, k, v), d_model]: one product per projection, a
+            # projection's rows contiguous, as core.products.linear takes them (the one copy kept: 85 MB for GPT-2)
+            qkv = torch.cat([w.detach().permute(0, 2, 1, 3).reshape(self.n_layers, d, -1) for w in (model.W_Q, model.W_K, model.W_V)], -1)
+            self.W_QKV_T = qkv.transpose(1, 2).contiguous()
             self.b_QKV = torch.cat([b.detach().reshape(self.n_layers, -1) for b in (model.b_Q, model.b_K, model.b_V)], -1)
             self.W_O_flat = self.W_O.reshape(self.n_layers, -1, d)
             self.ln1 = [self._ln_params(block.ln1) for block in model.blocks]
