@@ -161,9 +161,15 @@ def _process(bridge: Model) -> Model:
                 copy = copies.setdefault(storage.data_ptr(), storage.clone())
                 tensor.data = torch.tensor([], dtype=tensor.dtype).set_(copy, tensor.storage_offset(), tensor.size(), tensor.stride())
     bridge.eval()
-    probe = (torch.arange(1, 17, device=bridge.cfg.device) * 997 % bridge.cfg.d_vocab)[None, : bridge.cfg.n_ctx]  # a fixed prompt
+    probe = fixed_prompt(bridge)
     products.route_products(bridge, lambda: bridge(probe))
     return bridge
+
+
+def fixed_prompt(model: Model) -> Int[Tensor, "1 pos"]:
+    """16 fixed token ids (fewer if the context is shorter), spread over the vocabulary: the prompt on which a fast
+    path is checked against the model once (its products' routing here, the fast engine in core.patching.exact)."""
+    return (torch.arange(1, 17, device=model.cfg.device) * 997 % model.cfg.d_vocab)[None, : model.cfg.n_ctx]
 
 
 def _tensors(module: torch.nn.Module) -> list[Tensor]:

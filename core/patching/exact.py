@@ -24,7 +24,7 @@ from torch import Tensor
 from core import plots
 from core.config import DEFAULTS
 from core.contrast import ON_A_PAIR, SWEEPS, ContrastPair, check_swing, normalised
-from core.model import Model, str_tokens
+from core.model import Model, fixed_prompt, str_tokens
 from core.patching.fast import Engine, FastRun
 from core.patching.hooks import HookRun
 from core.registry import Progress, Technique
@@ -72,7 +72,7 @@ def prompt_engine(model: Model, names: frozenset[str]) -> Engine | None:
 
 def _agrees_with_the_cache(model: Model) -> Callable[[Engine], bool]:
     def agrees(engine: Engine) -> bool:
-        tokens = (torch.arange(1, 17, device=engine.device) * 997 % model.cfg.d_vocab)[None, : model.cfg.n_ctx]  # a fixed prompt
+        tokens = fixed_prompt(model).to(engine.device)
         names = engine.hook_names
         with torch.no_grad():
             logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)

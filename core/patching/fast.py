@@ -160,6 +160,11 @@ class Engine:
         bias = torch.zeros(d, device=self.device) if bias is None else bias.detach()
         return weight, bias
 
+    def ln_scale(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... 1"]:
+        """A LayerNorm's scale of residual stream `x`: the root mean square of x centred, eps included."""
+        centred = x - x.mean(-1, keepdim=True)
+        return (centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+
     def _ln(self, x: Tensor, params: tuple[Tensor, Tensor]) -> Tensor:
         return torch.nn.functional.layer_norm(x, x.shape[-1:], params[0], params[1], self.eps)
 
@@ -221,9 +226,8 @@ class Engine:
                 if (name := f"blocks.{step.layer}.{hook}") in names:
                     cache[name] = getattr(step, field)
         final = step.resid_post
-        if "ln_final.hook_scale" in names:  # the final LayerNorm's scale, as the model's hook_scale: [batch, pos, 1]
-            centred = final - final.mean(-1, keepdim=True)
-            cache["ln_final.hook_scale"] = (centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+        if "ln_final.hook_scale" in names:  # as the model's hook_scale: [batch, pos, 1]
+            cache["ln_final.hook_scale"] = self.ln_scale(final)
         kept = final[:, torch.as_tensor(list(positions), dtype=torch.long, device=self.device)]
         return linear(self._ln(kept, self.ln_final), self.W_U_T, self.b_U), cache
 
@@ -256,10 +260,7 @@ class Engine:
         divided by the final LayerNorm's scale, on the metric's unembedding direction."""
         results = torch.einsum("lhd,lhdm->lhm", trace.z[:, -1], self.W_O)
         results = results - results.mean(-1, keepdim=True)
-        final = trace.resid_pre[-1, -1]
-        final = final - final.mean()
-        scale = torch.sqrt(final.pow(2).mean() + self.eps)
-        return (results / scale * self.ln_final[0]) @ direction[0]
+        return (results / self.ln_scale(trace.resid_pre[-1, -1]) * self.ln_final[0]) @ direction[0]
 
     # --- many patched runs at once ------------------------------------------------------
 
