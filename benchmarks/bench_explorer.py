@@ -1,5 +1,5 @@
-"""The Prompt Explorer: one forward pass for its four readings, against the bare forward pass and
-against the four techniques run one by one, in one run; then end to end through gradio_client,
+"""The Prompt Explorer: one forward pass for its four readings, against the bare forward pass, against
+the four techniques run one by one and against the bridge's pass they read before the fast engine, in one run; then end to end through gradio_client,
 `/explore` against `/predict` on prompts of the same length, same server.
 
     python -m benchmarks.bench_explorer [--threads 2] [--repeats 15]
@@ -28,6 +28,7 @@ from core import attention_patterns, direct_logit_attribution, load_model, logit
 from core.config import DEFAULTS  # noqa: E402
 from core.explorer import explore  # noqa: E402
 from core.model import to_tokens  # noqa: E402
+from core.patching import exact  # noqa: E402
 from serving.runner import Runner  # noqa: E402
 
 TEMPLATE = "After a long day at work, when John and Mary went to the {}, John gave a bottle of milk to"
@@ -50,6 +51,13 @@ def main() -> None:
             with torch.no_grad():
                 return model(to_tokens(model, prompt))
 
+        def on_the_bridge(call):  # the prompt pass through the bridge's hooks, as before this version (no fast engine)
+            engine, exact._ENGINES[model] = exact._ENGINES[model], None  # None: as for a model the engine does not fit
+            try:
+                return call()
+            finally:
+                exact._ENGINES[model] = engine
+
         def separately(prompt):
             top = predict(model, prompt)
             target = top.top_tokens[0]
@@ -59,12 +67,14 @@ def main() -> None:
             "bare forward pass (the bridge, no cache)": forward,
             "bare forward pass, torch's own products (before)": lambda p: torch_products(lambda: forward(p)),
             "predict": lambda p: predict(model, p),
+            "predict, the bridge's pass (before)": lambda p: on_the_bridge(lambda: predict(model, p)),
             "logit lens (a target)": lambda p: logit_lens(model, p, " Mary"),
             "logit lens, torch's own products (before)": lambda p: torch_products(lambda: logit_lens(model, p, " Mary")),
             "DLA": lambda p: direct_logit_attribution(model, p, " Mary", " John"),
             "attention (one layer)": lambda p: attention_patterns(model, p, 0),
             "the four, one after another (before)": separately,
             "`explore`: the four from one pass": lambda p: explore(model, p, None, None, 0),
+            "`explore`, the bridge's pass (before)": lambda p: on_the_bridge(lambda: explore(model, p, None, None, 0)),
         }
         for fn in parts.values():  # warm-up
             fn(next(fresh))
