@@ -27,17 +27,19 @@ def _hooks(model: Model) -> frozenset[str]:  # what accumulated_resid(incl_mid=F
     return frozenset({f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)} | {f"blocks.{n_layers - 1}.hook_resid_post"})
 
 
-def _prepare(model: Model, target: str | None):
+def _prepare(model: Model, target: str | None, final_only: bool = False):
     target = target or None
     target_id = single_token_id(model, target, "target") if target is not None else None
-    return _hooks(model), (target, target_id)
+    return _hooks(model), (target, target_id, final_only)
 
 
-def _read(model: Model, run: PromptRun, prepared: tuple[str | None, int | None]) -> LogitLensResult:
-    target, target_id = prepared
+def _read(model: Model, run: PromptRun, prepared: tuple[str | None, int | None, bool]) -> LogitLensResult:
+    target, target_id, final_only = prepared
     cache = run.cache
     with torch.no_grad():
         resid, labels = cache.accumulated_resid(incl_mid=False, return_labels=True)
+        if final_only:
+            resid = resid[:, :, -1:]
         normed = cache.apply_ln_to_stack(resid, layer=model.cfg.n_layers, recompute_ln=True)[:, 0]  # [checkpoint, pos, d_model]
         top_logit, top_id, total, target_logit, target_rank = _unembed_summary(model, normed.reshape(-1, normed.shape[-1]), target_id)
     shape = normed.shape[:2]
@@ -46,8 +48,9 @@ def _read(model: Model, run: PromptRun, prepared: tuple[str | None, int | None])
         return torch.exp(logit.double() - total.double()).reshape(shape).cpu().numpy()
 
     decode = model.tokenizer.decode
+    tokens = str_tokens(model, run.tokens)
     return LogitLensResult(
-        tokens=str_tokens(model, run.tokens),
+        tokens=tokens[-1:] if final_only else tokens,
         layers=list(labels),
         top_tokens=[[decode([int(i)]) for i in row] for row in top_id.reshape(shape)],
         top_probs=probability(top_logit),
@@ -90,10 +93,18 @@ READER = PromptReader(_prepare, _read, _hooks)
 
 
 @one_pass
-def logit_lens(model: Model, prompt: str, target: str | None = None) -> PromptJob:
+def logit_lens(model: Model, prompt: str, target: str | None = None, final_only: bool = False) -> PromptJob:
     """Top-1 token and probability at every (checkpoint, position); P and rank of `target`: called, a
-    `LogitLensResult` (one_pass runs the job described here)."""
-    return PromptJob(prompt, ((READER, (target,)),))
+    `LogitLensResult` (one_pass runs the job described here). `final_only`: the final position only
+    (its token, and a pos axis of one), which unembeds 1/pos of the rows."""
+    return PromptJob(prompt, ((READER, (target, final_only)),))
+
+
+@one_pass
+def final_lens(model: Model, prompt: str, *targets: str) -> PromptJob:
+    """The logit lens at the final position only, once for each target, from one pass: a tuple of
+    `LogitLensResult`s (what Contrast Pairs draws for each prompt of a pair)."""
+    return PromptJob(prompt, tuple((READER, (target, True)) for target in targets), every=True)
 
 
 TECHNIQUE = Technique(

@@ -13,6 +13,7 @@ import torch
 from transformer_lens import patching as tl_patching
 from transformer_lens import utilities as tl_utils
 
+import core.model
 from core import (
     SWEEPS,
     activation_patching,
@@ -25,6 +26,7 @@ from core import (
     predict,
 )
 from core.induction import repeated_random_tokens
+from core.logit_lens import final_lens
 from core.model import prompt_pass, to_tokens
 from core.patching import exact
 from core.patching.fast import Engine
@@ -215,6 +217,22 @@ def test_logit_lens_middle_layer_normalises_that_checkpoint_afresh(gpt2_shaped):
     assert result.layers[6] == "6_pre"
     np.testing.assert_allclose(result.target_probs[6], probs[:, 5335].cpu().numpy(), atol=1e-6)
     np.testing.assert_allclose(result.top_probs[6], probs.max(-1).values.cpu().numpy(), atol=1e-6)
+
+
+def test_final_lens_is_the_lenss_final_position_for_each_token_from_one_pass(gpt2_shaped, monkeypatch):
+    """Contrast Pairs' lens (the final position, the answer and the wrong token, one pass per prompt) equals the
+    full lens's final column for each token: the same checkpoints, top tokens, probabilities and ranks."""
+    passes = []
+    monkeypatch.setattr(core.model, "prompt_pass", lambda *args: passes.append(args) or prompt_pass(*args))
+    answer_lens, wrong_lens = final_lens(gpt2_shaped, IOI_CLEAN, " Mary", " John")
+    assert len(passes) == 1
+    for lens, target in ((answer_lens, " Mary"), (wrong_lens, " John")):
+        full = logit_lens(gpt2_shaped, IOI_CLEAN, target)
+        assert lens.tokens == full.tokens[-1:] and lens.layers == full.layers and lens.target == target
+        assert [row[0] for row in lens.top_tokens] == [row[-1] for row in full.top_tokens]
+        np.testing.assert_allclose(lens.top_probs[:, 0], full.top_probs[:, -1], rtol=0, atol=1e-7)
+        np.testing.assert_allclose(lens.target_probs[:, 0], full.target_probs[:, -1], rtol=0, atol=1e-7)
+        np.testing.assert_array_equal(lens.target_ranks[:, 0], full.target_ranks[:, -1])
 
 
 @pytest.mark.parametrize("block", [1000, 2048, 60000])

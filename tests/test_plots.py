@@ -22,6 +22,7 @@ from core import (
     plots,
     predict,
 )
+from core.logit_lens import final_lens
 
 HOSTILE = "When <script>alert(1)</script> and <b>Mary</b> went, John gave to"
 PAIR = ("When John and Mary went to the store", "When John and Paul went to the store", " Mary", " John")
@@ -38,8 +39,8 @@ def results(tiny_model):
         "approximate": attribution_patching(tiny_model, *PAIR),
         "predictions": predict(tiny_model, HOSTILE),
         "contrast": {
-            "clean: ...When John and Mary went to the store": (logit_lens(tiny_model, PAIR[0], " Mary"), logit_lens(tiny_model, PAIR[0], " John")),
-            "corrupted": (logit_lens(tiny_model, PAIR[1], " Mary"), logit_lens(tiny_model, PAIR[1], " John")),
+            "clean: ...When John and Mary went to the store": final_lens(tiny_model, PAIR[0], " Mary", " John"),  # as the tab draws it
+            "corrupted": (logit_lens(tiny_model, PAIR[1], " Mary"), logit_lens(tiny_model, PAIR[1], " John")),  # every position: also drawable
         },
     }
 

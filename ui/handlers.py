@@ -23,12 +23,12 @@ from core import (
     attention_patterns,
     attribution_patching,
     induction_scores,
-    logit_lens,
     plots,
 )
 from core.edges import circuit
 from core.explorer import explore
 from core.induction import max_seq_len
+from core.logit_lens import final_lens
 from core.model import Model
 from core.patching.path import COMPONENTS, path_patching, task_path_patching
 from core.patching.task import patch_task
@@ -123,15 +123,9 @@ class Handlers:
         Each step gives every output: status, summary, lens, "exact <sweep>", "approximate <sweep>",
         agreement, scatter, download."""
         approximate = self.runner.run(attribution_patching, clean, corrupted, answer, wrong, persist=persist)
-        lenses = {
-            f"clean: ...{plots.escape_token(clean[-40:])}": (
-                self.runner.run(logit_lens, clean, answer, persist=persist),
-                self.runner.run(logit_lens, clean, wrong, persist=persist),
-            ),
-            f"corrupted: ...{plots.escape_token(corrupted[-40:])}": (
-                self.runner.run(logit_lens, corrupted, answer, persist=persist),
-                self.runner.run(logit_lens, corrupted, wrong, persist=persist),
-            ),
+        lenses = {  # the final position only (all the figure draws), both tokens from one pass per prompt
+            f"clean: ...{plots.escape_token(clean[-40:])}": self.runner.run(final_lens, clean, answer, wrong, persist=persist),
+            f"corrupted: ...{plots.escape_token(corrupted[-40:])}": self.runner.run(final_lens, corrupted, answer, wrong, persist=persist),
         }
         lens = plots.contrast_lens(lenses)
         values = (
