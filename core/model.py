@@ -509,12 +509,19 @@ def prompt_pass(model: Model, tokens: Int[Tensor, "batch pos"], names: Names, po
         with torch.no_grad():
             logits, cache = engine.run_with_cache(tokens, names, positions)
         return logits, ActivationCache(cache, model)
+    return keeping_logits(functools.partial(run_cached, model, tokens, names.__contains__), torch.tensor(positions, device=tokens.device))
+
+
+def keeping_logits(forward: Callable, keep: int | Tensor):
+    """`forward(logits_to_keep=keep)`: the model unembeds only those positions (Hugging Face's `logits_to_keep`:
+    the last `keep`, or the positions listed), or, for a model whose forward has no such argument, `forward()`
+    (every position's logits)."""
     try:
-        return run_cached(model, tokens, names.__contains__, logits_to_keep=torch.tensor(positions, device=tokens.device))
-    except TypeError as err:  # a model whose forward has no logits_to_keep: every position's
+        return forward(logits_to_keep=keep)
+    except TypeError as err:
         if "logits_to_keep" not in str(err):
             raise
-        return run_cached(model, tokens, names.__contains__)
+        return forward()
 
 
 def _read_job(model: Model, job: PromptJob, run: PromptRun, prepared: list):

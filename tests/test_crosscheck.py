@@ -141,6 +141,30 @@ def test_attribution_patching_equals_the_gradient_from_backward_hooks(gpt2_shape
             np.testing.assert_allclose(getattr(approx, name)[layer], expected, atol=1e-4, err_msg=f"{name} layer {layer}")
 
 
+@pytest.mark.parametrize("fixture", ["gpt2_shaped", "demo_model"])
+def test_attribution_patching_equals_transformer_lenss_node_attribution(request, fixture):
+    """TransformerLens 4.3's attribution_patch (node granularity: each head's output and each MLP's at each
+    position) gives the same head_out (summed over positions) and mlp_out scores, once normalised."""
+    from transformer_lens.tools.analysis.attribution_patching import attribution_patch
+
+    model = request.getfixturevalue(fixture)
+    clean, corrupted = IOI_CLEAN, IOI_CORRUPTED
+    answer, wrong = _best_conditioned_answers(model, clean, corrupted)
+    ours = attribution_patching(model, clean, corrupted, answer, wrong)
+    a, w = model.to_single_token(answer), model.to_single_token(wrong)
+    nodes = attribution_patch(model, to_tokens(model, clean), to_tokens(model, corrupted), lambda logits: logits[0, -1, a] - logits[0, -1, w]).node_scores
+    head_out, mlp_out = np.zeros_like(ours.head_out), np.zeros_like(ours.mlp_out)
+    for node, score in nodes.items():
+        if node.kind == "attn_head_out":
+            head_out[node.layer, node.head] += score
+        elif node.kind == "mlp_out":
+            mlp_out[node.layer, node.position] = score
+    swing = ours.clean_value - ours.corrupted_value
+    assert np.abs(mlp_out).max() > 1e-3 * abs(swing)  # something to compare
+    np.testing.assert_allclose(ours.head_out, head_out / swing, atol=1e-4)
+    np.testing.assert_allclose(ours.mlp_out, mlp_out / swing, atol=1e-4)
+
+
 def test_attribution_patching_tracks_exact_patching_on_the_demo_model(demo_model):
     clean, corrupted = PAIRS[3][1:]
     exact = activation_patching(demo_model, clean, corrupted, " Mary", " John")

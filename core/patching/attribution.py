@@ -17,7 +17,7 @@ import torch
 
 from core import plots
 from core.contrast import ON_A_PAIR, SWEEP_HOOKS, SWEEPS, ContrastPair, check_swing
-from core.model import Model, run_cached, str_tokens
+from core.model import Model, keeping_logits, prompt_pass, str_tokens
 from core.registry import Progress, Technique
 from core.results import ApproximatePatchingResult, PatchingResult, agreement_stats
 
@@ -30,8 +30,9 @@ def attribution_patching(
     report = progress or (lambda fraction, description: None)
     pair = ContrastPair.of(model, clean_prompt, corrupted_prompt, answer, wrong_answer)
     report(0.0, "attribution patching: clean run")
-    with torch.no_grad():
-        clean_logits, clean_cache = run_cached(model, pair.clean_tokens, lambda name: name.endswith(SWEEP_HOOKS))
+    n_layers, final = model.cfg.n_layers, pair.clean_tokens.shape[-1] - 1
+    names = frozenset(f"blocks.{layer}.{hook}" for hook in SWEEP_HOOKS for layer in range(n_layers))
+    clean_logits, clean_cache = prompt_pass(model, pair.clean_tokens, names, [final])  # the fast engine's pass where it is checked
     report(1 / 3, "attribution patching: corrupted run and gradients")
     clean_value = float(pair.metric.of_logits(clean_logits)[0])
     corrupted_acts: dict[tuple[str, int], torch.Tensor] = {}
@@ -43,10 +44,9 @@ def attribution_patching(
 
         return hook
 
-    n_layers = model.cfg.n_layers
     fwd_hooks = [(f"blocks.{layer}.{sweep.hook}", keep(name)) for name, sweep in SWEEPS.items() for layer in range(n_layers)]
-    with torch.enable_grad():
-        logits = model.run_with_hooks(pair.corrupted_tokens, fwd_hooks=fwd_hooks)
+    with torch.enable_grad():  # the metric reads the final position: only its logits are computed (and differentiated)
+        logits = keeping_logits(functools.partial(model.run_with_hooks, pair.corrupted_tokens, fwd_hooks=fwd_hooks), 1)
         metric = pair.metric.of_logits(logits)[0]
         keys = list(corrupted_acts)
         grads = dict(zip(keys, torch.autograd.grad(metric, [corrupted_acts[k] for k in keys])))
