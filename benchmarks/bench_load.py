@@ -9,8 +9,11 @@ user (the serial answers), then, on a freshly started server each time (so nothi
 from the results cache) once it has warmed its examples, by N concurrent users (with `--heavy H`, beside H users sending exact
 patching requests all along). Prints throughput, p50/p95 latency, errors (must be 0), whether
 every answer equals the serial one, the share of the machine's CPU the server and the users' own
-process used meanwhile (they share the machine), and the server's resident memory after the run,
-its peak while the users were served, and its peak since start (loading the model included).
+process used meanwhile (they share the machine), the server's CPU seconds a request (all its threads),
+and the server's resident memory after the run, its peak while the users were served, and its peak
+since start (loading the model included); then the server's ceiling on this machine at that CPU a
+request: every core busy with the server's own work, no users' process beside it and no idle time (an
+upper bound on what users on other machines could get; users here share its cores).
 `--lane light` also prints the model's own requests/s for the same requests: the app's runner in
 the benchmark's process, 1 and N threads, without HTTP or figures; and, endpoint by endpoint, what a
 request costs the model alone and among the most users at once.
@@ -327,9 +330,10 @@ def load(args) -> None:
                 print(f"| {endpoint[1:]} | {one * 1e3:.1f} | {many * 1e3:.1f} | {one / many:.1f}x |")
             print()
         columns = ["users", "requests/s", "vs one user", "p50 latency (s)", "p95 latency (s)", "errors", "every answer = serial answer"]
-        columns += ["CPU: server / users", "memory after (MiB)", "peak while serving (MiB)", "peak, loading included (MiB)"]
+        columns += ["CPU: server / users", "server CPU a request (ms)", "memory after (MiB)", "peak while serving (MiB)", "peak, loading included (MiB)"]
         print("| " + " | ".join(columns) + " |")
-        print("|---:|---:|---:|---:|---:|---:|:---:|---:|---:|---:|---:|")
+        print("|---:|---:|---:|---:|---:|---:|:---:|---:|---:|---:|---:|---:|")
+        bounds = []  # (users, the server's requests/s if it had every core to itself at its measured CPU a request)
         for users in args.users:
             server = Server(model, tempfile.mkdtemp(dir=workdir))
             stop, heavy_seconds, heavy_errors = threading.Event(), [], []
@@ -359,8 +363,14 @@ def load(args) -> None:
                 label = f"{users} + {args.heavy} heavy (`--heavy {args.heavy}`: {runs})"
             p50, p95 = percentile(latencies, 50), percentile(latencies, 95)
             cells = [label, f"{rate:.2f}", f"{rate / one_user:.1f}x", f"{p50:.2f}", f"{p95:.2f}", errors, agreement(answers, serial)]
-            cells += [f"{cpu[0]:.0%} / {cpu[1]:.0%}", f"{after:.0f}", "n/a" if serving is None else f"{serving:.0f}", f"{peak:.0f}"]
+            per_request = cpu[0] * wall * CORES / len(requests)  # the server's CPU seconds (all its threads) a request
+            cells += [f"{cpu[0]:.0%} / {cpu[1]:.0%}", f"{per_request * 1e3:.0f}", f"{after:.0f}", "n/a" if serving is None else f"{serving:.0f}", f"{peak:.0f}"]
             print("| " + " | ".join(map(str, cells)) + " |", flush=True)
+            if not heavy:
+                bounds.append((users, CORES / per_request))
+        if bounds:  # the most a server on this machine could answer at its measured CPU a request, with no users' process beside it
+            shown = "; ".join(f"{users} user{'s' * (users > 1)} {bound:.1f} requests/s ({bound / one_user:.1f}x one user)" for users, bound in bounds)
+            print(f"\nthe server's ceiling, every core busy with its own work at its CPU a request (the users' process and idle time left out): {shown}")
 
 
 def soak(args) -> None:
