@@ -104,6 +104,8 @@ def logit_lens(model: Model, prompt: str, target: str | None = None, final_only:
 def final_lens(model: Model, prompt: str, *targets: str) -> PromptJob:
     """The logit lens at the final position only, once for each target, from one pass: a tuple of
     `LogitLensResult`s (what Contrast Pairs draws for each prompt of a pair)."""
+    if not targets:
+        raise ValueError("final_lens needs at least one target token to follow.")
     return PromptJob(prompt, tuple((READER, (target, True)) for target in targets), every=True)
 
 

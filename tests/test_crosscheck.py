@@ -159,10 +159,39 @@ def test_attribution_patching_equals_transformer_lenss_node_attribution(request,
             head_out[node.layer, node.head] += score
         elif node.kind == "mlp_out":
             mlp_out[node.layer, node.position] = score
-    swing = ours.clean_value - ours.corrupted_value
+    with torch.no_grad():  # the metric on the model's own logits: what the scores are normalised by
+        clean_value, corrupted_value = (float(model(to_tokens(model, p))[0, -1, a] - model(to_tokens(model, p))[0, -1, w]) for p in (clean, corrupted))
+    assert ours.clean_value == pytest.approx(clean_value, abs=1e-4) and ours.corrupted_value == pytest.approx(corrupted_value, abs=1e-4)
+    swing = clean_value - corrupted_value
     assert np.abs(mlp_out).max() > 1e-3 * abs(swing)  # something to compare
     np.testing.assert_allclose(ours.head_out, head_out / swing, atol=1e-4)
     np.testing.assert_allclose(ours.mlp_out, mlp_out / swing, atol=1e-4)
+
+
+def test_attribution_patching_is_the_same_on_the_models_own_passes(gpt2_shaped, monkeypatch):
+    """Without the fast engine (the bridge's clean run), and then for a model whose forward has no logits_to_keep
+    (every position's logits, the final one read), attribution patching gives the fast path's answer."""
+    model, args = gpt2_shaped, (IOI_CLEAN, IOI_CORRUPTED, " Mary", " John")
+    fast = attribution_patching(model, *args)
+    assert exact.fast_engine(model).verified  # the fast path is one side of the comparison
+    monkeypatch.setitem(exact._ENGINES, model, None)
+    runs = [attribution_patching(model, *args)]
+
+    def without_logits_to_keep(forward):
+        def call(*inputs, **options):
+            if "logits_to_keep" in options:
+                raise TypeError("forward() got an unexpected keyword argument 'logits_to_keep'")
+            return forward(*inputs, **options)
+
+        return call
+
+    for name in ("run_with_hooks", "run_with_cache"):
+        monkeypatch.setattr(model, name, without_logits_to_keep(getattr(model, name)))
+    runs.append(attribution_patching(model, *args))
+    for run in runs:
+        assert run.clean_value == pytest.approx(fast.clean_value, abs=1e-4) and run.corrupted_value == pytest.approx(fast.corrupted_value, abs=1e-4)
+        for name in SWEEPS:
+            np.testing.assert_allclose(getattr(run, name), getattr(fast, name), atol=1e-4, err_msg=name)
 
 
 def test_attribution_patching_tracks_exact_patching_on_the_demo_model(demo_model):
@@ -257,6 +286,8 @@ def test_final_lens_is_the_lenss_final_position_for_each_token_from_one_pass(gpt
         np.testing.assert_allclose(lens.top_probs[:, 0], full.top_probs[:, -1], rtol=0, atol=1e-7)
         np.testing.assert_allclose(lens.target_probs[:, 0], full.target_probs[:, -1], rtol=0, atol=1e-7)
         np.testing.assert_array_equal(lens.target_ranks[:, 0], full.target_ranks[:, -1])
+    with pytest.raises(ValueError, match="at least one target"):
+        final_lens(gpt2_shaped, IOI_CLEAN)
 
 
 @pytest.mark.parametrize("block", [1000, 2048, 60000])
