@@ -11,7 +11,7 @@ patching requests all along). Prints throughput, p50/p95 latency, errors (must b
 every answer equals the serial one, the share of the machine's CPU the server and the users' own
 process used meanwhile (they share the machine), the server's CPU seconds a request (all its threads),
 and the server's resident memory after the run, its peak while the users were served, and its peak
-since start (loading the model included); then the server's ceiling on this machine at that CPU a
+since start (loading the model included); then, for `--lane light`, the server's ceiling on this machine at that CPU a
 request: every core busy with the server's own work, no users' process beside it and no idle time (an
 upper bound on what users on other machines could get; users here share its cores).
 `--lane light` also prints the model's own requests/s for the same requests: the app's runner in
@@ -366,7 +366,7 @@ def load(args) -> None:
             per_request = cpu[0] * wall * CORES / len(requests)  # the server's CPU seconds (all its threads) a request
             cells += [f"{cpu[0]:.0%} / {cpu[1]:.0%}", f"{per_request * 1e3:.0f}", f"{after:.0f}", "n/a" if serving is None else f"{serving:.0f}", f"{peak:.0f}"]
             print("| " + " | ".join(map(str, cells)) + " |", flush=True)
-            if not heavy:
+            if not heavy and args.lane == "light":  # the light lane's: issue 17's many-users measure
                 bounds.append((users, CORES / per_request))
         if bounds:  # the most a server on this machine could answer at its measured CPU a request, with no users' process beside it
             shown = "; ".join(f"{users} user{'s' * (users > 1)} {bound:.1f} requests/s ({bound / one_user:.1f}x one user)" for users, bound in bounds)
