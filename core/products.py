@@ -6,7 +6,10 @@ GFLOP/s against 222-456 for oneDNN's product on the same shapes (`python -m benc
 measures both on the logit lens's unembedding). torch ships oneDNN too, and `torch.compile`'s CPU backend
 calls its product as `torch.ops.mkldnn._linear_pointwise`; that operator is private, so it is used only
 after it has answered a fixed product as torch's `linear` does (DEFAULTS.product_check_tolerance), and
-never where it is missing, fails that check, or autograd would need to see the product.
+never where it is missing or fails that check. Where autograd needs the gradient of the input only (the
+weight and bias need none: edge attribution's backward pass through the fast engine), the product runs
+on oneDNN with a backward that is oneDNN's product with the transposed weight (`_InputGradient`); where
+the weight or bias needs a gradient (training), torch's product computes it.
 
 `logsumexp` is torch's over the last axis of such products' logits, at the processor's rate whatever
 their spread (below).
@@ -55,10 +58,30 @@ def linear(
     product here; fused, 0.4 ms)."""
     if not _use_onednn(x, weight, bias, activation):
         return ACTIVATIONS[activation](torch.nn.functional.linear(x, weight, bias))
-    rows = x.reshape(-1, x.shape[-1]).contiguous()
     weight = weight if weight.is_contiguous() or weight.T.is_contiguous() else weight.contiguous()  # [in, out] weights as their .T: no copy
-    out = _onednn_linear(rows, weight, None if bias is None else bias.contiguous(), activation)
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+    bias = None if bias is None else bias.contiguous()
+    if torch.is_grad_enabled() and x.requires_grad:  # autograd sees the product; the activation is torch's, after it
+        return ACTIVATIONS[activation](_InputGradient.apply(x, weight, bias))
+    return _product(x, weight, bias, activation)
+
+
+def _product(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str = "none") -> Tensor:
+    return _onednn_linear(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias, activation).reshape(*x.shape[:-1], weight.shape[0])
+
+
+class _InputGradient(torch.autograd.Function):
+    """x W^T + b on oneDNN, differentiable in x only (the weight and bias need no gradient: `_use_onednn`):
+    d/dx is the incoming gradient times W, oneDNN's product with W^T, a view (no copy)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(weight)
+        return _product(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (weight,) = ctx.saved_tensors
+        return _product(grad, weight.T, None), None, None
 
 
 _EXP_FLOOR = math.log(torch.finfo(torch.float32).tiny) + 1  # about -86.3: its exp (3e-38) is a normal float32
@@ -124,7 +147,7 @@ def _use_onednn(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str 
     tensors = (x, weight) if bias is None else (x, weight, bias)
     return (
         all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors[1:]))  # a weight or bias that needs its gradient
         and onednn_agrees()
         and (activation == "none" or onednn_agrees(activation))
     )

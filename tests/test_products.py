@@ -35,10 +35,32 @@ def test_slices_of_a_weight_and_a_non_contiguous_input():
         torch.testing.assert_close(products.linear(x, weight[300:700]), x @ weight[300:700].T, rtol=1e-5, atol=1e-5)
 
 
-def test_a_product_autograd_must_see_is_torchs():
+def test_a_product_whose_weight_needs_its_gradient_is_torchs():
     x, weight = torch.randn(4, 8), torch.randn(30, 8, requires_grad=True)
     products.linear(x, weight).sum().backward()
     torch.testing.assert_close(weight.grad, x.sum(0).expand(30, 8))  # d(sum of x W^T)/dW: every row is x summed over rows
+
+
+@pytest.mark.parametrize("activation", ["none", "gelu_tanh"])
+@pytest.mark.parametrize("held", ["out x in", "in x out"])
+def test_a_product_differentiated_in_its_input_runs_on_onednn_and_has_torchs_gradient(monkeypatch, activation, held):
+    """The input needs a gradient, the weight and bias none (edge attribution's backward pass): both the product and
+    its gradient are oneDNN's products, and they equal torch's (value and d/dx)."""
+    generator = torch.Generator().manual_seed(5)
+    x, weight, bias = torch.randn(2, 7, 64, generator=generator), torch.randn(300, 64, generator=generator) / 4, torch.randn(300, generator=generator)
+    weight = weight if held == "out x in" else weight.T.contiguous().T  # the engine's and Conv1D's [in, out] weights, as their .T
+    upstream = torch.randn(2, 7, 300, generator=generator)
+    assert products.onednn_agrees() and products.onednn_agrees(activation)  # checked (and cached) before the spy below
+    calls = []
+    monkeypatch.setattr(products, "_onednn_linear", lambda *args: calls.append(args[1].shape) or torch.ops.mkldnn._linear_pointwise(*args[:3], "none", [], ""))
+    ours_x, theirs_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = products.linear(ours_x, weight, bias, activation)
+    (ours * upstream).sum().backward()
+    theirs = products.ACTIVATIONS[activation](torch.nn.functional.linear(theirs_x, weight, bias))
+    (theirs * upstream).sum().backward()
+    assert calls == [(300, 64), (64, 300)]  # the product, then its gradient: W^T's product
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours_x.grad, theirs_x.grad, rtol=1e-5, atol=1e-4)
 
 
 def test_onednn_is_used_here_and_agrees():
