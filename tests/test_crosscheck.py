@@ -169,11 +169,20 @@ def test_attribution_patching_equals_transformer_lenss_node_attribution(request,
 
 
 def test_attribution_patching_is_the_same_on_the_models_own_passes(gpt2_shaped, monkeypatch):
-    """Without the fast engine (the bridge's clean run), and then for a model whose forward has no logits_to_keep
+    """On the fast engine (both runs, the corrupted one differentiated through it), without it (the bridge's
+    runs and hooks), and then for a model whose forward has no logits_to_keep
     (every position's logits, the final one read), attribution patching gives the fast path's answer."""
-    model, args = gpt2_shaped, (IOI_CLEAN, IOI_CORRUPTED, " Mary", " John")
+    model = gpt2_shaped
+    args = (IOI_CLEAN, IOI_CORRUPTED, *_best_conditioned_answers(model, IOI_CLEAN, IOI_CORRUPTED))  # a swing float32 noise cannot rival
+    engine, differentiated, run = exact.fast_engine(model), [], exact.fast_engine(model).run_with_cache
+
+    def spy(*inputs, differentiable=False):
+        differentiated.append(differentiable)
+        return run(*inputs, differentiable=differentiable)
+
+    monkeypatch.setattr(engine, "run_with_cache", spy)
     fast = attribution_patching(model, *args)
-    assert exact.fast_engine(model).verified  # the fast path is one side of the comparison
+    assert engine.verified and differentiated[-2:] == [False, True]  # the fast path is one side: the clean pass, then the corrupted run with gradients
     monkeypatch.setitem(exact._ENGINES, model, None)
     runs = [attribution_patching(model, *args)]
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch import Tensor
 
 from core import plots
-from core.contrast import ON_A_PAIR, SWEEP_HOOKS, SWEEPS, ContrastPair, check_swing
+from core.contrast import ON_A_PAIR, SWEEPS, ContrastPair, check_swing
 from core.model import Model, keeping_logits, prompt_pass, str_tokens
+from core.patching.exact import prompt_engine
 from core.registry import Progress, Technique
 from core.results import ApproximatePatchingResult, PatchingResult, agreement_stats
 
@@ -31,26 +33,12 @@ def attribution_patching(
     pair = ContrastPair.of(model, clean_prompt, corrupted_prompt, answer, wrong_answer)
     report(0.0, "attribution patching: clean run")
     n_layers, final = model.cfg.n_layers, pair.clean_tokens.shape[-1] - 1
-    names = frozenset(f"blocks.{layer}.{hook}" for hook in SWEEP_HOOKS for layer in range(n_layers))
+    hook = {(name, layer): f"blocks.{layer}.{sweep.hook}" for name, sweep in SWEEPS.items() for layer in range(n_layers)}
+    names = frozenset(hook.values())
     clean_logits, clean_cache = prompt_pass(model, pair.clean_tokens, names, [final])  # the fast engine's pass where it is checked
-    report(1 / 3, "attribution patching: corrupted run and gradients")
     clean_value = float(pair.metric.of_logits(clean_logits)[0])
-    corrupted_acts: dict[tuple[str, int], torch.Tensor] = {}
-
-    def keep(name: str):
-        def hook(activation, hook):
-            corrupted_acts[(name, hook.layer())] = activation
-            return activation
-
-        return hook
-
-    fwd_hooks = [(f"blocks.{layer}.{sweep.hook}", keep(name)) for name, sweep in SWEEPS.items() for layer in range(n_layers)]
-    with torch.enable_grad():  # the metric reads the final position: only its logits are computed (and differentiated)
-        logits = keeping_logits(functools.partial(model.run_with_hooks, pair.corrupted_tokens, fwd_hooks=fwd_hooks), 1)
-        metric = pair.metric.of_logits(logits)[0]
-        keys = list(corrupted_acts)
-        grads = dict(zip(keys, torch.autograd.grad(metric, [corrupted_acts[k] for k in keys])))
-    corrupted_value = float(metric.detach())
+    report(1 / 3, "attribution patching: corrupted run and gradients")
+    corrupted_value, corrupted_acts, grads = _corrupted_run(model, pair, names)
     check_swing(clean_value, corrupted_value)
     swing = clean_value - corrupted_value
     report(2 / 3, "attribution patching: scores")
@@ -59,8 +47,8 @@ def attribution_patching(
         for name, sweep in SWEEPS.items():
             rows = []
             for layer in range(n_layers):
-                change = clean_cache[f"blocks.{layer}.{sweep.hook}"] - corrupted_acts[(name, layer)].detach()
-                product = (change * grads[(name, layer)])[0].double()  # [pos, d] or [pos, head, d_head]
+                at = hook[name, layer]
+                product = ((clean_cache[at] - corrupted_acts[at]) * grads[at])[0].double()  # [pos, d] or [pos, head, d_head]
                 rows.append(product.sum((0, 2)) if sweep.axis == "head" else product.sum(-1))
             scores[name] = (torch.stack(rows).cpu() / swing).numpy()
     return ApproximatePatchingResult(
@@ -72,6 +60,33 @@ def attribution_patching(
         corrupted_value=corrupted_value,
         **scores,
     )
+
+
+def _corrupted_run(model: Model, pair: ContrastPair, names: frozenset[str]) -> tuple[float, dict[str, Tensor], dict[str, Tensor]]:
+    """The corrupted run's metric, its activations `names`, and the metric's gradient with respect to each
+    (one backward pass): on the fast engine where it is checked (its products and their gradients on oneDNN),
+    else through the model's hooks. Only the final position, which the metric reads, is unembedded."""
+    final = pair.corrupted_tokens.shape[-1] - 1
+    engine = prompt_engine(model, names)
+    with torch.enable_grad():
+        if engine is not None:
+            logits, acts = engine.run_with_cache(pair.corrupted_tokens, names, [final], differentiable=True)
+        else:
+            acts = {}
+
+            def keep(name: str):
+                def hook(activation, hook):
+                    acts[name] = activation
+                    return activation
+
+                return hook
+
+            run = functools.partial(model.run_with_hooks, pair.corrupted_tokens, fwd_hooks=[(name, keep(name)) for name in sorted(names)])
+            logits = keeping_logits(run, 1)
+        metric = pair.metric.of_logits(logits)[0]
+        order = sorted(names)
+        grads = dict(zip(order, torch.autograd.grad(metric, [acts[name] for name in order])))
+    return float(metric.detach()), {name: value.detach() for name, value in acts.items()}, grads
 
 
 def agreement(exact: PatchingResult, approximate: ApproximatePatchingResult, top: int = 10) -> dict[str, dict]:

@@ -191,11 +191,14 @@ class Engine:
             for b, direction in enumerate(directions)
         ]
 
-    def layers(self, tokens: Int[Tensor, "batch pos"]) -> Iterator[Step]:
+    def layers(self, tokens: Int[Tensor, "batch pos"], differentiable: bool = False) -> Iterator[Step]:
         """The model's forward pass over `tokens`, one layer at a time: each layer's activations, in order
-        (the last one's `resid_post` is the final residual stream)."""
+        (the last one's `resid_post` is the final residual stream). `differentiable`: the token embeddings
+        are a leaf that needs a gradient, so that under torch.enable_grad() autograd records the run and
+        every activation can be differentiated (the weights never need one)."""
         B, n, H, dh = *tokens.shape, self.n_heads, self.d_head
-        x = self.W_E[tokens] + self.W_pos[:n]
+        embed = self.W_E[tokens]
+        x = (embed.requires_grad_() if differentiable else embed) + self.W_pos[:n]
         causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
         for layer in range(self.n_layers):
             resid_pre = x
@@ -210,18 +213,19 @@ class Engine:
             yield Step(layer, resid_pre, k, v, pattern, z, attn_out, resid_mid, mlp_out, x)
 
     def run_with_cache(
-        self, tokens: Int[Tensor, "batch pos"], names: Collection[str], positions: Sequence[int]
+        self, tokens: Int[Tensor, "batch pos"], names: Collection[str], positions: Sequence[int], differentiable: bool = False
     ) -> tuple[Float[Tensor, "batch position vocab"], dict[str, Tensor]]:
         """The model's `run_with_cache(tokens, names_filter=names)` on the engine: the logits at `positions`
         only (as Hugging Face's `logits_to_keep`), and the activations `names` (of `hook_names`), each
-        shaped as the model's cache holds it."""
+        shaped as the model's cache holds it. `differentiable`: as for `layers` (the activations are the
+        run's own tensors, which the logits can be differentiated with respect to)."""
         B, n = tokens.shape
         cache: dict[str, Tensor] = {}
         if "hook_embed" in names:
             cache["hook_embed"] = self.W_E[tokens]
         if "hook_pos_embed" in names:
             cache["hook_pos_embed"] = self.W_pos[:n].expand(B, n, -1)
-        for step in self.layers(tokens):
+        for step in self.layers(tokens, differentiable):
             for field, hook in STEP_HOOKS.items():
                 if (name := f"blocks.{step.layer}.{hook}") in names:
                     cache[name] = getattr(step, field)
