@@ -7,7 +7,8 @@ measures both on the logit lens's unembedding). torch ships oneDNN too, and `tor
 calls its product as `torch.ops.mkldnn._linear_pointwise`; that operator is private, so it is used only
 after it has answered a fixed product as torch's `linear` does (DEFAULTS.product_check_tolerance), and
 never where it is missing or fails that check. Where autograd needs the gradient of the input only (the
-weight and bias need none: edge attribution's backward pass through the fast engine), the product runs
+weight and bias need none: edge attribution's and attribution patching's backward passes through the
+fast engine), the product runs
 on oneDNN with a backward that is oneDNN's product with the transposed weight (`_InputGradient`); where
 the weight or bias needs a gradient (training), torch's product computes it.
 
