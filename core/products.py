@@ -8,9 +8,9 @@ calls its product as `torch.ops.mkldnn._linear_pointwise`; that operator is priv
 after it has answered a fixed product as torch's `linear` does (DEFAULTS.product_check_tolerance), and
 never where it is missing or fails that check. Where autograd needs the gradient of the input only (the
 weight and bias need none: edge attribution's and attribution patching's backward passes through the
-fast engine), the product runs
-on oneDNN with a backward that is oneDNN's product with the transposed weight (`_InputGradient`); where
-the weight or bias needs a gradient (training), torch's product computes it.
+fast engine), the product runs on oneDNN with a backward that is oneDNN's product with the transposed
+weight (`_InputGradient`); where the weight or bias needs a gradient (training), torch's product
+computes it.
 
 `logsumexp` is torch's over the last axis of such products' logits, at the processor's rate whatever
 their spread (below).
