@@ -93,17 +93,17 @@ READER = PromptReader(_prepare, _read, _hooks)
 
 
 @one_pass
-def logit_lens(model: Model, prompt: str, target: str | None = None, final_only: bool = False) -> PromptJob:
+def logit_lens(model: Model, prompt: str, target: str | None = None) -> PromptJob:
     """Top-1 token and probability at every (checkpoint, position); P and rank of `target`: called, a
-    `LogitLensResult` (one_pass runs the job described here). `final_only`: the final position only
-    (its token, and a pos axis of one), which unembeds 1/pos of the rows."""
-    return PromptJob(prompt, ((READER, (target, final_only)),))
+    `LogitLensResult` (one_pass runs the job described here)."""
+    return PromptJob(prompt, ((READER, (target,)),))
 
 
 @one_pass
 def final_lens(model: Model, prompt: str, *targets: str) -> PromptJob:
-    """The logit lens at the final position only, once for each target, from one pass: a tuple of
-    `LogitLensResult`s (what Contrast Pairs draws for each prompt of a pair)."""
+    """The logit lens at the final position only (its token, and a pos axis of one: 1/pos of the rows
+    unembedded), once for each target, from one pass: a tuple of `LogitLensResult`s (what Contrast Pairs
+    draws for each prompt of a pair)."""
     if not targets:
         raise ValueError("final_lens needs at least one target token to follow.")
     return PromptJob(prompt, tuple((READER, (target, True)) for target in targets), every=True)

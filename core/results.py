@@ -64,7 +64,7 @@ class Predictions(_Result):
 @dataclass(frozen=True)
 class LogitLensResult(_Result):
     """Final LayerNorm + unembedding applied to the residual stream at each checkpoint, at every position
-    (or at the final one only: `logit_lens(..., final_only=True)`; then `tokens` is that one token)."""
+    (or at the final one only: `core.logit_lens.final_lens`; then `tokens` is that one token)."""
 
     tokens: list[str]  # [pos] the positions read
     layers: list[str]  # [layer] checkpoint labels: 0_pre .. {L-1}_pre, final_post
