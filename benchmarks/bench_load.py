@@ -346,7 +346,7 @@ def load(args) -> None:
                     thread.start()
                 cpu_before = cpu_seconds(server.process.pid), cpu_seconds("self")
                 answers, latencies, errors, wall = run_users(server.url, requests, users)
-                cpu = [(cpu_seconds(pid) - before) / (wall * CORES) for pid, before in zip((server.process.pid, "self"), cpu_before)]
+                used = [cpu_seconds(pid) - before for pid, before in zip((server.process.pid, "self"), cpu_before)]  # CPU seconds: server, users
                 after, serving = server.rss_mib(), server.rss_mib("VmHWM")
                 peak, serving = max(peak, serving), serving if fresh else None
             finally:
@@ -363,8 +363,10 @@ def load(args) -> None:
                 label = f"{users} + {args.heavy} heavy (`--heavy {args.heavy}`: {runs})"
             p50, p95 = percentile(latencies, 50), percentile(latencies, 95)
             cells = [label, f"{rate:.2f}", f"{rate / one_user:.1f}x", f"{p50:.2f}", f"{p95:.2f}", errors, agreement(answers, serial)]
-            per_request = cpu[0] * wall * CORES / len(requests)  # the server's CPU seconds (all its threads) a request
-            cells += [f"{cpu[0]:.0%} / {cpu[1]:.0%}", f"{per_request * 1e3:.0f}", f"{after:.0f}", "n/a" if serving is None else f"{serving:.0f}", f"{peak:.0f}"]
+            share = [seconds / (wall * CORES) for seconds in used]  # of all the machine's cores
+            per_request = used[0] / len(requests)  # the server's CPU seconds (all its threads) a request
+            cells += [f"{share[0]:.0%} / {share[1]:.0%}", f"{per_request * 1e3:.0f}", f"{after:.0f}"]
+            cells += ["n/a" if serving is None else f"{serving:.0f}", f"{peak:.0f}"]
             print("| " + " | ".join(map(str, cells)) + " |", flush=True)
             if not heavy and args.lane == "light":  # the light lane's: issue 17's many-users measure
                 bounds.append((users, CORES / per_request))
