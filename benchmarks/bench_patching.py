@@ -7,7 +7,10 @@ four sweeps (resid_pre, attn_out, mlp_out by layer x position; head_out by layer
 Prints the times, the ratio, the largest difference of the normalised scores, peak memory (the
 process's resident memory above what it was with the model loaded, sampled while ours runs),
 and how close we are to the floor: the floating-point operations that exact answers need
-(counted below) divided by this machine's measured matrix-multiply throughput.
+(counted below) divided by this machine's measured matrix-multiply throughput. Then attribution
+patching (the gradient approximation): ours against TransformerLens 4.3's `attribution_patch` (node
+granularity: each head's output and each MLP's, at every position) on the same pair and model, and
+how far their shared scores (head_out summed over positions, mlp_out) are apart once normalised.
 
 Answer tokens: on random weights " Mary" - " John" barely moves between the two prompts, so
 normalising by it would divide float32 rounding by a tiny number. Like the tests, the bench
@@ -29,7 +32,7 @@ import torch  # noqa: E402
 from transformer_lens import patching as tl_patching  # noqa: E402
 
 from benchmarks.common import arguments, peak_memory, rss_bytes, torch_products  # noqa: E402
-from core import LIMITS, SWEEPS, activation_patching, load_model, products, save_random_gpt2  # noqa: E402
+from core import LIMITS, SWEEPS, activation_patching, attribution_patching, load_model, products, save_random_gpt2  # noqa: E402
 from core.model import to_tokens  # noqa: E402
 from core.patching.cost import minimum_flops  # noqa: E402
 from examples import IOI_CLEAN, IOI_CORRUPTED  # noqa: E402
@@ -52,6 +55,33 @@ def matmul_gflops(d_model: int, d_mlp: int, rows: int = 2048, repeats: int = 7) 
             times.append(time.perf_counter() - start)
         rates.append(2 * rows * d_model * d_mlp / statistics.median(times) / 1e9)
     return max(rates)
+
+
+def median_seconds(fn, repeats: int):
+    """(fn()'s last answer, the median seconds of `repeats` calls after one warm-up)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        answer = fn()
+        times.append(time.perf_counter() - start)
+    return answer, statistics.median(times)
+
+
+def tl_attribution(model, clean_tokens, corrupted_tokens, answer_id: int, wrong_id: int, swing: float) -> dict[str, np.ndarray]:
+    """TransformerLens's `attribution_patch` at node granularity, as our head_out [layer, head] (its per-position
+    head scores summed) and mlp_out [layer, pos], normalised by `swing` (the clean - corrupted metric)."""
+    from transformer_lens.tools.analysis.attribution_patching import attribution_patch
+
+    cfg = model.cfg
+    nodes = attribution_patch(model, clean_tokens, corrupted_tokens, lambda logits: logits[0, -1, answer_id] - logits[0, -1, wrong_id]).node_scores
+    scores = {"head_out": np.zeros((cfg.n_layers, cfg.n_heads)), "mlp_out": np.zeros((cfg.n_layers, clean_tokens.shape[-1]))}
+    for node, score in nodes.items():
+        if node.kind == "attn_head_out":
+            scores["head_out"][node.layer, node.head] += score
+        elif node.kind == "mlp_out":
+            scores["mlp_out"][node.layer, node.position] = score
+    return {name: value / swing for name, value in scores.items()}
 
 
 def main() -> None:
@@ -116,6 +146,20 @@ def main() -> None:
         print(f"| max abs difference of normalised scores | | {max(differences.values()):.1e} ({', '.join(f'{k} {v:.1e}' for k, v in differences.items())}) |")
         print(f"| peak resident memory above the loaded model (engine included) | | {max(peaks) / 2**20:.0f} MiB |")
         print(f"| floor: {flops / 1e9:.1f} GFLOP at {gflops:.0f} GFLOP/s measured matmul | | {floor_s:.3f} s (ours = {ours_s / floor_s:.1f}x the floor) |")
+        approximate, ours_attribution_s = median_seconds(lambda: attribution_patching(model, IOI_CLEAN, IOI_CORRUPTED, answer, wrong), args.repeats)
+        swing = float(shift[answer_id] - shift[wrong_id])  # the bridge's own logits, not ours
+        reference = lambda: tl_attribution(model, clean_tokens, corrupted_tokens, answer_id, wrong_id, swing)  # noqa: E731
+        tl_scores, tl_attribution_s = median_seconds(reference, args.repeats)
+        _, shipped_attribution_s = torch_products(lambda: median_seconds(reference, args.repeats))
+        apart = {name: float(np.abs(getattr(approximate, name) - tl_scores[name]).max()) for name in tl_scores}
+        print("\nAttribution patching (the gradient approximation), the same pair and model:\n")
+        print("| what | TransformerLens `attribution_patch` (node granularity) | CircuitBreaker (attribution, 4 sweeps) |")
+        print("|---|---:|---:|")
+        print(f"| median of {args.repeats} | {tl_attribution_s:.3f} s | {ours_attribution_s:.3f} s |")
+        print(f"| speed-up | | {tl_attribution_s / ours_attribution_s:.1f}x |")
+        print(f"| TransformerLens on torch's own products (as it ships) | {shipped_attribution_s:.3f} s | {shipped_attribution_s / ours_attribution_s:.1f}x |")
+        shown = ", ".join(f"{k} {v:.1e}" for k, v in apart.items())
+        print(f"| max abs difference of normalised scores (head_out, mlp_out: the nodes both score) | | {max(apart.values()):.1e} ({shown}) |")
         print("\nWorst case by length (prompts that differ at their first word, so every position is patched):\n")
         print("| tokens (with BOS) | exact patching, 4 sweeps | floor | peak resident memory above the model so far |")
         print("|---:|---:|---:|---:|")
