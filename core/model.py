@@ -361,6 +361,12 @@ Names = frozenset[str]  # the activations a forward pass caches, by TransformerL
 NO_HOOKS: Names = frozenset()  # a technique that reads only the logits
 
 
+def hooked(model: Model) -> bool:
+    """Whether a TransformerLens hook is on the model now (run_with_hooks, run_with_cache, hooks() and
+    add_hook all put theirs on its hook points): a pass run now would not be the model's own."""
+    return any(point.fwd_hooks or point.bwd_hooks for point in model.hook_dict.values())
+
+
 @dataclass(frozen=True)
 class PromptRun:
     """One forward pass over one prompt: its tokens, logits, and the activations its readers asked for.

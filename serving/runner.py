@@ -7,7 +7,8 @@
 - Batched: calls of one-pass techniques (`core.model.one_pass`: predictions, the logit lens, DLA,
   attention, the Explorer) wait together; whichever of them gets the lock answers every waiting one
   from shared forward passes (`core.model.read_prompts`). Each call still gets its own result or its
-  own error.
+  own error. A long technique holding the lock answers them at its step boundaries (where it reports
+  progress, and no hook is on the model), so they wait for one of its steps, not for all of it.
 - Input checks (the validators: tokenizing only) never wait for the model: they tokenize with a copy
   of its tokenizer, one check at a time (`check`).
 - Memoised: results are immutable, so a repeated call (an example clicked again, a layer
@@ -38,7 +39,7 @@ from typing import Any, Callable
 import torch
 
 from core.config import LIMITS, Limits
-from core.model import NO_HOOKS, Model
+from core.model import NO_HOOKS, Model, hooked
 from core.patching.exact import prompt_engine
 from core.results import dumps, loads, storable
 
@@ -340,18 +341,19 @@ class Runner:
         call.done.wait()
         return call.answer()
 
-    def _answer_batch(self, own: _Call) -> None:
-        """Under the lock: answer `own` and the calls waiting with it, from the cache or in shared passes."""
+    def _answer_batch(self, own: _Call | None) -> None:
+        """Under the lock: answer `own` (None: no call of this thread's) and the calls waiting with it,
+        from the cache or in shared passes."""
         from core.model import read_prompts
 
-        calls = [own]
+        calls = [] if own is None else [own]
         try:
             with self._counting:
-                calls += [c for c in self._batch if c is not own][: self.limits.max_batch_calls - 1]
+                calls += [c for c in self._batch if c is not own][: self.limits.max_batch_calls - len(calls)]
                 for c in calls:
                     self._batch.remove(c)
                     c.taken = True
-            if not self.still_wanted():
+            if own is not None and not self.still_wanted():
                 own.outcome = self._abandoned()
             fresh: dict[str, list[_Call]] = {}  # the same call from several users is computed once
             for c in calls:
@@ -405,12 +407,24 @@ class Runner:
             if not self.still_wanted():
                 self._abandon()
 
+    def _serve_waiting(self) -> None:
+        """At a step boundary of the technique holding the lock (this thread's): answer the one-pass calls
+        waiting for the model, so that light requests wait for one step of a long run, not for all of it.
+        Only while no hook is on the model (a step inside the model's hooks answers none). An error of
+        the batch's own reaches its callers, not the running technique."""
+        if not self._batch or hooked(self.model):
+            return
+        with contextlib.suppress(Exception), torch.no_grad():
+            self._answer_batch(None)
+
     def _checking(self, report):
-        """A progress callback that stops abandoned work at the technique's next step, then reports."""
+        """A progress callback for a technique's step boundaries: stops abandoned work there, answers the
+        light calls waiting (`_serve_waiting`), then reports."""
 
         def progress(fraction: float, desc: str) -> None:
             if not self.still_wanted():
                 self._abandon()
+            self._serve_waiting()
             if report is not None:
                 report(fraction, desc)
 

@@ -15,7 +15,7 @@ from gradio_client import Client
 import app
 import core.model
 from benchmarks.bench_load import rank_slack
-from core import attention_patterns, direct_logit_attribution, logit_lens, predict
+from core import attention_patterns, direct_logit_attribution, induction_scores, logit_lens, predict
 from core.explorer import explore
 from core.model import NO_HOOKS, prompt_pass, read_prompts, to_tokens
 from core.patching.exact import prompt_engine
@@ -152,6 +152,72 @@ def test_calls_waiting_for_the_model_share_one_pass_each_with_its_own_answer(dem
     for i, (fn, *args) in enumerate(todo):
         assert_same(answers[i], outcome(fn, demo_model, *args))
     assert "not a token" in str(answers[len(todo) - 1])
+
+
+LIGHT_CALLS = [(predict, IOI_CLEAN, 3), (logit_lens, IOI_CLEAN, " Mary"), (explore, "When Mary and John", None, None, 1)]
+
+
+def arriving(runner: Runner, answers: dict) -> list[threading.Thread]:
+    """LIGHT_CALLS sent by three users (their answers into `answers`); back once all wait for the model."""
+
+    def call(i, fn, *args):
+        answers[i] = runner.run(fn, *args)
+
+    threads = [threading.Thread(target=call, args=(i, *c)) for i, c in enumerate(LIGHT_CALLS)]
+    for t in threads:
+        t.start()
+    wait_until_waiting(runner, len(LIGHT_CALLS))
+    return threads
+
+
+def test_a_long_run_answers_the_light_calls_waiting_at_its_next_step(demo_model):
+    """Light calls that arrive while a heavy technique holds the model (here induction, a step per layer of
+    every pass) are answered at its next step boundary, in one shared pass, each as its call alone, and
+    their users have their answers while it still runs; its result is the same as without them."""
+    alone = induction_scores(demo_model, 20, 4, 0)
+    runner = Runner(demo_model, cache_dir=None)
+    answers, threads, steps = {}, [], []
+
+    def report(fraction: float, description: str) -> None:  # runs after the runner's own step work
+        steps.append(runner.passes)
+        if not threads:  # the first step: the users arrive now
+            threads.extend(arriving(runner, answers))
+        elif len(steps) == 3:  # the run still holds the model: its users are answered all the same
+            for t in threads:
+                t.join(WAIT_S)
+            assert not any(t.is_alive() for t in threads)
+
+    passes = runner.passes
+    heavy = runner.run(induction_scores, 20, 4, 0, progress=report)
+    assert len(steps) > 3 and steps[:2] == [passes, passes + 1] and runner.passes == passes + 1  # one pass, at the second step
+    for i, (fn, *args) in enumerate(LIGHT_CALLS):
+        assert_same(answers[i], fn(demo_model, *args))
+    np.testing.assert_array_equal(heavy.scores, alone.scores)
+    np.testing.assert_array_equal(heavy.loss_by_position, alone.loss_by_position)
+
+
+def test_a_step_inside_the_models_hooks_answers_no_light_call(demo_model):
+    """A step boundary reached while a hook is on the model answers nothing (a pass then would not be the
+    model's own); the next one without hooks does, and the answers are the model's own."""
+    runner = Runner(demo_model, cache_dir=None)
+    answers, threads, passes = {}, [], []
+
+    def heavy(model, progress=None):
+        with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", lambda act, hook: act * 0)]):
+            threads.extend(arriving(runner, answers))
+            progress(0.5, "inside the hooks")
+            passes.append(runner.passes)
+        progress(1.0, "after them")
+        passes.append(runner.passes)
+        return "done"
+
+    before = runner.passes
+    assert runner.run(heavy) == "done"
+    for t in threads:
+        t.join(WAIT_S)
+    assert passes == [before, before + 1]
+    for i, (fn, *args) in enumerate(LIGHT_CALLS):
+        assert_same(answers[i], fn(demo_model, *args))
 
 
 def test_concurrent_users_of_the_app_share_passes_and_get_their_own_answers(demo_model):
