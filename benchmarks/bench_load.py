@@ -1,13 +1,15 @@
 """Many users at once: the real app in its own process, N gradio_client users, every endpoint.
 
-    python -m benchmarks.bench_load load [--model demo|gpt2-shaped] [--users 1 4 16] [--requests 60] [--lane all|light] [--heavy 0]
+    python -m benchmarks.bench_load load [--model demo|gpt2-shaped] [--users 1 4 16] [--requests 60] [--lane all|light]
+        [--heavy 0] [--heavy-endpoint /patching|/contrast]
     python -m benchmarks.bench_load soak [--model demo] [--requests 500] [--users 4]
 
 load: a fixed, seeded list of distinct requests spread over every endpoint (JSON API and UI
 events; `--lane light`: the one-pass ones, which share forward passes) is answered once by one
 user (the serial answers), then, on a freshly started server each time (so nothing is answered
 from the results cache) once it has warmed its examples, by N concurrent users (with `--heavy H`, beside H users sending exact
-patching requests all along). Prints throughput, p50/p95 latency, errors (must be 0), whether
+patching requests all along: the JSON API's `/patching`, or with `--heavy-endpoint /contrast` the
+Contrast Pairs tab's event, which reports its progress, so that it runs in smaller steps). Prints throughput, p50/p95 latency, errors (must be 0), whether
 every answer equals the serial one, the share of the machine's CPU the server and the users' own
 process used meanwhile (they share the machine), the server's CPU seconds a request (all its threads),
 and the server's resident memory after the run, its peak while the users were served, and its peak
@@ -242,16 +244,16 @@ def run_users(url: str, requests: list[tuple[str, tuple]], users: int) -> tuple[
     return answers, latencies, errors[0], time.perf_counter() - start
 
 
-def heavy_user(url: str, stop: threading.Event, done: list[float], failed: list[str]) -> None:
-    """Exact patching on IOI pairs, one after another until `stop` (each one's seconds into `done`, each
-    error's message into `failed`)."""
+def heavy_user(url: str, stop: threading.Event, done: list[float], failed: list[str], endpoint: str = "/patching") -> None:
+    """Exact patching on IOI pairs through `endpoint`, one after another until `stop` (each one's seconds
+    into `done`, each error's message into `failed`)."""
     client = Client(url, verbose=False)
     rng = random.Random(1)
     while not stop.is_set():
         clean, corrupted, io, _, other = ioi_pair(rng, "ABBA")
         start = time.perf_counter()
         try:
-            client.predict(clean, corrupted, f" {io}", f" {other}", api_name="/patching")
+            client.predict(clean, corrupted, f" {io}", f" {other}", api_name=endpoint)
         except Exception as err:  # noqa: BLE001  (counted and reported: must be none)
             failed.append(f"{type(err).__name__}: {err}")
             continue
@@ -337,7 +339,7 @@ def load(args) -> None:
         for users in args.users:
             server = Server(model, tempfile.mkdtemp(dir=workdir))
             stop, heavy_seconds, heavy_errors = threading.Event(), [], []
-            heavy = [threading.Thread(target=heavy_user, args=(server.url, stop, heavy_seconds, heavy_errors)) for _ in range(args.heavy)]
+            heavy = [threading.Thread(target=heavy_user, args=(server.url, stop, heavy_seconds, heavy_errors, args.heavy_endpoint)) for _ in range(args.heavy)]
             try:
                 server.warmed()
                 peak = server.rss_mib("VmHWM")  # loading the model and warming the examples included
@@ -359,8 +361,10 @@ def load(args) -> None:
                 one_user = rate
             label = users
             if heavy:
-                runs = f"{len(heavy_seconds)} exact patching runs, median {statistics.median(heavy_seconds or [0]):.1f} s, {len(heavy_errors)} errors"
-                label = f"{users} + {args.heavy} heavy (`--heavy {args.heavy}`: {runs})"
+                what = "exact patching runs" if args.heavy_endpoint == "/patching" else f"`{args.heavy_endpoint}` runs"
+                runs = f"{len(heavy_seconds)} {what}, median {statistics.median(heavy_seconds or [0]):.1f} s, {len(heavy_errors)} errors"
+                option = "" if args.heavy_endpoint == "/patching" else f" --heavy-endpoint {args.heavy_endpoint}"
+                label = f"{users} + {args.heavy} heavy (`--heavy {args.heavy}{option}`: {runs})"
             p50, p95 = percentile(latencies, 50), percentile(latencies, 95)
             cells = [label, f"{rate:.2f}", f"{rate / one_user:.1f}x", f"{p50:.2f}", f"{p95:.2f}", errors, agreement(answers, serial)]
             share = [seconds / (wall * CORES) for seconds in used]  # of all the machine's cores
@@ -408,6 +412,8 @@ def main() -> None:
     p_load.add_argument("--requests", type=int, default=60)
     p_load.add_argument("--lane", choices=["all", "light"], default="all", help="light: the one-pass endpoints only (they share passes)")
     p_load.add_argument("--heavy", type=int, default=0, help="users sending exact patching requests throughout each row (light users' latency beside them)")
+    heavy_endpoints = ["/patching", "/contrast"]  # the API's exact patching, the Contrast Pairs tab's event
+    p_load.add_argument("--heavy-endpoint", choices=heavy_endpoints, default="/patching", help="what the heavy users send")
     p_soak = sub.add_parser("soak")
     p_soak.add_argument("--model", choices=["demo", "gpt2-shaped"], default="demo")
     p_soak.add_argument("--requests", type=int, default=500)
