@@ -361,7 +361,8 @@ def load(args) -> None:
                 one_user = rate
             label = users
             if heavy:
-                what = "exact patching runs" if args.heavy_endpoint == "/patching" else f"`{args.heavy_endpoint}` runs"
+                what = "exact patching run" if args.heavy_endpoint == "/patching" else f"`{args.heavy_endpoint}` run"
+                what += "s" * (len(heavy_seconds) != 1)
                 runs = f"{len(heavy_seconds)} {what}, median {statistics.median(heavy_seconds or [0]):.1f} s, {len(heavy_errors)} errors"
                 option = "" if args.heavy_endpoint == "/patching" else f" --heavy-endpoint {args.heavy_endpoint}"
                 label = f"{users} + {args.heavy} heavy (`--heavy {args.heavy}{option}`: {runs})"
