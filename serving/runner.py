@@ -407,24 +407,31 @@ class Runner:
             if not self.still_wanted():
                 self._abandon()
 
-    def _serve_waiting(self) -> None:
+    def _serve_waiting(self) -> bool:
         """At a step boundary of the technique holding the lock (this thread's): answer the one-pass calls
         waiting for the model, so that light requests wait for one step of a long run, not for all of it.
         Only while no hook is on the model (a step inside the model's hooks answers none). An error of
-        the batch's own reaches its callers, not the running technique."""
+        the batch's own reaches its callers, not the running technique. Returns whether it answered any."""
         if not self._batch or hooked(self.model):
-            return
+            return False
         with contextlib.suppress(Exception), torch.no_grad():
             self._answer_batch(None)
+        return True
 
     def _checking(self, report):
         """A progress callback for a technique's step boundaries: stops abandoned work there, answers the
-        light calls waiting (`_serve_waiting`), then reports."""
+        light calls waiting (`_serve_waiting`), then reports. The run and the light calls take turns:
+        after a batch of them that took t seconds, the run computes for at least t before it answers
+        the next, so that a stream of light requests still leaves it at least half of the model's time."""
+        turn = {"next": 0.0}  # time.monotonic() from which this run answers waiting calls again
 
         def progress(fraction: float, desc: str) -> None:
             if not self.still_wanted():
                 self._abandon()
-            self._serve_waiting()
+            start = time.monotonic()
+            if start >= turn["next"] and self._serve_waiting():
+                end = time.monotonic()
+                turn["next"] = end + (end - start)
             if report is not None:
                 report(fraction, desc)
 

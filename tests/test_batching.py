@@ -220,6 +220,29 @@ def test_a_step_inside_the_models_hooks_answers_no_light_call(demo_model):
         assert_same(answers[i], fn(demo_model, *args))
 
 
+def test_a_long_run_and_the_light_calls_take_turns(demo_model, monkeypatch):
+    """After answering light calls for t seconds, a long run computes for at least t before it answers
+    again: a stream of light requests cannot take more than half of its time."""
+    runner = Runner(demo_model, cache_dir=None)
+    served = []
+
+    def serving(took: float = 0.2) -> bool:  # a batch of light calls that takes 0.2 s
+        served.append(len(served))
+        threading.Event().wait(took)
+        return True
+
+    monkeypatch.setattr(runner, "_serve_waiting", serving)
+
+    def heavy(model, progress=None):
+        progress(0.25, "first step")  # answers (0.2 s)
+        progress(0.5, "right after it")  # the run's turn: answers nothing
+        threading.Event().wait(0.4)  # the run computes for longer than the batch took
+        progress(0.75, "later")  # answers again
+        return len(served)
+
+    assert runner.run(heavy) == 2
+
+
 def test_concurrent_users_of_the_app_share_passes_and_get_their_own_answers(demo_model):
     """Real Gradio lanes: light requests from several clients run together (the light lane admits a
     batch) and are answered from one pass, each equal to its call alone."""
