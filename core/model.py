@@ -361,10 +361,17 @@ Names = frozenset[str]  # the activations a forward pass caches, by TransformerL
 NO_HOOKS: Names = frozenset()  # a technique that reads only the logits
 
 
-def hooked(model: Model) -> bool:
-    """Whether a TransformerLens hook is on the model now (run_with_hooks, run_with_cache, hooks() and
-    add_hook all put theirs on its hook points): a pass run now would not be the model's own."""
-    return any(point.fwd_hooks or point.bwd_hooks for point in model.hook_dict.values())
+FORKING_FLAGS = ("use_attn_result", "use_attn_in", "use_hook_mlp_in", "use_split_qkv_input")  # TransformerLens settings that fork a pass per head
+
+
+def plain(model: Model) -> bool:
+    """Whether a pass run now would be the model's own plain pass: no TransformerLens hook on it
+    (run_with_hooks, run_with_cache, hooks() and add_hook all put theirs on its hook points), and none
+    of the settings that fork its pass per head switched on (FORKING_FLAGS: path patching's hooks on
+    the split q/k/v inputs, for one, turn use_split_qkv_input on around their runs)."""
+    if any(getattr(model.cfg, flag, False) for flag in FORKING_FLAGS):
+        return False
+    return not any(point.fwd_hooks or point.bwd_hooks for point in model.hook_dict.values())
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@
   attention, the Explorer) wait together; whichever of them gets the lock answers every waiting one
   from shared forward passes (`core.model.read_prompts`). Each call still gets its own result or its
   own error. A long technique holding the lock answers them at its step boundaries (where it reports
-  progress, and no hook is on the model), so they wait for one of its steps, not for all of it.
+  progress, and the model's pass is its own plain one: no hook, no per-head fork), so they wait for
+  one of its steps, not for all of it; the two take turns.
 - Input checks (the validators: tokenizing only) never wait for the model: they tokenize with a copy
   of its tokenizer, one check at a time (`check`).
 - Memoised: results are immutable, so a repeated call (an example clicked again, a layer
@@ -39,7 +40,7 @@ from typing import Any, Callable
 import torch
 
 from core.config import LIMITS, Limits
-from core.model import NO_HOOKS, Model, hooked
+from core.model import NO_HOOKS, Model, plain
 from core.patching.exact import prompt_engine
 from core.results import dumps, loads, storable
 
@@ -410,9 +411,10 @@ class Runner:
     def _serve_waiting(self) -> bool:
         """At a step boundary of the technique holding the lock (this thread's): answer the one-pass calls
         waiting for the model, so that light requests wait for one step of a long run, not for all of it.
-        Only while no hook is on the model (a step inside the model's hooks answers none). An error of
-        the batch's own reaches its callers, not the running technique. Returns whether it answered any."""
-        if not self._batch or hooked(self.model):
+        Only while a pass would be the model's own plain pass (`core.model.plain`: a step inside the
+        model's hooks, or with a per-head fork switched on, answers none). An error of the batch's own
+        reaches its callers, not the running technique. Returns whether it answered any."""
+        if not self._batch or not plain(self.model):
             return False
         with contextlib.suppress(Exception), torch.no_grad():
             self._answer_batch(None)

@@ -7,13 +7,17 @@ from __future__ import annotations
 import functools
 import random
 import threading
+import time
+import types
 
 import numpy as np
+import pytest
 import torch
 from gradio_client import Client
 
 import app
 import core.model
+import serving.runner
 from benchmarks.bench_load import rank_slack
 from core import attention_patterns, direct_logit_attribution, induction_scores, logit_lens, predict
 from core.explorer import explore
@@ -196,18 +200,30 @@ def test_a_long_run_answers_the_light_calls_waiting_at_its_next_step(demo_model)
     np.testing.assert_array_equal(heavy.loss_by_position, alone.loss_by_position)
 
 
-def test_a_step_inside_the_models_hooks_answers_no_light_call(demo_model):
-    """A step boundary reached while a hook is on the model answers nothing (a pass then would not be the
-    model's own); the next one without hooks does, and the answers are the model's own."""
+def _hooked(model):
+    return model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", lambda act, hook: act * 0)])
+
+
+def _split_qkv(model):
+    from transformer_lens import patching as tl_patching
+
+    return tl_patching._split_qkv_input(model)  # what path patching's hook fallback runs its steps inside
+
+
+@pytest.mark.parametrize("altered", [_hooked, _split_qkv], ids=["hooks", "split q/k/v input"])
+def test_a_step_where_the_models_pass_is_not_its_own_answers_no_light_call(demo_model, altered):
+    """A step boundary reached while a hook is on the model, or a setting forks its pass per head,
+    answers nothing (a pass then would not be the model's own); the next one, after it, does, and the
+    answers are the model's own."""
     runner = Runner(demo_model, cache_dir=None)
     answers, threads, passes = {}, [], []
 
     def heavy(model, progress=None):
-        with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", lambda act, hook: act * 0)]):
+        with altered(model):
             threads.extend(arriving(runner, answers))
-            progress(0.5, "inside the hooks")
+            progress(0.5, "inside")
             passes.append(runner.passes)
-        progress(1.0, "after them")
+        progress(1.0, "after it")
         passes.append(runner.passes)
         return "done"
 
@@ -222,22 +238,25 @@ def test_a_step_inside_the_models_hooks_answers_no_light_call(demo_model):
 
 def test_a_long_run_and_the_light_calls_take_turns(demo_model, monkeypatch):
     """After answering light calls for t seconds, a long run computes for at least t before it answers
-    again: a stream of light requests cannot take more than half of its time."""
+    again: a stream of light requests cannot take more than half of its time. (The runner's clock is
+    the test's: each step says how long it took.)"""
     runner = Runner(demo_model, cache_dir=None)
-    served = []
+    now, served = [1000.0], []
+    monkeypatch.setattr(serving.runner, "time", types.SimpleNamespace(monotonic=lambda: now[0], time=time.time))
 
-    def serving(took: float = 0.2) -> bool:  # a batch of light calls that takes 0.2 s
-        served.append(len(served))
-        threading.Event().wait(took)
+    def serving_batch() -> bool:  # a batch of light calls that takes 0.2 s
+        served.append(now[0])
+        now[0] += 0.2
         return True
 
-    monkeypatch.setattr(runner, "_serve_waiting", serving)
+    monkeypatch.setattr(runner, "_serve_waiting", serving_batch)
 
     def heavy(model, progress=None):
-        progress(0.25, "first step")  # answers (0.2 s)
-        progress(0.5, "right after it")  # the run's turn: answers nothing
-        threading.Event().wait(0.4)  # the run computes for longer than the batch took
-        progress(0.75, "later")  # answers again
+        progress(0.25, "first step")  # answers: 0.2 s
+        now[0] += 0.1
+        progress(0.5, "0.1 s later")  # the run's turn: answers nothing
+        now[0] += 0.15
+        progress(0.75, "0.25 s after the batch")  # longer than it took: answers again
         return len(served)
 
     assert runner.run(heavy) == 2
