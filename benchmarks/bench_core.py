@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import platform
-import statistics
 import tempfile
 import time
 
@@ -18,7 +17,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
-from benchmarks.common import arguments  # noqa: E402
+from benchmarks.common import arguments, median_seconds  # noqa: E402
 from core import (  # noqa: E402
     activation_patching,
     attention_patterns,
@@ -31,16 +30,6 @@ from core import (  # noqa: E402
     save_random_gpt2,
 )
 from examples import EIFFEL, IOI_CLEAN, IOI_CORRUPTED  # noqa: E402
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -67,7 +56,7 @@ def main() -> None:
         print("| technique | median seconds |")
         print("|---|---:|")
         for name, fn in cases.items():
-            print(f"| {name} | {median_seconds(fn, args.repeats):.3f} |", flush=True)
+            print(f"| {name} | {median_seconds(fn, args.repeats)[1]:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

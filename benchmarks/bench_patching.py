@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformer_lens import patching as tl_patching  # noqa: E402
 
-from benchmarks.common import arguments, peak_memory, rss_bytes, torch_products  # noqa: E402
+from benchmarks.common import arguments, median_seconds, peak_memory, rss_bytes, torch_products  # noqa: E402
 from core import LIMITS, SWEEPS, activation_patching, attribution_patching, load_model, products, save_random_gpt2  # noqa: E402
 from core.model import to_tokens  # noqa: E402
 from core.patching.cost import minimum_flops  # noqa: E402
@@ -55,17 +55,6 @@ def matmul_gflops(d_model: int, d_mlp: int, rows: int = 2048, repeats: int = 7) 
             times.append(time.perf_counter() - start)
         rates.append(2 * rows * d_model * d_mlp / statistics.median(times) / 1e9)
     return max(rates)
-
-
-def median_seconds(fn, repeats: int):
-    """(fn()'s last answer, the median seconds of `repeats` calls after one warm-up)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        answer = fn()
-        times.append(time.perf_counter() - start)
-    return answer, statistics.median(times)
 
 
 def tl_attribution(model, clean_tokens, corrupted_tokens, answer_id: int, wrong_id: int, swing: float) -> dict[str, np.ndarray]:

@@ -1,9 +1,10 @@
-"""What the timing scripts share: their two options and how they measure memory."""
+"""What the timing scripts share: their two options, how they time a call and how they measure memory."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import threading
 import time
 
@@ -21,6 +22,17 @@ def arguments(description: str | None = None, **more: int) -> argparse.Namespace
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     return args
+
+
+def median_seconds(fn, repeats: int):
+    """(fn()'s last answer, the median seconds of `repeats` calls after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        answer = fn()
+        times.append(time.perf_counter() - start)
+    return answer, statistics.median(times)
 
 
 def rss_bytes() -> int:
