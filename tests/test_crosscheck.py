@@ -145,27 +145,21 @@ def test_attribution_patching_equals_the_gradient_from_backward_hooks(gpt2_shape
 def test_attribution_patching_equals_transformer_lenss_node_attribution(request, fixture):
     """TransformerLens 4.3's attribution_patch (node granularity: each head's output and each MLP's at each
     position) gives the same head_out (summed over positions) and mlp_out scores, once normalised."""
-    from transformer_lens.tools.analysis.attribution_patching import attribution_patch
+    from benchmarks.bench_patching import tl_attribution  # the benchmark's reference: TransformerLens's node scores as our sweeps
 
     model = request.getfixturevalue(fixture)
     clean, corrupted = IOI_CLEAN, IOI_CORRUPTED
     answer, wrong = _best_conditioned_answers(model, clean, corrupted)
     ours = attribution_patching(model, clean, corrupted, answer, wrong)
     a, w = model.to_single_token(answer), model.to_single_token(wrong)
-    nodes = attribution_patch(model, to_tokens(model, clean), to_tokens(model, corrupted), lambda logits: logits[0, -1, a] - logits[0, -1, w]).node_scores
-    head_out, mlp_out = np.zeros_like(ours.head_out), np.zeros_like(ours.mlp_out)
-    for node, score in nodes.items():
-        if node.kind == "attn_head_out":
-            head_out[node.layer, node.head] += score
-        elif node.kind == "mlp_out":
-            mlp_out[node.layer, node.position] = score
     with torch.no_grad():  # the metric on the model's own logits: what the scores are normalised by
         clean_value, corrupted_value = (float(model(to_tokens(model, p))[0, -1, a] - model(to_tokens(model, p))[0, -1, w]) for p in (clean, corrupted))
     assert ours.clean_value == pytest.approx(clean_value, abs=1e-4) and ours.corrupted_value == pytest.approx(corrupted_value, abs=1e-4)
     swing = clean_value - corrupted_value
-    assert np.abs(mlp_out).max() > 1e-3 * abs(swing)  # something to compare
-    np.testing.assert_allclose(ours.head_out, head_out / swing, atol=1e-4)
-    np.testing.assert_allclose(ours.mlp_out, mlp_out / swing, atol=1e-4)
+    reference = tl_attribution(model, to_tokens(model, clean), to_tokens(model, corrupted), a, w, swing)
+    assert np.abs(reference["mlp_out"]).max() > 1e-3  # something to compare
+    np.testing.assert_allclose(ours.head_out, reference["head_out"], atol=1e-4)
+    np.testing.assert_allclose(ours.mlp_out, reference["mlp_out"], atol=1e-4)
 
 
 def test_attribution_patching_is_the_same_on_the_models_own_passes(gpt2_shaped, monkeypatch):
