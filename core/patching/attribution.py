@@ -66,7 +66,7 @@ def _corrupted_run(model: Model, pair: ContrastPair, names: frozenset[str]) -> t
     """The corrupted run's metric, its activations `names`, and the metric's gradient with respect to each
     (one backward pass): on the fast engine where it is checked (its products and their gradients on oneDNN),
     else through the model's hooks. Only the final position, which the metric reads, is unembedded."""
-    final = pair.corrupted_tokens.shape[-1] - 1
+    final, order = pair.corrupted_tokens.shape[-1] - 1, sorted(names)
     engine = prompt_engine(model, names)
     with torch.enable_grad():
         if engine is not None:
@@ -81,10 +81,9 @@ def _corrupted_run(model: Model, pair: ContrastPair, names: frozenset[str]) -> t
 
                 return hook
 
-            run = functools.partial(model.run_with_hooks, pair.corrupted_tokens, fwd_hooks=[(name, keep(name)) for name in sorted(names)])
+            run = functools.partial(model.run_with_hooks, pair.corrupted_tokens, fwd_hooks=[(name, keep(name)) for name in order])
             logits = keeping_logits(run, 1)
         metric = pair.metric.of_logits(logits)[0]
-        order = sorted(names)
         grads = dict(zip(order, torch.autograd.grad(metric, [acts[name] for name in order])))
     return float(metric.detach()), {name: value.detach() for name, value in acts.items()}, grads
 
