@@ -41,17 +41,19 @@ TL_SWEEPS = {name: getattr(tl_patching, sweep.reference) for name, sweep in SWEE
 
 
 def matmul_gflops(d_model: int, d_mlp: int, rows: int = 2048, repeats: int = 7) -> float:
-    """Measured float32 matrix-multiply throughput at the engine's typical shape: the faster of torch's own
-    product and core.products.linear (oneDNN's where it agrees with torch's: twice MKL's on AMD processors),
-    so that a floor is the machine's, not one library's."""
+    """Measured float32 matrix-multiply throughput at the engine's typical shape: the fastest of torch's own
+    product, core.products.linear (oneDNN's where it agrees with torch's: twice MKL's on AMD processors) and
+    linear on a prepared weight (core.products.prepare, as the engine's are), so that a floor is the
+    machine's, not one library's."""
     a, b = torch.randn(rows, d_model), torch.randn(d_model, d_mlp)
+    prepared = products.prepare(b.T.contiguous())
     rates = []
-    for product in (torch.mm, lambda a, b: products.linear(a, b.T)):
-        product(a, b)
+    for product in (lambda: torch.mm(a, b), lambda: products.linear(a, b.T), lambda: products.linear(a, prepared)):
+        product()
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            product(a, b)
+            product()
             times.append(time.perf_counter() - start)
         rates.append(2 * rows * d_model * d_mlp / statistics.median(times) / 1e9)
     return max(rates)

@@ -31,6 +31,7 @@ class Defaults:
     # --- how work is batched (memory and time, not results) ---
     tokens_per_forward: int = 1024  # batch x pos per forward pass, bounds memory (logits: 200 MB for GPT-2; README: "Limits")
     onednn_cached_products: int = 16  # oneDNN products kept prepared, one per shape with its buffers (core.products: its own 1,024 cost memory)
+    prepared_rows: int = 128  # a prepared weight's layout suits products of about this many rows (core.products.prepare; 16-512 alike here, 1 slower)
     vocab_block: int = 2048  # unembeddings (logit lens, induction's loss) take this many tokens at a time (each block summarised in cache)
     patch_batch_size: int = 32  # patched runs evaluated together in one forward pass (hook engine)
     patch_rows_per_pass: int = 4096  # patched positions evaluated together by the fast engine (bounds memory)

@@ -8,6 +8,8 @@ unembedding and a softmax, so the `final_post` row is exactly the model's output
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from jaxtyping import Float
@@ -16,6 +18,7 @@ from torch import Tensor
 from core import plots
 from core.config import DEFAULTS
 from core.model import Model, PromptJob, PromptReader, PromptRun, one_pass, single_token_id, str_tokens
+from core.patching.exact import fast_engine
 from core.products import linear, logsumexp
 from core.registry import PROMPT, Input, Technique
 from core.results import LogitLensResult
@@ -66,17 +69,16 @@ def _unembed_summary(model: Model, rows: Float[Tensor, "row d_model"], target_id
     block's logits are summarised while they are in cache (about 1.5x faster than one [row, vocab] product
     and passes over it), each block's product oneDNN's where it agrees with torch's (core.products). The
     target's block comes first, so its logit is the one every block is compared with."""
-    weight, bias = model.W_U.T.contiguous(), model.b_U  # [vocab, d_model]: a token block is contiguous
-    size = DEFAULTS.vocab_block
-    starts = list(range(0, weight.shape[0], size))
+    blocks = list(_unembed_blocks(model))
     if target_id is not None:
-        starts.insert(0, starts.pop(target_id // size))
+        first = next(i for i, (start, weight, _) in enumerate(blocks) if start <= target_id < start + weight.shape[0])
+        blocks.insert(0, blocks.pop(first))
     top_logit = torch.full((rows.shape[0],), float("-inf"), device=rows.device)
     top_id = torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device)
     total = top_logit.clone()
     target_logit, target_rank = None, torch.zeros(rows.shape[0], dtype=torch.int32, device=rows.device)
-    for start in starts:
-        logits = linear(rows, weight[start : start + size], bias[start : start + size])
+    for start, weight, bias in blocks:
+        logits = linear(rows, weight, bias)
         if target_logit is None and target_id is not None:
             target_logit = logits[:, target_id - start].clone()
         if target_logit is not None:
@@ -87,6 +89,18 @@ def _unembed_summary(model: Model, rows: Float[Tensor, "row d_model"], target_id
         top_logit, top_id = torch.where(better, best.values, top_logit), torch.where(better, ids, top_id)
         total = torch.logaddexp(total, logsumexp(logits, best.values))
     return top_logit, top_id, total, target_logit, target_rank
+
+
+def _unembed_blocks(model: Model) -> Sequence[tuple[int, Float[Tensor, "token d_model"], Float[Tensor, " token"]]]:
+    """(first token, weight, bias) of each DEFAULTS.vocab_block tokens of the unembedding: the fast engine's
+    prepared blocks (core.products.prepare) where the model has an engine holding its unembedding, else the
+    model's own, taken now."""
+    engine = fast_engine(model)
+    W_U = model.W_U
+    if engine is not None and (engine.W_U.data_ptr(), engine.W_U.shape, engine.W_U.stride()) == (W_U.data_ptr(), W_U.shape, W_U.stride()):
+        return engine.unembed_blocks
+    weight, bias, size = W_U.T.contiguous(), model.b_U, DEFAULTS.vocab_block  # [vocab, d_model]: a token block is contiguous
+    return [(start, weight[start : start + size], bias[start : start + size]) for start in range(0, weight.shape[0], size)]
 
 
 READER = PromptReader(_prepare, _read, _hooks)

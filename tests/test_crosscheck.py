@@ -24,6 +24,7 @@ from core import (
     induction_scores,
     logit_lens,
     predict,
+    products,
 )
 from core.induction import repeated_random_tokens
 from core.logit_lens import final_lens
@@ -293,14 +294,20 @@ def test_final_lens_is_the_lenss_final_position_for_each_token_from_one_pass(gpt
         final_lens(gpt2_shaped, IOI_CLEAN)
 
 
-@pytest.mark.parametrize("block", [1000, 2048, 60000])
+@pytest.mark.parametrize("block", [1000, 2048, 60000, "the engine's"])
 def test_logit_lens_token_blocks_equal_one_full_product(gpt2_shaped, monkeypatch, block):
     """The lens unembeds a block of tokens at a time (the target's first): the same top token, logsumexp,
-    target logit and rank as one [row, vocab] product, whatever the block size and wherever the target sits."""
+    target logit and rank as one [row, vocab] product, whatever the block size and wherever the target sits,
+    on the model's own unembedding and on the fast engine's prepared blocks (core.products.prepare)."""
     lens_module = importlib.import_module("core.logit_lens")  # the module (core re-exports the function under its name)
 
     model = gpt2_shaped
-    monkeypatch.setattr(lens_module, "DEFAULTS", dataclasses.replace(lens_module.DEFAULTS, vocab_block=block))
+    if block == "the engine's":
+        engine_blocks = exact.fast_engine(model).unembed_blocks
+        assert lens_module._unembed_blocks(model) is engine_blocks and all(products.prepared(weight) for _, weight, _ in engine_blocks)
+    else:
+        monkeypatch.setattr(lens_module, "fast_engine", lambda model: None)  # the model's own unembedding, cut here
+        monkeypatch.setattr(lens_module, "DEFAULTS", dataclasses.replace(lens_module.DEFAULTS, vocab_block=block))
     rows = torch.randn(40, model.cfg.d_model, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = rows @ model.W_U + model.b_U
@@ -361,7 +368,8 @@ def test_prompt_techniques_never_use_a_fast_engine_that_disagrees_with_the_model
     monkeypatch.setitem(exact._ENGINES, tiny_model, None)  # the model's own pass: the truth
     truth = [fn(tiny_model, IOI_CLEAN, *args).to_dict() for fn, *args in calls]
     broken = Engine(tiny_model)
-    broken.b_U = broken.b_U + torch.arange(broken.b_U.shape[0], dtype=broken.b_U.dtype) / 100  # changes every logit
+    off = [(start, weight, bias + torch.arange(start, start + len(bias), dtype=bias.dtype) / 100) for start, weight, bias in broken.unembed_blocks]
+    broken.unembed_blocks = tuple(off)  # changes every logit
     monkeypatch.setitem(exact._ENGINES, tiny_model, broken)
     results = [fn(tiny_model, IOI_CLEAN, *args).to_dict() for fn, *args in calls]
     assert exact._ENGINES[tiny_model] is None  # dropped for this model from now on

@@ -70,6 +70,59 @@ def test_onednn_is_used_here_and_agrees():
     assert all(products.onednn_agrees(activation) for activation in products.ACTIVATIONS)
 
 
+def test_a_prepared_weight_is_read_from_its_copy_and_answers_as_torch():
+    """prepare keeps oneDNN's layout of a weight beside it (here: oneDNN and its layouts pass their checks);
+    products of any row count, with and without an activation, answer as torch's."""
+    products.prepared_agrees.cache_clear()
+    assert products.prepared_agrees()
+    generator = torch.Generator().manual_seed(5)
+    weight, bias = torch.randn(300, 64, generator=generator) / 4, torch.randn(300, generator=generator)
+    assert products.prepare(weight) is weight and products.prepared(weight)
+    assert not products.prepared(weight.T.T) and not products.prepared(weight[:100])  # another view reads the weight as it is
+    with torch.no_grad():
+        for shape in [(1, 64), (5, 64), (2, 7, 64), (64,), (0, 64), (129, 64), (1000, 64)]:
+            x = torch.randn(*shape, generator=generator)
+            for activation in ("none", "gelu_tanh"):
+                ours = products.linear(x, weight, bias, activation)
+                torch.testing.assert_close(ours, products.ACTIVATIONS[activation](torch.nn.functional.linear(x, weight, bias)), rtol=1e-5, atol=1e-5)
+
+
+def test_a_prepared_weight_changed_in_place_is_read_as_it_is_now():
+    """A copy prepared before the weight changed would answer for the old weight: it is dropped."""
+    generator = torch.Generator().manual_seed(6)
+    weight, x = torch.randn(300, 64, generator=generator), torch.randn(5, 64, generator=generator)
+    view = products.prepare(weight[50:250])  # a view shares its base's version counter
+    products.prepare(weight)
+    weight.mul_(-2)
+    with torch.no_grad():
+        torch.testing.assert_close(products.linear(x, weight), x @ weight.T, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(products.linear(x, view), x @ weight[50:250].T, rtol=1e-5, atol=1e-5)
+    assert not products.prepared(weight) and not products.prepared(view)
+
+
+def test_a_layout_that_disagrees_or_is_missing_is_never_prepared(monkeypatch):
+    for reorder in (lambda weight: weight.flip(0), lambda weight: torch.ops.mkldnn.no_such_operator(weight)):
+        monkeypatch.setattr(products, "_reorder", reorder)
+        products.prepared_agrees.cache_clear()
+        try:
+            weight = torch.randn(40, 16)
+            assert not products.prepared_agrees() and products.prepare(weight) is weight and not products.prepared(weight)
+        finally:
+            products.prepared_agrees.cache_clear()
+
+
+def test_the_fast_engine_reads_its_weights_prepared(tiny_model):
+    from core.patching.fast import Engine
+
+    engine = Engine(tiny_model)
+    weights = [*engine.qkv_weights, *engine.out_weights, *engine.in_weights, *engine.mlp_out_weights, engine.final_q_weight, engine.final_kv_weight]
+    assert all(products.prepared(weight) for weight in weights + [weight for _, weight, _ in engine.unembed_blocks])
+    tokens = torch.tensor([[50256, 464, 3290, 318, 287, 262, 1748, 286]])
+    with torch.no_grad():
+        logits, _ = engine.run_with_cache(tokens, (), range(tokens.shape[-1]))
+        torch.testing.assert_close(logits, tiny_model(tokens), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("activation", ["gelu_tanh", "gelu", "relu"])
 @pytest.mark.parametrize("shape", [(5, 64), (2, 7, 64), (0, 64)])
 def test_a_product_with_an_activation_equals_torchs_activation_of_torchs_product(shape, activation):
