@@ -18,7 +18,7 @@ from torch import Tensor
 from core import plots
 from core.config import DEFAULTS
 from core.model import Model, PromptJob, PromptReader, PromptRun, one_pass, single_token_id, str_tokens
-from core.patching.exact import fast_engine
+from core.patching.exact import checked_engine
 from core.products import linear, logsumexp
 from core.registry import PROMPT, Input, Technique
 from core.results import LogitLensResult
@@ -93,13 +93,18 @@ def _unembed_summary(model: Model, rows: Float[Tensor, "row d_model"], target_id
 
 def _unembed_blocks(model: Model) -> Sequence[tuple[int, Float[Tensor, "token d_model"], Float[Tensor, " token"]]]:
     """(first token, weight, bias) of each DEFAULTS.vocab_block tokens of the unembedding: the fast engine's
-    prepared blocks (core.products.prepare) where the model has an engine holding its unembedding, else the
-    model's own, taken now."""
-    engine = fast_engine(model)
-    W_U = model.W_U
-    if engine is not None and (engine.W_U.data_ptr(), engine.W_U.shape, engine.W_U.stride()) == (W_U.data_ptr(), W_U.shape, W_U.stride()):
+    prepared blocks (core.products.prepare) where the model has a verified engine whose blocks are views of
+    the model's unembedding as it is now (its storage and layout; its bias equal), else the model's own,
+    taken now."""
+    engine = checked_engine(model)  # never built here: a lens whose pass ran on the model's hooks needs none
+    W_U, b_U = model.W_U, model.b_U
+    if (
+        engine is not None
+        and (engine.W_U_T.data_ptr(), engine.W_U_T.shape, engine.W_U_T.stride()) == (W_U.data_ptr(), W_U.T.shape, W_U.T.stride())
+        and torch.equal(engine.b_U, b_U)
+    ):
         return engine.unembed_blocks
-    weight, bias, size = W_U.T.contiguous(), model.b_U, DEFAULTS.vocab_block  # [vocab, d_model]: a token block is contiguous
+    weight, bias, size = W_U.T.contiguous(), b_U, DEFAULTS.vocab_block  # [vocab, d_model]: a token block is contiguous
     return [(start, weight[start : start + size], bias[start : start + size]) for start in range(0, weight.shape[0], size)]
 
 

@@ -15,8 +15,9 @@ computes it.
 `prepare(weight)` keeps beside a weight that is used again and again (the fast engine's) a copy in oneDNN's
 own blocked layout, which `linear` then reads instead of the weight itself: oneDNN otherwise lays the weight
 out again inside every product. Measured here (GPT-2's MLP, QKV and unembedding shapes, 12 layers' weights
-in turn): 1.5x the rate at 17 rows, 1.2x at 100-300, 1.1x at 1,000. The copy costs the weight's memory again;
-it is dropped, and the weight read as it is, once the weight has changed in place.
+in turn): 1.5x the rate at 17 rows, 1.2x at 100-300, 1.1x at 1,000. The copy costs the weight's memory again.
+Once the weight has changed in place (its version counter moved) or been given other storage (`.data = ...`),
+`linear` reads the weight as it is and drops the copy.
 
 `logsumexp` is torch's over the last axis of such products' logits, at the processor's rate whatever
 their spread (below).
@@ -78,17 +79,25 @@ def _product(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str = "
     return _onednn_linear(rows, _prepared_copy(weight), bias, activation).reshape(*x.shape[:-1], weight.shape[0])
 
 
-_PREPARED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight tensor (this object) -> (its version when prepared, oneDNN's copy)
+_PREPARED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight (this tensor object) -> (its version and storage when prepared, oneDNN's copy)
 
 
 def prepare(weight: Float[Tensor, "d_out d_in"]) -> Float[Tensor, "d_out d_in"]:
     """`weight` itself, from now on read by `linear` from a copy in oneDNN's blocked layout (module docstring)
     where oneDNN's product is used for it and its prepared product answers as the plain one does
     (`prepared_agrees`); else nothing is kept. The copy is this tensor object's: a view taken again (`w.T`,
-    `w[a:b]`) is another object and reads the weight as it is, so a caller keeps the views it prepared."""
-    if weight.dim() == 2 and weight.shape[0] and _use_onednn(weight[:1], weight, None) and prepared_agrees():
+    `w[a:b]`) is another object and reads the weight as it is, so a caller keeps the views it prepared; so is
+    a weight that `linear` must copy first (neither it nor its transpose contiguous)."""
+    if (
+        weight.dim() == 2
+        and weight.shape[0]
+        and not weight.is_inference()  # its version is not kept
+        and (weight.is_contiguous() or weight.T.is_contiguous())
+        and _use_onednn(weight[:1], weight, None)
+        and prepared_agrees()
+    ):
         with torch.no_grad():
-            _PREPARED[weight] = (weight._version, _reorder(weight))
+            _PREPARED[weight] = (weight._version, weight.data_ptr(), _reorder(weight))
     return weight
 
 
@@ -103,10 +112,10 @@ def _prepared_copy(weight: Tensor) -> Tensor:
     kept = _PREPARED.get(weight)
     if kept is None:
         return weight
-    if kept[0] != weight._version:
+    if kept[:2] != (weight._version, weight.data_ptr()):
         _PREPARED.pop(weight, None)
         return weight
-    return kept[1]
+    return kept[2]
 
 
 def _reorder(weight: Tensor) -> Tensor:

@@ -303,10 +303,11 @@ def test_logit_lens_token_blocks_equal_one_full_product(gpt2_shaped, monkeypatch
 
     model = gpt2_shaped
     if block == "the engine's":
-        engine_blocks = exact.fast_engine(model).unembed_blocks
+        logit_lens(model, IOI_CLEAN)  # its pass builds and checks the engine whose blocks the lens reads from then on
+        engine_blocks = exact.checked_engine(model).unembed_blocks
         assert lens_module._unembed_blocks(model) is engine_blocks and all(products.prepared(weight) for _, weight, _ in engine_blocks)
     else:
-        monkeypatch.setattr(lens_module, "fast_engine", lambda model: None)  # the model's own unembedding, cut here
+        monkeypatch.setattr(lens_module, "checked_engine", lambda model: None)  # the model's own unembedding, cut here
         monkeypatch.setattr(lens_module, "DEFAULTS", dataclasses.replace(lens_module.DEFAULTS, vocab_block=block))
     rows = torch.randn(40, model.cfg.d_model, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -401,7 +402,8 @@ def test_induction_on_the_fast_engine_equals_the_bridges_cache_and_loss(gpt2_sha
 def test_next_token_losses_in_token_blocks_equal_cross_entropy(gpt2_shaped, monkeypatch, block):
     fast_module = importlib.import_module("core.patching.fast")
     monkeypatch.setattr(fast_module, "DEFAULTS", dataclasses.replace(fast_module.DEFAULTS, vocab_block=block))
-    engine = exact.fast_engine(gpt2_shaped)
+    engine = Engine(gpt2_shaped)  # an engine cuts its unembedding into blocks when it is built
+    assert len(engine.unembed_blocks) == -(-gpt2_shaped.cfg.d_vocab // block)
     generator = torch.Generator().manual_seed(0)
     final = 3 * torch.randn(2, 9, gpt2_shaped.cfg.d_model, generator=generator)
     tokens = torch.randint(0, gpt2_shaped.cfg.d_vocab, (2, 9), generator=generator)

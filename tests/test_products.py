@@ -87,7 +87,7 @@ def test_a_prepared_weight_is_read_from_its_copy_and_answers_as_torch():
                 torch.testing.assert_close(ours, products.ACTIVATIONS[activation](torch.nn.functional.linear(x, weight, bias)), rtol=1e-5, atol=1e-5)
 
 
-def test_a_prepared_weight_changed_in_place_is_read_as_it_is_now():
+def test_a_prepared_weight_changed_in_place_or_given_other_storage_is_read_as_it_is_now():
     """A copy prepared before the weight changed would answer for the old weight: it is dropped."""
     generator = torch.Generator().manual_seed(6)
     weight, x = torch.randn(300, 64, generator=generator), torch.randn(5, 64, generator=generator)
@@ -98,6 +98,10 @@ def test_a_prepared_weight_changed_in_place_is_read_as_it_is_now():
         torch.testing.assert_close(products.linear(x, weight), x @ weight.T, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(products.linear(x, view), x @ weight[50:250].T, rtol=1e-5, atol=1e-5)
     assert not products.prepared(weight) and not products.prepared(view)
+    swapped = products.prepare(torch.randn(300, 64, generator=generator))
+    swapped.data = torch.randn(300, 64, generator=generator)  # other storage, the same version
+    with torch.no_grad():
+        torch.testing.assert_close(products.linear(x, swapped), x @ swapped.T, rtol=1e-5, atol=1e-5)
 
 
 def test_a_layout_that_disagrees_or_is_missing_is_never_prepared(monkeypatch):

@@ -41,6 +41,12 @@ def fast_engine(model: Model) -> Engine | None:
     return _ENGINES[model]
 
 
+def checked_engine(model: Model) -> Engine | None:
+    """The model's fast engine if one has been built and has passed its check (`verified_engine`); builds none."""
+    found = _ENGINES.get(model)
+    return found if found is not None and found.verified else None
+
+
 def verified_engine(model: Model, agrees: Callable[[Engine], bool]) -> Engine | None:
     """The model's fast engine, once `agrees(engine)` has seen it answer as the model's own forward pass does
     (asked until one check passes, whichever technique asks: the engine is one model of the forward pass,

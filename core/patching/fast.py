@@ -115,13 +115,13 @@ class Engine:
             self.W_U_T = self.W_U.T.contiguous()  # [vocab, d_model]: a block of tokens is contiguous (GPT-2's W_U is already stored so: no copy)
             d = cfg.d_model
             # [layer, head, d_model, d_head] -> [layer, head * d_head (q, k, v), d_model]: one product per projection, a
-            # projection's rows contiguous, as core.products.linear takes them (the one copy kept: 85 MB for GPT-2)
+            # projection's rows contiguous, as core.products.linear takes them (85 MB for GPT-2; prepared below: as much again)
             qkv = torch.cat([w.detach().permute(0, 2, 1, 3).reshape(self.n_layers, d, -1) for w in (model.W_Q, model.W_K, model.W_V)], -1)
             self.W_QKV_T = qkv.transpose(1, 2).contiguous()
             self.b_QKV = torch.cat([b.detach().reshape(self.n_layers, -1) for b in (model.b_Q, model.b_K, model.b_V)], -1)
             self.W_O_flat = self.W_O.reshape(self.n_layers, -1, d)
             # each product's weight as `linear` takes it ([out, in]), prepared in oneDNN's layout (core.products.prepare:
-            # a second copy of them, 340 MB for GPT-2, for 1.1x-1.5x their products' rate)
+            # a second copy of them, 340 MB for GPT-2 and 154 MB for the unembedding, for 1.1x-1.5x their products' rate)
             H, dh = self.n_heads, self.d_head
             self.qkv_weights = tuple(prepare(w) for w in self.W_QKV_T)
             final = self.W_QKV_T[-1]  # the final layer's queries and its keys and values apart (patched_metrics)
@@ -250,8 +250,9 @@ class Engine:
 
     def next_token_losses(self, final_resid: Float[Tensor, "batch pos d_model"], tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos_minus_1"]:
         """Each position's cross-entropy loss on the token that follows it (float32, as
-        `torch.nn.functional.cross_entropy` on the logits): the unembedding taken DEFAULTS.vocab_block tokens
-        at a time, each block's logsumexp taken while its logits are in cache, never a [row, vocab] tensor."""
+        `torch.nn.functional.cross_entropy` on the logits): the unembedding taken a block of tokens at a time
+        (`unembed_blocks`: DEFAULTS.vocab_block tokens when the engine was built), each block's logsumexp taken
+        while its logits are in cache, never a [row, vocab] tensor."""
         normed = self._ln(final_resid[:, :-1], self.ln_final).reshape(-1, final_resid.shape[-1])
         total = torch.full(normed.shape[:1], float("-inf"), device=self.device)
         for _, weight, bias in self.unembed_blocks:
