@@ -86,8 +86,8 @@ def prepare(weight: Float[Tensor, "d_out d_in"]) -> Float[Tensor, "d_out d_in"]:
     """`weight` itself, from now on read by `linear` from a copy in oneDNN's blocked layout (module docstring)
     where oneDNN's product is used for it and its prepared product answers as the plain one does
     (`prepared_agrees`); else nothing is kept. The copy is this tensor object's: a view taken again (`w.T`,
-    `w[a:b]`) is another object and reads the weight as it is, so a caller keeps the views it prepared; so is
-    a weight that `linear` must copy first (neither it nor its transpose contiguous)."""
+    `w[a:b]`) is another object and reads the weight as it is, so a caller keeps the views it prepared. A
+    weight that `linear` must copy first (neither it nor its transpose contiguous) is not prepared."""
     if (
         weight.dim() == 2
         and weight.shape[0]
@@ -107,8 +107,8 @@ def prepared(weight: Tensor) -> bool:
 
 
 def _prepared_copy(weight: Tensor) -> Tensor:
-    """`weight`'s prepared copy if it has one and the weight has not changed in place since (a view shares its
-    base's version counter), else `weight`."""
+    """`weight`'s prepared copy if it has one and the weight has neither changed in place (a view shares its
+    base's version counter) nor been given other storage since, else `weight`."""
     kept = _PREPARED.get(weight)
     if kept is None:
         return weight
