@@ -123,8 +123,7 @@ def unembedding_products(model, rows: int, repeats: int) -> dict:
     """The logit lens's products alone (one row per checkpoint and position): torch's linear, core.products.linear,
     and core.products.linear on the fast engine's prepared blocks (core.products.prepare), which the lens reads."""
     x = torch.randn(rows, model.cfg.d_model, generator=torch.Generator().manual_seed(0))
-    weight, bias, size = model.W_U.T.contiguous(), model.b_U, DEFAULTS.vocab_block
-    plain = [(weight[start : start + size], bias[start : start + size]) for start in range(0, weight.shape[0], size)]
+    plain = [(block, block_bias) for _, block, block_bias in products.row_blocks(model.W_U.T.contiguous(), model.b_U, DEFAULTS.vocab_block)]
     prepared = [(block, block_bias) for _, block, block_bias in exact.fast_engine(model).unembed_blocks]
 
     def blocks(product, weights):

@@ -19,7 +19,7 @@ from core import plots
 from core.config import DEFAULTS
 from core.model import Model, PromptJob, PromptReader, PromptRun, one_pass, single_token_id, str_tokens
 from core.patching.exact import checked_engine
-from core.products import linear, logsumexp
+from core.products import linear, logsumexp, row_blocks
 from core.registry import PROMPT, Input, Technique
 from core.results import LogitLensResult
 from examples import EIFFEL
@@ -104,8 +104,7 @@ def _unembed_blocks(model: Model) -> Sequence[tuple[int, Float[Tensor, "token d_
         and torch.equal(engine.b_U, b_U)
     ):
         return engine.unembed_blocks
-    weight, bias, size = W_U.T.contiguous(), b_U, DEFAULTS.vocab_block  # [vocab, d_model]: a token block is contiguous
-    return [(start, weight[start : start + size], bias[start : start + size]) for start in range(0, weight.shape[0], size)]
+    return row_blocks(W_U.T.contiguous(), b_U, DEFAULTS.vocab_block)  # [vocab, d_model]: a token block is contiguous
 
 
 READER = PromptReader(_prepare, _read, _hooks)

@@ -101,6 +101,12 @@ def prepare(weight: Float[Tensor, "d_out d_in"]) -> Float[Tensor, "d_out d_in"]:
     return weight
 
 
+def row_blocks(weight: Float[Tensor, "d_out d_in"], bias: Float[Tensor, " d_out"], size: int) -> list[tuple[int, Tensor, Tensor]]:
+    """(first row, weight rows, bias rows) of each `size` rows of `weight` (an unembedding: a block of tokens),
+    views of a contiguous weight (so each block's rows are contiguous)."""
+    return [(start, weight[start : start + size], bias[start : start + size]) for start in range(0, weight.shape[0], size)]
+
+
 def prepared(weight: Tensor) -> bool:
     """Whether `linear` reads `weight` from a prepared copy (`prepare`)."""
     return _prepared_copy(weight) is not weight
@@ -210,31 +216,30 @@ def _use_onednn(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str 
 def onednn_agrees(activation: str = "none") -> bool:
     """Whether oneDNN's product is here and answers a fixed product (odd shapes, a bias, values from -10 to
     10), followed by `activation`, as torch does."""
+    return _answers_alike(
+        lambda x, weight, bias: ACTIVATIONS[activation](torch.nn.functional.linear(x, weight, bias)),
+        lambda x, weight, bias: _onednn_linear(x, weight, bias, activation),
+    )
+
+
+def _answers_alike(theirs: Callable[[Tensor, Tensor, Tensor], Tensor], ours: Callable[[Tensor, Tensor, Tensor], Tensor]) -> bool:
+    """Whether `ours(x, weight, bias)` equals `theirs` on a fixed product (odd shapes, products of about -10 to
+    10: GELU's curve, both tails included) to DEFAULTS.product_check_tolerance of its largest value; False where
+    `ours` is missing or raises (no such operator, or not for this build)."""
     try:
         generator = torch.Generator().manual_seed(0)
         x, weight, bias = (torch.randn(*shape, generator=generator, dtype=torch.float32, device="cpu") for shape in ((37, 200), (301, 200), (301,)))
-        x = x / 4  # products of about -10 to 10: GELU's curve, both tails included
+        x = x / 4
         with torch.no_grad():
-            theirs = ACTIVATIONS[activation](torch.nn.functional.linear(x, weight, bias))
-            ours = _onednn_linear(x, weight, bias, activation)
-    except (AttributeError, RuntimeError, NotImplementedError):  # no such operator, or not for this build
+            expected, found = theirs(x, weight, bias), ours(x, weight, bias)
+    except (AttributeError, RuntimeError, NotImplementedError):
         return False
-    scale = theirs.abs().max().item()
-    return ours.shape == theirs.shape and bool(((ours - theirs).abs().max() <= DEFAULTS.product_check_tolerance * scale).item())
+    scale = expected.abs().max().item()
+    return found.shape == expected.shape and bool(((found - expected).abs().max() <= DEFAULTS.product_check_tolerance * scale).item())
 
 
 @functools.cache
 def prepared_agrees() -> bool:
-    """Whether oneDNN can prepare a weight (`prepare`) and its prepared product answers a fixed product (odd
-    shapes, a bias, rows other than the ones it was prepared for) as its product on the weight as it is does."""
-    if not onednn_agrees():
-        return False
-    try:
-        generator = torch.Generator().manual_seed(1)
-        x, weight, bias = (torch.randn(*shape, generator=generator, dtype=torch.float32, device="cpu") for shape in ((37, 200), (301, 200), (301,)))
-        with torch.no_grad():
-            plain, prepared = _onednn_linear(x, weight, bias), _onednn_linear(x, _reorder(weight), bias)
-    except (AttributeError, RuntimeError, NotImplementedError):  # no such operator, or not for this build
-        return False
-    scale = plain.abs().max().item()
-    return prepared.shape == plain.shape and bool(((prepared - plain).abs().max() <= DEFAULTS.product_check_tolerance * scale).item())
+    """Whether oneDNN can prepare a weight (`prepare`) and its prepared product answers a fixed product (rows
+    other than the ones it is prepared for) as its product on the weight as it is does."""
+    return onednn_agrees() and _answers_alike(_onednn_linear, lambda x, weight, bias: _onednn_linear(x, _reorder(weight), bias))

@@ -37,7 +37,7 @@ from torch import Tensor
 from core.config import DEFAULTS
 from core.contrast import SWEEPS, ContrastPair
 from core.model import Model
-from core.products import linear, logsumexp, prepare
+from core.products import linear, logsumexp, prepare, row_blocks
 from core.registry import Progress
 
 ACTIVATIONS = {  # the model's activation function -> core.products.linear's, applied inside the MLP's first product
@@ -130,9 +130,7 @@ class Engine:
             self.in_weights = tuple(prepare(w.T) for w in self.W_in)
             self.mlp_out_weights = tuple(prepare(w.T) for w in self.W_out)
             size = DEFAULTS.vocab_block  # the unembedding a block of tokens at a time (each prepared: 154 MB for GPT-2)
-            self.unembed_blocks = tuple(
-                (start, prepare(self.W_U_T[start : start + size]), self.b_U[start : start + size]) for start in range(0, self.W_U_T.shape[0], size)
-            )
+            self.unembed_blocks = tuple((start, prepare(block), bias) for start, block, bias in row_blocks(self.W_U_T, self.b_U, size))
             self.ln1 = [self._ln_params(block.ln1) for block in model.blocks]
             self.ln2 = [self._ln_params(block.ln2) for block in model.blocks]
             self.ln_final = self._ln_params(model.ln_final)
