@@ -163,16 +163,27 @@ def test_a_product_that_disagrees_or_is_missing_is_never_used(monkeypatch, fault
 
 
 def test_a_loaded_model_computes_its_products_on_onednn_and_answers_as_with_torchs(tmp_path, monkeypatch):
-    """load_model routes the bridge's nn.Linear and Conv1D products (core.products.route_products); its
-    logits are torch's own to float32 rounding (computed again with the products falling back to torch's)."""
+    """load_model routes the bridge's nn.Linear and Conv1D products (core.products.route_products): a forward
+    pass computes them on oneDNN (counted: on some machines oneDNN's small products equal torch's bit for bit,
+    so the numbers alone cannot tell), and its logits are torch's own to float32 rounding (computed again
+    with the products falling back to torch's)."""
     model = load_model(save_random_gpt2(tmp_path, n_layers=2, n_heads=4, d_model=64, n_ctx=64, seed=3))
     assert products.routed(model)
     tokens = torch.tensor([[50256, 464, 3290, 318, 287, 262, 1748, 286]])
+    onednn, calls = products._onednn_linear, []
+
+    def counted(*args, **kwargs):
+        calls.append(args[1].shape)
+        return onednn(*args, **kwargs)
+
+    monkeypatch.setattr(products, "_onednn_linear", counted)
     with torch.no_grad():
         ours = model(tokens)
+        routed_calls = len(calls)
         monkeypatch.setattr(products, "onednn_agrees", lambda activation="none": False)
         theirs = model(tokens)
-    assert not torch.equal(ours, theirs)  # not the same products...
+    # per layer q, k, v, the attention's output and the MLP's two; then the unembedding
+    assert routed_calls == 2 * 6 + 1 and calls[-1] == (50257, 64) and len(calls) == routed_calls  # oneDNN's products, then none...
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)  # ...the same numbers
 
 
