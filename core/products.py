@@ -6,7 +6,9 @@ GFLOP/s against 222-456 for oneDNN's product on the same shapes (`python -m benc
 measures both on the logit lens's unembedding). torch ships oneDNN too, and `torch.compile`'s CPU backend
 calls its product as `torch.ops.mkldnn._linear_pointwise`; that operator is private, so it is used only
 after it has answered a fixed product as torch's `linear` does (DEFAULTS.product_check_tolerance), and
-never where it is missing or fails that check. Where autograd needs the gradient of the input only (the
+never where it is missing or fails that check. A model's own products (`route_products`: a TransformerBridge's
+`nn.Linear` and `Conv1D` modules) go there only where the model's check also runs faster that way: on an
+Intel Xeon, where MKL is tuned for the processor, the bridge's pass took 1.5x as long on oneDNN. Where autograd needs the gradient of the input only (the
 weight and bias need none: edge attribution's and attribution patching's backward passes through the
 fast engine), the product runs on oneDNN with a backward that is oneDNN's product with the transposed
 weight (`_InputGradient`); where the weight or bias needs a gradient (training), torch's product
@@ -28,6 +30,8 @@ from __future__ import annotations
 import functools
 import math
 import os
+import statistics
+import time
 from collections.abc import Callable
 
 import torch
@@ -157,31 +161,57 @@ def logsumexp(logits: Float[Tensor, "... vocab"], maxes: Float[Tensor, "..."] | 
     return shifted.exp_().sum(-1).log_().add_(maxes)
 
 
-def route_products(model: torch.nn.Module, check: Callable[[], Tensor]) -> bool:
+def route_products(model: torch.nn.Module, check: Callable[[], Tensor], timed: bool = True) -> bool:
     """Every `torch.nn.Linear` and transformers `Conv1D` inside `model` (a TransformerBridge's forward pass
     runs its products there) computes through `linear`. Kept only if `check()`, e.g. the logits of a fixed
-    prompt, answers as it did before to DEFAULTS.routed_model_tolerance of its largest value; else (or if
-    it raises) every module is put back. Returns whether the products were routed. A model whose
-    weights are not all CPU float32 is left as it is."""
+    prompt, answers as it did before to DEFAULTS.routed_model_tolerance of its largest value and, where
+    `timed`, runs faster routed than not (`_routing_pays`); else (or if it raises) every module is put back.
+    Returns whether the products were routed. A model whose weights are not all CPU float32 is left as it is."""
     from transformers.pytorch_utils import Conv1D
 
     if not onednn_agrees() or any(p.device.type != "cpu" or p.dtype != torch.float32 for p in model.parameters()):
         return False
     forwards = {torch.nn.Linear: _linear_forward, Conv1D: _conv1d_forward}  # exactly these classes: a subclass may compute otherwise
     modules = [module for module in model.modules() if type(module) in forwards and "forward" not in vars(module)]
+
+    def route() -> None:
+        for module in modules:
+            module.forward = functools.partial(forwards[type(module)], module)  # a partial pickles, a bound method would not
+
+    def unroute() -> None:
+        for module in modules:
+            vars(module).pop("forward", None)
+
     try:
         with torch.no_grad():
             before = check()
-            for module in modules:
-                module.forward = functools.partial(forwards[type(module)], module)  # a partial pickles, a bound method would not
+            route()
             after = check()
-        if after.shape == before.shape and (after - before).abs().max() <= DEFAULTS.routed_model_tolerance * before.abs().max():
-            return True
+            agrees = after.shape == before.shape and (after - before).abs().max() <= DEFAULTS.routed_model_tolerance * before.abs().max()
+            if agrees and (not timed or _routing_pays(check, route, unroute)):
+                route()
+                return True
     except Exception:  # noqa: BLE001  (the model keeps torch's products; its own error shows where it is used)
         pass
-    for module in modules:
-        vars(module).pop("forward", None)
+    unroute()
     return False
+
+
+def _routing_pays(check: Callable[[], Tensor], route: Callable[[], None], unroute: Callable[[], None]) -> bool:
+    """Whether `check()` runs faster routed than on torch's own products: the medians of
+    DEFAULTS.routing_timings runs each, the two taking turns. oneDNN's product is about twice MKL's rate
+    on AMD processors, but on an Intel Xeon (2026-11-28, README "Issue 17's targets on both machines")
+    MKL was as fast or faster, and the bridge's pass took 1.5x as long routed (0.112 s against 0.074 s);
+    the two differ by far more than a machine's noise either way. Leaves the model unrouted."""
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(DEFAULTS.routing_timings):
+        for routed_now in (False, True):
+            route() if routed_now else unroute()
+            start = time.perf_counter()
+            check()
+            times[routed_now].append(time.perf_counter() - start)
+    unroute()
+    return statistics.median(times[True]) < statistics.median(times[False])
 
 
 def routed(model: torch.nn.Module) -> bool:

@@ -1,6 +1,7 @@
 """core.products.linear: oneDNN's float32 product where it answers as torch's does, torch's otherwise."""
 
 import pickle
+import time
 
 import pytest
 import torch
@@ -167,6 +168,7 @@ def test_a_loaded_model_computes_its_products_on_onednn_and_answers_as_with_torc
     pass computes them on oneDNN (counted: on some machines oneDNN's small products equal torch's bit for bit,
     so the numbers alone cannot tell), and its logits are torch's own to float32 rounding (computed again
     with the products falling back to torch's)."""
+    monkeypatch.setattr(products, "_routing_pays", lambda *timed: True)  # a model this small runs about as fast either way
     model = load_model(save_random_gpt2(tmp_path, n_layers=2, n_heads=4, d_model=64, n_ctx=64, seed=3))
     assert products.routed(model)
     tokens = torch.tensor([[50256, 464, 3290, 318, 287, 262, 1748, 286]])
@@ -195,8 +197,27 @@ def test_routing_is_undone_where_the_model_answers_otherwise(monkeypatch):
     assert not products.route_products(model, lambda: model(x))
     assert not products.routed(model) and all("forward" not in vars(module) for module in model.modules())
     monkeypatch.undo()
-    assert products.route_products(model, lambda: model(x)) and products.routed(model)
+    assert products.route_products(model, lambda: model(x), timed=False) and products.routed(model)
     assert pickle.loads(pickle.dumps(model))[0].forward.func is products._linear_forward  # a routed model still pickles
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_routing_is_kept_only_where_it_runs_faster(faster):
+    """Routed products that answer alike are kept only if the check runs faster with them (timed each way, the
+    two taking turns): here the check waits 20 ms on the side that should lose."""
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    x, seen = torch.randn(5, 16), []
+
+    def check():
+        routed_now = products.routed(model)
+        seen.append(routed_now)
+        if routed_now != faster:
+            time.sleep(0.02)
+        return model(x)
+
+    assert products.route_products(model, check) == faster == products.routed(model)
+    assert seen == [False, True] * (1 + products.DEFAULTS.routing_timings)  # the answers compared, then the two timed turn by turn
+    assert all(("forward" in vars(module)) == faster for module in model if isinstance(module, torch.nn.Linear))
 
 
 def test_a_check_that_raises_leaves_the_model_as_it_was():
