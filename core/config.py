@@ -29,6 +29,7 @@ class Defaults:
     product_check_tolerance: float = 1e-5  # oneDNN's float32 product (core.products) must match torch's this closely, relative to the largest value
     routed_model_tolerance: float = 1e-4  # a model's logits with its products on oneDNN must match its own this closely, relative to the largest
     routing_timings: int = 3  # a model's products go to oneDNN only if its check runs faster there: timed this many times each way
+    routing_gain: float = 1.1  # ... at least this many times as fast (where the two are close, torch's product stays)
     # --- how work is batched (memory and time, not results) ---
     tokens_per_forward: int = 1024  # batch x pos per forward pass, bounds memory (logits: 200 MB for GPT-2; README: "Limits")
     onednn_cached_products: int = 16  # oneDNN products kept prepared, one per shape with its buffers (core.products: its own 1,024 cost memory)

@@ -216,8 +216,17 @@ def test_routing_is_kept_only_where_it_runs_faster(faster):
         return model(x)
 
     assert products.route_products(model, check) == faster == products.routed(model)
-    assert seen == [False, True] * (1 + products.DEFAULTS.routing_timings)  # the answers compared, then the two timed turn by turn
+    turns = [[False, True], [True, False]] * products.DEFAULTS.routing_timings  # who goes first alternates
+    assert seen == [False, True] + sum(turns[: products.DEFAULTS.routing_timings], [])  # the answers compared, then the two timed
     assert all(("forward" in vars(module)) == faster for module in model if isinstance(module, torch.nn.Linear))
+    if faster:  # routed already: nothing is timed again
+        assert products.route_products(model, check) and len(seen) == 2 + 2 * products.DEFAULTS.routing_timings
+
+
+def test_load_model_keeps_torchs_products_where_onednn_would_be_slower(tmp_path, monkeypatch):
+    monkeypatch.setattr(products, "_routing_pays", lambda *timed: False)
+    model = load_model(save_random_gpt2(tmp_path, n_layers=1, n_heads=2, d_model=32, n_ctx=32, seed=4))
+    assert not products.routed(model)
 
 
 def test_a_check_that_raises_leaves_the_model_as_it_was():
