@@ -77,9 +77,9 @@ def build_demo(
 ) -> gr.Blocks:
     """The whole app around `model` (default: the configured model, or the demo model when it cannot
     be loaded). `warm`: True precomputes every example before the page is built; "background" leaves
-    them to `demo.warm_examples(stopping=...)` (a thread, started once the page serves; the first tab's first
-    example is still computed here, for the page, and the other tabs' where the cache has them; a tab without
-    its example fills it when first opened); `notice` is shown at the top of the page;
+    them to `demo.warm_examples(stopping=...)` (a thread, started once the page serves, the first tab's first
+    example first; the page has each tab's first example where the cache has it; the tab shown first fills
+    its own when the page loads, the others when first opened); `notice` is shown at the top of the page;
     `say(line)` hears start-up progress; `registry`: the techniques (default: every one in core)."""
     registry = techniques() if registry is None else registry
     untabbed = {name: t for name, t in registry.items() if t.tab is None}
@@ -90,7 +90,7 @@ def build_demo(
     model = runner.model if model is None else model  # a restart's page: the record's sketch of the model (serving.restart)
     downloads, downloads_off = download_folder()
     handlers = ui.handlers.Handlers(runner, downloads)
-    handlers.defer_examples = warm == "background"  # the page waits for the first tab's example only
+    handlers.defer_examples = warm == "background"  # the page waits for no example: each tab fills its first one (from the cache if there)
     if warm is True:
         ui.handlers.warm_examples(handlers, say)
     with gr.Blocks(title="CircuitBreaker", delete_cache=(600, 3600)) as demo:  # served files: hourly clean-up
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
             say(notice)
         say(
             f"loaded {model_label(model)} ({model.cfg.n_layers} layers x {model.cfg.n_heads} heads) in {time.perf_counter() - start:.1f} s; "
-            "building the page with the first tab's example"
+            "building the page"
         )
         runner = Runner(model)
         demo = build_demo(model, runner=runner, notice=notice, say=say, warm="background")

@@ -36,7 +36,7 @@ from core.results import dumps
 from serving.runner import Runner
 from tests.conftest import IOI_CLEAN, IOI_CORRUPTED, assert_same_answer, free_port  # noqa: F401  (free_port: used by other test modules too)
 from ui.common import validator
-from ui.handlers import Handlers
+from ui.handlers import Handlers, example_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 SHORT_CLEAN, SHORT_CORRUPTED = "When John and Mary went to the store", "When John and Paul went to the store"
@@ -364,13 +364,24 @@ def test_app_demo_is_built_once(monkeypatch):
         app._module_demo.cache_clear()
 
 
-def test_a_first_start_page_waits_for_the_first_tab_only_and_the_others_fill_when_opened(tiny_model, tmp_path):
-    """warm="background" (python app.py) on an empty cache: the page computes the Prompt Explorer's first
-    example only; Contrast Pairs and the Circuit Map fill theirs the first time they are opened (through
-    the cache, which they fill for the next start), and opening them again changes nothing."""
+def test_a_first_start_page_waits_for_no_example_and_each_tab_fills_its_own(tiny_model, tmp_path):
+    """warm="background" (python app.py) on an empty cache: the page computes nothing; the Prompt Explorer
+    fills its first example when the page loads (computed, then drawn unless the visitor ran something
+    meanwhile: tests/test_browser.py), Contrast Pairs and the Circuit Map the first time they are opened
+    (through the cache, which they fill for the next start), and opening them again changes nothing."""
     runner = Runner(tiny_model, cache_dir=tmp_path)
     demo = app.build_demo(runner=runner, warm="background")
-    assert runner.computed == 1  # the Explorer's one pass
+    assert runner.computed == 0
+    loads = [fn for fn in demo.fns.values() if any(event == "load" for _, event in fn.targets)]
+    draw = next(fn for fn in demo.fns.values() if fn.name == "draw")
+    assert len(loads) == 1 and {loads[0].concurrency_id, draw.concurrency_id} == {"light"}  # the Explorer's lane
+    prompt, target, competing, layer, head = example_rows(tiny_model)["explorer"][1][0]
+    assert loads[0].fn(layer, head) is None and runner.computed == 1  # computed, not drawn
+    drawn = draw.fn(False, layer, 1)  # drawn at the head the slider shows then, from the cache
+    figures = [value for block, value in drawn.items() if isinstance(block, gr.Plot)]
+    assert len(figures) == 7 and all(value is not None for value in figures) and runner.computed == 1
+    assert "head 1" in figures[5].layout.title.text  # the one head drawn large
+    assert all(value == gr.skip() for value in draw.fn(True, layer, head).values())  # the visitor ran something: held back
     fills = [fn for fn in demo.fns.values() if any(event == "select" for _, event in fn.targets)]
     assert len(fills) == 2 and {fn.concurrency_id for fn in fills} == {"heavy"}  # after it, in order: what the visitor runs there
     contrast_status = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "contrast-status")
@@ -388,4 +399,4 @@ def test_a_first_start_page_waits_for_the_first_tab_only_and_the_others_fill_whe
     # the next start (the examples now on disk) builds every tab's first example into its page, with nothing to fill
     again = Runner(tiny_model, cache_dir=tmp_path)
     rebuilt = app.build_demo(runner=again, warm="background")
-    assert again.computed == 0 and not [fn for fn in rebuilt.fns.values() if any(event == "select" for _, event in fn.targets)]
+    assert again.computed == 0 and not [fn for fn in rebuilt.fns.values() if any(event in ("select", "load") for _, event in fn.targets)]

@@ -254,3 +254,47 @@ def test_a_task_circuit_on_the_circuit_map(browser, page_url):
     assert clipped_titles(page) == []
     shoot(page, "task-circuit")
     assert errors == [], errors
+
+
+def test_a_first_start_page_fills_the_explorer_when_it_loads_and_never_over_a_visitors_run(browser, demo_model, tmp_path):
+    """A first start's page is built before any example is computed (warm="background", empty cache): the
+    Explorer's figures say the results are on their way, and the page fills its first example when it loads.
+    A visitor who runs a prompt of their own before the fill has answered (here the model is kept busy meanwhile)
+    sees their own results: the fill, which would otherwise arrive after their run and cover it, holds back."""
+    runner = Runner(demo_model, cache_dir=tmp_path)
+    demo = app.build_demo(runner=runner, warm="background")
+    assert runner.computed == 0  # nothing computed for the page
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, **app.launch_options(), quiet=True)
+    tops = f"{VISIBLE_PLOTS}.map(p => (p.layout.title || {{}}).text || '').filter(t => t.startsWith('Top predictions'))"  # a waiting figure has no title
+    try:
+        errors: list[str] = []
+        runner.lock.acquire()  # the model busy (as with a heavy request): the page's fill waits for it
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
+            page.wait_for_selector("text=on their way", timeout=60_000)
+            assert page.evaluate(f"{tops}.length") == 0
+            page.wait_for_timeout(1000)  # the fill is queued, waiting for the model
+            page.get_by_label("Prompt").first.fill(IOI_CLEAN)
+            page.get_by_role("button", name="Run", exact=True).click()
+            page.wait_for_timeout(1000)
+        finally:
+            runner.lock.release()
+        page.wait_for_function(f"{tops}.length == 1", timeout=60_000)
+        page.wait_for_timeout(3000)  # time for a fill that was not held back to arrive and cover the run
+        lens = page.evaluate(f"{VISIBLE_PLOTS}.find(p => ((p.layout.title || {{}}).text || '').startsWith('Logit lens: top-1')).data[0].x")
+        assert any("John" in str(token) for token in lens), lens  # the visitor's prompt, not the example's
+        shoot(page, "first-start-visitor-run")
+
+        fresh = browser.new_page(viewport={"width": 1400, "height": 1000})  # the next visitor: the fill, from the cache now
+        fresh.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
+        fresh.wait_for_function(f"{VISIBLE_PLOTS}.length >= 7 && {tops}.length == 1", timeout=60_000)
+        lens = fresh.evaluate(f"{VISIBLE_PLOTS}.find(p => ((p.layout.title || {{}}).text || '').startsWith('Logit lens: top-1')).data[0].x")
+        assert any("Eiffel" in str(token) for token in lens), lens
+        assert not fresh.get_by_text("on their way").first.is_visible()
+        shoot(fresh, "first-start-filled")
+        assert errors == [], errors
+    finally:
+        demo.close()

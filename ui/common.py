@@ -90,6 +90,33 @@ def fill_when_opened(tab: gr.Tab, fill, outputs: list) -> None:
     tab.select(user_errors(once), filled, [*outputs, filled], api_visibility="private", show_progress="hidden", **HEAVY, **RAW)
 
 
+def fill_on_load(fill, inputs: list, outputs: list, lane: dict):
+    """The first example of the tab shown first, where the page was built without it (a first start: the
+    page serves before the example is computed, or before the model has loaded): each page fills it when it
+    loads, `fill(*inputs)` giving the outputs keyed by component (from the cache once computed); meanwhile its
+    figures say the results are on their way (`waiting_figure`). Unless the visitor has started a run of their
+    own there by then: the example must not cover newer results. Returns a hidden checkbox, for the tab's run
+    triggers to tick in the browser the moment they fire (`mark_runs`): the fill computes first, then draws in
+    a second step, which reads that box, and `inputs` as they are then. (Gradio's cancel of a pending event came
+    too late in a browser: its output still arrived after the visitor's run's.)"""
+    ran = gr.Checkbox(False, visible=False)
+
+    def warm(*values) -> None:  # computed (the cache keeps it), nothing drawn yet
+        fill(*values)
+
+    def draw(ran_already: bool, *values) -> dict:
+        return {component: gr.skip() for component in outputs} if ran_already else fill(*values)
+
+    loaded = gr.on(None, user_errors(warm), inputs, None, api_visibility="private", **lane, **RAW)  # no triggers: the page's load
+    loaded.then(user_errors(draw), [ran, *inputs], outputs, api_visibility="private", show_progress="hidden", **lane, **RAW)
+    return ran
+
+
+def mark_runs(triggers: list, ran) -> None:
+    """Tick `ran` (fill_on_load's box) in the browser, with no request, whenever one of `triggers` fires."""
+    gr.on(triggers, None, None, ran, js="() => true", api_visibility="private", queue=False)
+
+
 def by_component(fn, outputs: dict):
     """`fn` returns (or yields) its outputs keyed by name; Gradio takes them keyed by component:
     `outputs` maps each name to its component, so nothing is matched by position."""
@@ -150,14 +177,16 @@ def listed_only(fn, rows):
     return run
 
 
-def examples(rows, labels, inputs, outputs, fn, api_name: str, lane: dict):
+def examples(rows, labels, inputs, outputs, fn, api_name: str, lane: dict, ran=None):
     """Clicking an example fills the inputs and runs the handler, which answers from the runner's warm
     cache (our cache, keyed by model and code, instead of Gradio's, which is keyed by component id and
     can go stale). The run is our own event: in the tab's lane, and for the listed examples only.
-    Returns that event (to chain what follows a run)."""
+    A click also ticks `ran` where given (`fill_on_load`). Returns that event (to chain what follows a run)."""
     examples = gr.Examples(
         rows, inputs=inputs, cache_examples=False, example_labels=labels, api_name=f"{api_name}_load", api_visibility="private",
     )
+    if ran is not None:
+        mark_runs([examples.dataset.click], ran)
     return examples.load_input_event.then(
         user_errors(listed_only(fn, rows)), inputs, outputs, api_name=api_name, api_visibility="private", **lane, **RAW
     )

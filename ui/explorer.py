@@ -6,14 +6,18 @@ import gradio as gr
 
 from core.attribution import input_errors
 from core.model import Model
-from ui.common import ABOUT, LIGHT, RAW, SPACE_HINT, about, by_component, examples, user_errors, validator
+from ui.common import ABOUT, LIGHT, RAW, SPACE_HINT, about, by_component, examples, fill_on_load, mark_runs, user_errors, validator, waiting_figure
 from ui.handlers import Handlers, example_rows
 
 
 def build(h: Handlers, model: Model) -> None:
+    """The tab, shown first. Its first example is in the page, or (`h.defer_examples` and not in the cache
+    yet: a first start) filled when the page loads, unless the visitor runs something first."""
     labels, rows = example_rows(model)["explorer"]
     first = rows[0]
-    initial = h.explore(*first, persist=True)
+    prefilled = h.first_example(h.explore, *first)
+    initial = prefilled or {}
+    waiting = None if prefilled else waiting_figure()
     with gr.Row():
         prompt = gr.Textbox(value=first[0], label="Prompt", lines=2, scale=3)
         with gr.Column(scale=2, min_width=240):
@@ -32,11 +36,15 @@ def build(h: Handlers, model: Model) -> None:
         "attention_head": "Attention: one head",
         "attention": "Attention: every head",
     }
-    out = {name: gr.Plot(value=initial[name], label=label, render=False) for name, label in labels_of.items()}
-    out["download"] = gr.File(value=initial["download"], label="Download all results (JSON)", render=False)
+    out = {name: gr.Plot(value=initial.get(name, waiting), label=label, render=False) for name, label in labels_of.items()}
+    out["download"] = gr.File(value=initial.get("download"), label="Download all results (JSON)", render=False)
     inputs = [prompt, target, competing, layer, head]
     outputs = list(out.values())
     explore = by_component(h.explore, out)
+    ran = None  # where the page lacks the first example, it fills it when it loads, at the layer and head the sliders show then
+    if prefilled is None:
+        ran = fill_on_load(by_component(lambda layer, head: h.explore(*first[:3], layer, head, persist=True), out), [layer, head], outputs, LIGHT)
+        mark_runs([run.click, prompt.submit], ran)
     events = LIGHT | RAW | dict(validator=validator(h, input_errors, ["prompt", "target", "competing"]))
     run.click(user_errors(explore), inputs, outputs, api_name="explore", **events)
     prompt.submit(user_errors(explore), inputs, outputs, api_name="explore_submit", api_visibility="private", **events)
@@ -46,7 +54,7 @@ def build(h: Handlers, model: Model) -> None:
             user_errors(attention), [prompt, layer, head], [out["attention_head"], out["attention"]],
             api_name=f"attention_{'layer' if slider is layer else 'head'}", api_visibility="private", **LIGHT, **RAW,
         )
-    examples(rows, labels, inputs, outputs, explore, "explore_example", LIGHT)
+    examples(rows, labels, inputs, outputs, explore, "explore_example", LIGHT, ran)
     with gr.Row():
         out["predictions"].render()
         out["lens_final"].render()
