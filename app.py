@@ -41,7 +41,7 @@ import ui.explorer  # noqa: E402
 import ui.handlers  # noqa: E402
 import ui.more  # noqa: E402
 from core import DEFAULTS, LIMITS, ModelLoadError  # noqa: E402
-from core.model import Model, default_device, describe_source, load_recorded, load_with_fallback, model_label  # noqa: E402
+from core.model import Model, default_device, describe_source, load_model, load_recorded, load_with_fallback, model_label  # noqa: E402
 from core.registry import Technique, techniques  # noqa: E402
 from serving.runner import DEFAULT_CACHE_DIR, ModelChanged, Runner, write_whole  # noqa: E402
 
@@ -181,45 +181,82 @@ def forgotten_on_failure(settings: Settings, device: str, demo: gr.Blocks | None
         raise
 
 
+def ordinary_start(settings: Settings, start: float, device: str) -> tuple[gr.Blocks, Runner]:
+    """The page around a model loaded first (or the demo model standing in for the default one): a first
+    download from the Hub, or a first start whose model did not load behind its page."""
+    say(f"loading {settings.model} from {describe_source(settings.model)} ...")
+    try:
+        model, notice = load_with_fallback(settings.model)
+    except ModelLoadError as err:
+        raise SystemExit(f"CircuitBreaker: {err}") from None
+    if notice:
+        say(notice)
+    say(f"loaded {model_label(model)} ({model.cfg.n_layers} layers x {model.cfg.n_heads} heads) in {time.perf_counter() - start:.1f} s; building the page")
+    runner = Runner(model)
+    demo = build_demo(model, runner=runner, notice=notice, say=say, warm="background")
+    if notice is None:  # the model asked for (not the demo model standing in): a restart can serve its page first
+        serving.restart.remember(DEFAULT_CACHE_DIR, settings.model, device, model, runner.fingerprint)
+    return demo, runner
+
+
+def loaded_behind(runner: Runner, sketch) -> Model | None:
+    """A first start's model, loaded behind its page: None (said why) where it failed to load or is not the
+    model the page was built for (then the app starts again the ordinary way)."""
+    try:
+        model = runner.model
+    except Exception as err:  # noqa: BLE001 - whatever stopped it: the ordinary start says why, or falls back to the demo model
+        say(f"the model did not load behind the page ({type(err).__name__}): starting again, the model first")
+        return None
+    if not serving.restart.sketched(model, sketch):
+        say("the loaded model is not the one its config.json describes: starting again, the model first")
+        return None
+    return model
+
+
 def main(argv: list[str] | None = None) -> None:
     settings = Settings.from_env(sys.argv[1:] if argv is None else argv)
     start = IMPORTED_AT if __name__ == "__main__" else time.perf_counter()  # `python app.py`: the imports count too
     device = default_device()
     record = serving.restart.recall(DEFAULT_CACHE_DIR, settings.model, device)
+    sketch = None if record is not None else serving.restart.first_sketch(settings.model)
     if record is not None:  # a restart: the page first (from the last start's record and the example cache), then the model
         say(f"restarting on {settings.model} (its files and CircuitBreaker's code unchanged since the last start): "
             f"the page first, then the model from {record.source}")
         runner = Runner(loader=functools.partial(load_recorded, settings.model, record.source), fingerprint=record.fingerprint)
-        with forgotten_on_failure(settings, device):  # the Prompt Explorer's first example missing from the cache loads the model here
+        with forgotten_on_failure(settings, device):
             demo = build_demo(record.sketch(), runner=runner, say=say, warm="background")
+    elif sketch is not None:  # a first start on files already here: the page first too (its shape from config.json)
+        say(f"loading {settings.model} from {describe_source(settings.model)}, behind the page ...")
+        runner = Runner(loader=functools.partial(load_model, settings.model))
+        demo = build_demo(sketch, runner=runner, say=say, warm="background")
     else:
-        say(f"loading {settings.model} from {describe_source(settings.model)} ...")
-        try:
-            model, notice = load_with_fallback(settings.model)
-        except ModelLoadError as err:
-            raise SystemExit(f"CircuitBreaker: {err}") from None
-        if notice:
-            say(notice)
-        say(
-            f"loaded {model_label(model)} ({model.cfg.n_layers} layers x {model.cfg.n_heads} heads) in {time.perf_counter() - start:.1f} s; "
-            "building the page"
-        )
-        runner = Runner(model)
-        demo = build_demo(model, runner=runner, notice=notice, say=say, warm="background")
-        if notice is None:  # the model asked for (not the demo model standing in): a restart can serve its page first
-            serving.restart.remember(DEFAULT_CACHE_DIR, settings.model, device, model, runner.fingerprint)
+        demo, runner = ordinary_start(settings, start, device)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # a Space stopping or Ctrl-C: finish running requests first
         signal.signal(sig, lambda *_: stop.set())
-    demo.launch(
-        server_name=settings.host, server_port=settings.port, share=settings.share, footer_links=["api"],
-        prevent_thread_lock=True, **launch_options(),
-    )
-    say(f"ready in {time.perf_counter() - start:.1f} s; the other examples are computed in the background (a first start: a few minutes "
-        "for GPT-2 on a CPU), each from the cache if there, and one not ready yet runs when clicked")
-    if not runner.loaded:  # a restart's page serves (its first examples from the cache); a click that needs the model waits for this
+
+    def serve(demo: gr.Blocks) -> None:
+        demo.launch(
+            server_name=settings.host, server_port=settings.port, share=settings.share, footer_links=["api"],
+            prevent_thread_lock=True, **launch_options(),
+        )
+        say(f"ready in {time.perf_counter() - start:.1f} s; the examples are computed in the background (a first start: a few minutes "
+            "for GPT-2 on a CPU), each from the cache if there, and one not ready yet runs when clicked")
+
+    serve(demo)
+    model = None
+    if record is not None and not runner.loaded:  # a restart's page serves (its first examples from the cache); a click that needs the model waits for this
         with forgotten_on_failure(settings, device, demo):
             model = runner.model
+    elif sketch is not None:  # a first start's page serves; the model loads behind it (or has, for a request)
+        model = loaded_behind(runner, sketch)
+        if model is None:  # the page closes; the ordinary start loads the model (or says why not, or falls back to the demo model)
+            demo.close()
+            demo, runner = ordinary_start(settings, start, device)
+            serve(demo)
+        else:
+            serving.restart.remember(DEFAULT_CACHE_DIR, settings.model, device, model, runner.fingerprint)
+    if model is not None:
         say(f"loaded {model_label(model)} ({model.cfg.n_layers} layers x {model.cfg.n_heads} heads) in {time.perf_counter() - start:.1f} s")
     console = threading.Lock()  # the warming's lines and "stopping": none of them after "stopping"
 

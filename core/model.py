@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from jaxtyping import Float, Int
+from safetensors import SafetensorError
 from torch import Tensor
 
 from core import products
@@ -44,7 +45,17 @@ def default_device() -> str:
 def _load_cached(name_or_path: str, device: str) -> Model:
     if os.path.isdir(name_or_path):
         return _load_local(name_or_path, device)
+    if _path_like(name_or_path):
+        raise ModelLoadError(
+            f"{name_or_path} is not a directory. Give the path of a local model directory (config.json, weights and "
+            "tokenizer files), or a model name such as 'gpt2'."
+        )
     return _load_hub(name_or_path, device)
+
+
+def _path_like(name: str) -> bool:
+    """A path rather than a Hub name ('gpt2', 'openai-community/gpt2'): the Hub refuses these as names."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def load_model(name_or_path: str = DEFAULTS.model_name, device: str | None = None) -> Model:
@@ -102,7 +113,7 @@ def describe_source(name_or_path: str) -> str:
     key = name_or_path.strip() if isinstance(name_or_path, str) else ""
     if key == DEMO:
         return "the bundled demo model"
-    if os.path.isdir(key):
+    if os.path.isdir(key) or _path_like(key):
         return f"the local directory {key}"
     from huggingface_hub import constants
     from transformer_lens.tools.model_registry.registry_io import resolve_model_alias
@@ -112,6 +123,22 @@ def describe_source(name_or_path: str) -> str:
     if constants.HF_HUB_OFFLINE:
         return "the Hugging Face cache (offline: HF_HUB_OFFLINE is set)"
     return f"the Hugging Face Hub ({constants.ENDPOINT}), downloading on this first start (about 550 MB for GPT-2 Small)"
+
+
+def cached_source(name_or_path: str) -> tuple[str, str] | None:
+    """(the name the loaded model will carry as cfg.model_name, the folder of its files) where load_model(name_or_path)
+    would read files already here (a local model directory, or a snapshot in the Hub cache); None where it would
+    download them first (or fail)."""
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        return None
+    key = model_key(name_or_path)
+    if os.path.isdir(key):
+        return key, key
+    from transformer_lens.tools.model_registry.registry_io import resolve_model_alias
+
+    name = resolve_model_alias(key) or key
+    snapshot = _cached_snapshot(name)
+    return None if snapshot is None else (name, snapshot)
 
 
 def loaded_from(model: Model) -> str | None:
@@ -176,6 +203,9 @@ def _tensors(module: torch.nn.Module) -> list[Tensor]:
     return [*module.parameters(), *module.buffers()]
 
 
+UNREADABLE = (OSError, ValueError, SafetensorError)  # files that are missing, malformed, or not weights at all
+
+
 def _load_local(directory: str, device: str) -> Model:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -188,7 +218,7 @@ def _load_local(directory: str, device: str) -> Model:
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    except (OSError, ValueError) as err:
+    except UNREADABLE as err:
         raise ModelLoadError(
             f"Could not load the model in {directory}: {err}. The directory needs config.json, "
             "the weights (model.safetensors) and the tokenizer files."
@@ -200,6 +230,8 @@ def _cached_snapshot(repo_id: str) -> str | None:
     """The local snapshot directory of a Hub model already downloaded, if there is one."""
     from huggingface_hub import try_to_load_from_cache
 
+    if _path_like(repo_id):
+        return None
     config = try_to_load_from_cache(repo_id, "config.json")
     if not isinstance(config, str):
         return None
@@ -251,8 +283,14 @@ def _load_hub(name: str, device: str) -> Model:
 def _load_local_snapshot(name: str, snapshot: str, device: str) -> Model:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    hf_model = AutoModelForCausalLM.from_pretrained(snapshot, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(snapshot, local_files_only=True)
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(snapshot, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(snapshot, local_files_only=True)
+    except UNREADABLE as err:
+        raise ModelLoadError(
+            f"Could not load '{name}' from the Hugging Face cache ({snapshot}): {err}. Delete that folder so that "
+            "the next start downloads it again, or pass a local model directory (--model /path/to/dir)."
+        ) from err
     bridge = _boot(snapshot, hf_model, tokenizer, device)
     bridge.cfg.model_name = name  # the name the user asked for, not the cache's snapshot directory
     return _set_source(bridge, snapshot)

@@ -1,4 +1,4 @@
-"""A restart serves its page before the model loads.
+"""A restart serves its page before the model loads, and so does a first start on files already here.
 
 The page needs little of the model: its name and shape (layers, heads, context) and the fingerprint of
 its weights, which keys the example cache the page's first examples come from. Each start that loads a
@@ -7,6 +7,12 @@ time) and the code that computed with it. A restart that finds the same files an
 its page from the record, serves it, and only then imports TransformerLens and loads the model, from
 those files (about half of a GPT-2 restart). The loaded model must have the recorded fingerprint before
 it answers anything (`Runner(loader=..., fingerprint=...)`).
+
+A first start has no record, but where the model's files are already here (a local model directory, or a
+download in the Hub cache) their config.json names the model's shape: `first_sketch` draws the page's
+sketch from it, the page serves, and the model loads behind it (`Runner(loader=...)`, its fingerprint
+learnt when it loads; app.main checks that the loaded model has the sketched shape). A first download
+from the Hub is an ordinary start: the page waits for it, which can fall back to the demo model.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-from core.model import loaded_from, model_key
+from core.model import cached_source, loaded_from, model_key
 from serving.runner import code_fingerprint, write_whole
 
 RECORDS = "starts"  # the records' folder inside the example cache
@@ -37,6 +43,34 @@ class Record:
     def sketch(self) -> SimpleNamespace:
         """A stand-in for the model where the page only reads `model.cfg` (the name, layers, heads, context)."""
         return SimpleNamespace(cfg=SimpleNamespace(**self.cfg))
+
+
+def first_sketch(request: str) -> SimpleNamespace | None:
+    """A stand-in for the model `request` names (as `Record.sketch`: its name, layers, heads and context) from
+    the config.json of the files load_model would read, where they are already here; else None (a download, a
+    name TransformerLens must resolve first, or a configuration that does not give the three numbers)."""
+    found = cached_source(request)
+    if found is None:
+        return None
+    name, source = found
+    try:
+        config = json.loads((Path(source) / "config.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+    cfg = {"model_name": name}
+    for field, keys in (("n_layers", ("n_layer", "num_hidden_layers")), ("n_heads", ("n_head", "num_attention_heads")),
+                        ("n_ctx", ("n_positions", "n_ctx", "max_position_embeddings"))):
+        value = next((config[key] for key in keys if isinstance(config, dict) and key in config), None)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            return None
+        cfg[field] = value
+    return SimpleNamespace(cfg=SimpleNamespace(**cfg))
+
+
+def sketched(model, sketch: SimpleNamespace) -> bool:
+    """Whether a loaded model is what `sketch` said: its name, layers, heads and context (a page built on the
+    sketch shows these)."""
+    return all(getattr(model.cfg, field) == value for field, value in vars(sketch.cfg).items())
 
 
 def _path(cache_dir: str | os.PathLike, request: str, device: str) -> Path:

@@ -184,11 +184,12 @@ class Runner:
     ):
         """`still_wanted()` says whether the request the current thread works for still has someone
         waiting (the app asks Gradio); work nobody wants stops at the next step boundary.
-        `loader` and `fingerprint` instead of `model` (a restart's page first, `serving.restart`): the
-        model is loaded by the first caller that needs it (`runner.model`; results the caches hold are
-        served before), and must have that fingerprint."""
-        if (model is None) == (loader is None) or (loader is not None and fingerprint is None):
-            raise TypeError("Runner needs a model, or a loader and the fingerprint of the model it loads")
+        `loader` instead of `model` (the page first, `serving.restart`): the model is loaded by the first
+        caller that needs it (`runner.model`); with the `fingerprint` of its weights (a restart), results the
+        caches hold are served before, and the model must have it; without (a first start), the caches are
+        read once the model has loaded, keyed by its weights' fingerprint then."""
+        if (model is None) == (loader is None) or (model is not None and fingerprint is not None):
+            raise TypeError("Runner needs a model, or a loader (and the fingerprint of the model it loads, where known)")
         self._model, self._loader = model, loader
         self._loading = threading.Lock()
         self._load_error: Exception | None = None
@@ -197,8 +198,7 @@ class Runner:
         self.lock = threading.RLock()
         self.max_entries = max_entries
         self._memory: OrderedDict[str, Any] = OrderedDict()
-        self.fingerprint = model_fingerprint(model) if model is not None else fingerprint
-        self._prefix = f"{self.fingerprint}-{code_fingerprint()}"
+        self.fingerprint = model_fingerprint(model) if model is not None else fingerprint  # None: learnt when the model loads
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._remove_stale_partials()
         if model is not None:
@@ -225,7 +225,9 @@ class Runner:
                     try:
                         model = self._loader()
                         found = model_fingerprint(model)
-                        if found != self.fingerprint:
+                        if self.fingerprint is None:  # a first start's page first: the caches are keyed by it from now on
+                            self.fingerprint = found
+                        elif found != self.fingerprint:
                             raise ModelChanged(
                                 f"The model's weights are not the ones the last start recorded (fingerprint {found}, expected "
                                 f"{self.fingerprint}), though their files kept their size and time: start the app again."
@@ -243,8 +245,12 @@ class Runner:
         return self._model is not None
 
     def _key(self, fn: Callable, args: tuple, kwargs: dict) -> str:
+        """The cache's key of a call: the model's weights (loading it first where their fingerprint is not known yet),
+        the code, the call."""
+        if self.fingerprint is None:
+            self.model  # loads it, which sets the fingerprint
         call = (fn.__module__, fn.__qualname__, args, sorted((k, v) for k, v in kwargs.items() if k not in UNCACHED_KWARGS))
-        return hashlib.blake2b(f"{self._prefix}|{call!r}".encode(), digest_size=20).hexdigest()
+        return hashlib.blake2b(f"{self.fingerprint}-{code_fingerprint()}|{call!r}".encode(), digest_size=20).hexdigest()
 
     def prepare(self) -> None:
         """Under the lock, what a user's first new prompt would otherwise wait for: the model's fast engine,
@@ -264,6 +270,8 @@ class Runner:
 
     def run(self, fn: Callable, *args, persist: bool = False, **kwargs):
         """fn(model, *args, **kwargs), from the cache when this exact call was made before."""
+        if getattr(self._cached_only, "on", False) and self.fingerprint is None:
+            raise NotCached(fn.__qualname__)  # the model not loaded yet, its weights unknown: nothing to look up by
         key = self._key(fn, args, kwargs)
         if getattr(self._cached_only, "on", False):
             with self.lock:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
@@ -81,6 +82,19 @@ def test_a_model_from_the_hub_cache_keeps_its_hub_name_and_its_cached_results(mo
 def test_directory_without_config_is_a_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="no config.json"):
         load_model(str(tmp_path))
+
+
+def test_a_path_that_is_not_a_directory_is_a_clear_error(tmp_path):
+    for path in (tmp_path / "gone", tmp_path / "gone" / "deeper", "./not-here"):  # not sent to the Hub as a model name
+        with pytest.raises(ModelLoadError, match="is not a directory. Give the path of a local model directory"):
+            load_model(str(path))
+    (tmp_path / "file.txt").write_text("a file")
+    with pytest.raises(ModelLoadError, match="is not a directory"):
+        load_model(str(tmp_path / "file.txt"))
+    with pytest.raises(ModelLoadError, match="Could not load the model in .*model.safetensors"):  # a damaged weights file
+        directory = save_random_gpt2(tmp_path / "damaged", n_layers=1, n_heads=2, d_model=32, n_ctx=16, seed=2)
+        (Path(directory) / "model.safetensors").write_bytes(b"not weights")
+        load_model(directory)
 
 
 def test_unreachable_hub_fails_at_once_with_advice(monkeypatch):

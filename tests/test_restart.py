@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import time
+import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from gradio_client import Client
@@ -14,7 +17,7 @@ import app
 import serving.restart as restart
 from core import ModelLoadError, load_model, predict, save_random_gpt2
 from core.model import default_device, load_recorded, loaded_from
-from serving.runner import ModelChanged, Runner
+from serving.runner import ModelChanged, NotCached, Runner
 from tests.conftest import IOI_CLEAN, assert_same_answer, free_port
 from tests.test_app import _run_app, wait_for_page
 from ui.handlers import example_rows
@@ -121,7 +124,9 @@ def test_a_loaded_model_with_other_weights_than_recorded_answers_nothing(started
         runner.run(predict, NEW_PROMPT, 3)
     assert not runner.loaded
     with pytest.raises(TypeError):
-        Runner(loader=lambda: load_model(directory))  # a loader needs the fingerprint it must match
+        Runner()  # a model or a loader
+    with pytest.raises(TypeError):
+        Runner(load_model(directory), fingerprint="0" * 32)  # a loaded model's fingerprint is its own
 
 
 def _start(directory: str, cache: Path, port: int):
@@ -148,13 +153,13 @@ def test_python_app_py_restarts_page_first_and_refuses_weights_that_are_not_the_
             output = _stop(process)
         ours = [line for line in output.splitlines() if line.startswith("CircuitBreaker:")]
         assert process.returncode == 0 and "Traceback" not in output, output
-        if start == "first":
-            assert ours[0].startswith(f"CircuitBreaker: loading {directory}"), output
-        else:  # the page served ("ready in") before the model was loaded
+        if start == "first":  # its files are here: the page first too, its shape from config.json
+            assert ours[0].startswith(f"CircuitBreaker: loading {directory} from the local directory") and "behind the page" in ours[0], output
+        else:
             assert ours[0].startswith(f"CircuitBreaker: restarting on {directory}"), output
-            ready = next(i for i, line in enumerate(ours) if line.startswith("CircuitBreaker: ready in"))
-            loaded = next(i for i, line in enumerate(ours) if line.startswith("CircuitBreaker: loaded"))
-            assert ready < loaded, output
+        ready = next(i for i, line in enumerate(ours) if line.startswith("CircuitBreaker: ready in"))
+        loaded = next(i for i, line in enumerate(ours) if line.startswith("CircuitBreaker: loaded"))
+        assert ready < loaded, output  # the page served before the model was loaded
 
     path = restart._path(cache, directory, DEVICE)
     path.write_text(json.dumps(json.loads(path.read_text()) | {"fingerprint": "0" * 32}))  # the files look the same, the weights do not
@@ -162,3 +167,92 @@ def test_python_app_py_restarts_page_first_and_refuses_weights_that_are_not_the_
     output, _ = process.communicate(timeout=300)
     assert process.returncode != 0 and "start the app again" in output and "Traceback" not in output, output
     assert not path.exists()  # the next start is an ordinary one
+
+
+def _page(demo) -> list:
+    """Every component of a page, in order, with its properties (ids aside: they count up per process)."""
+    return [(c["type"], {k: v for k, v in c["props"].items() if k not in ("key", "proxy_url", "component_ids")}) for c in demo.config["components"]]
+
+
+def test_a_first_start_builds_the_same_page_from_config_json_then_learns_the_weights_fingerprint_when_it_loads(tmp_path):
+    """A first start on files already here serves its page before the model loads: the page is drawn from
+    config.json (serving.restart.first_sketch) and is the page the loaded model gives; the runner has no
+    fingerprint to look results up by until the model loads, then keys them as a loaded model's runner does."""
+    directory = save_random_gpt2(tmp_path / "model", n_layers=2, n_heads=4, d_model=64, n_ctx=64, seed=12)
+    sketch = restart.first_sketch(directory)
+    model = load_model(directory)
+    assert vars(sketch.cfg) == {"model_name": str(Path(directory).resolve()), "n_layers": 2, "n_heads": 4, "n_ctx": 64}
+    assert restart.sketched(model, sketch)
+    loads = []
+
+    def loader():
+        loads.append(directory)
+        return load_model(directory)
+
+    cache = tmp_path / "cache"
+    runner = Runner(loader=loader, cache_dir=cache)
+    demo = app.build_demo(sketch, runner=runner, warm="background")
+    assert loads == [] and runner.fingerprint is None
+    assert _page(demo) == _page(app.build_demo(model, runner=Runner(model, cache_dir=tmp_path / "other"), warm="background"))
+    with runner.cached_only(), pytest.raises(NotCached):  # nothing to look up by yet, and nothing loaded for it
+        runner.run(predict, IOI_CLEAN, 2, persist=True)
+    assert loads == []
+    result = runner.run(predict, IOI_CLEAN, 2, persist=True)
+    assert loads == [directory] and runner.fingerprint == Runner(model, cache_dir=None).fingerprint
+    again = Runner(model, cache_dir=cache)  # the next start, the model loaded: the result stored under the same key
+    with again.cached_only():
+        assert again.run(predict, IOI_CLEAN, 2, persist=True).to_dict() == result.to_dict()
+
+
+def test_a_first_sketch_needs_files_that_are_here_and_name_the_models_shape(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    assert restart.first_sketch("gpt2") is None  # not downloaded yet: an ordinary start (which may fall back to the demo model)
+    assert restart.first_sketch(str(tmp_path / "nowhere")) is None
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    for config in ({"n_layer": 2, "n_head": 4}, {"n_layer": 2, "n_head": "4", "n_positions": 64}, [2, 4, 64]):
+        (odd / "config.json").write_text(json.dumps(config))
+        assert restart.first_sketch(str(odd)) is None, config
+    (odd / "config.json").write_text(json.dumps({"num_hidden_layers": 3, "num_attention_heads": 2, "max_position_embeddings": 128}))
+    assert vars(restart.first_sketch(str(odd)).cfg) == {"model_name": str(odd.resolve()), "n_layers": 3, "n_heads": 2, "n_ctx": 128}
+    sketch = restart.first_sketch(str(odd))
+    assert not restart.sketched(SimpleNamespace(cfg=SimpleNamespace(model_name=str(odd.resolve()), n_layers=3, n_heads=2, n_ctx=64)), sketch)
+
+
+def test_python_app_py_first_start_on_a_damaged_hub_download_serves_its_page_then_falls_back_to_the_demo_model(tmp_path):
+    """gpt2 in the Hub cache, its weights file damaged: the first start serves its page from config.json, the
+    model fails to load behind it, and the app starts again the ordinary way, which falls back to the bundled
+    demo model and says why, with what to do. No traceback; it stops cleanly."""
+    snapshot = tmp_path / "hf" / "hub" / "models--gpt2" / "snapshots" / "0123abcd"
+    save_random_gpt2(snapshot, n_layers=2, n_heads=4, d_model=64, n_ctx=64, seed=13)
+    (snapshot / "model.safetensors").write_bytes(b"not weights")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0123abcd")
+    port = free_port()
+    env = {"CIRCUITBREAKER_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "TQDM_DISABLE": "1"}
+    process = _run_app("--port", str(port), env=env)
+    try:
+        wait_for_page(process, port)
+        for _ in range(600):  # until the page served again, on the demo model
+            try:
+                config = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=5).read())
+                if any("**demo model**" in str(c.get("props", {}).get("value")) for c in config["components"]):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail("the page never came back on the demo model")
+        assert Client(f"http://127.0.0.1:{port}/", verbose=False).predict(IOI_CLEAN, 2, api_name="/predict")
+    finally:
+        output = _stop(process)
+    ours = [line for line in output.splitlines() if line.startswith("CircuitBreaker:")]
+    assert process.returncode == 0 and "Traceback" not in output, output
+    assert ours[0].startswith("CircuitBreaker: loading gpt2 from the local Hugging Face cache, behind the page"), output
+    said = "\n".join(ours)
+    assert "the model did not load behind the page (ModelLoadError): starting again, the model first" in said, output
+    assert "because gpt2 could not be loaded: Could not load 'gpt2' from the Hugging Face cache" in said and "Delete that folder" in said, output
+    assert [line.startswith("CircuitBreaker: ready in") for line in ours].count(True) == 2, output
+    assert not list((tmp_path / "cache").glob("starts/*.json"))  # the demo model standing in: no record for a restart
