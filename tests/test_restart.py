@@ -221,15 +221,41 @@ def test_a_first_sketch_needs_files_that_are_here_and_name_the_models_shape(tmp_
     assert not restart.sketched(SimpleNamespace(cfg=SimpleNamespace(model_name=str(odd.resolve()), n_layers=3, n_heads=2, n_ctx=64)), sketch)
 
 
+def _hub_cache(root: Path, damaged: bool) -> None:
+    """gpt2 in a Hugging Face cache under `root` (HF_HOME), as a download leaves it: a small random model."""
+    snapshot = root / "hub" / "models--gpt2" / "snapshots" / "0123abcd"
+    save_random_gpt2(snapshot, n_layers=2, n_heads=4, d_model=64, n_ctx=64, seed=13)
+    if damaged:
+        (snapshot / "model.safetensors").write_bytes(b"not weights")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0123abcd")
+
+
+def test_python_app_py_first_start_on_gpt2_in_the_hub_cache_serves_its_page_then_loads_it(tmp_path):
+    _hub_cache(tmp_path / "hf", damaged=False)
+    port, cache = free_port(), tmp_path / "cache"
+    process = _run_app("--port", str(port), env={"CIRCUITBREAKER_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    try:
+        wait_for_page(process, port)
+        header = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=10).read())["components"][0]["props"]["value"]
+        assert "Watch **gpt2** (2 layers x 4 heads)" in header  # from config.json, named as the loaded model is
+        assert Client(f"http://127.0.0.1:{port}/", verbose=False).predict(IOI_CLEAN, 2, api_name="/predict")
+    finally:
+        output = _stop(process)
+    ours = [line for line in output.splitlines() if line.startswith("CircuitBreaker:")]
+    assert process.returncode == 0 and "Traceback" not in output, output
+    assert ours[0].startswith("CircuitBreaker: loading gpt2 from the local Hugging Face cache, behind the page"), output
+    ready = next(i for i, line in enumerate(ours) if line.startswith("CircuitBreaker: ready in"))
+    assert ours[ready + 1].startswith("CircuitBreaker: loaded gpt2 (2 layers x 4 heads)"), output
+    record = restart.recall(cache, "gpt2", DEVICE)  # the next start is a restart
+    assert record is not None and record.source.endswith("snapshots/0123abcd") and record.cfg["model_name"] == "gpt2"
+
+
 def test_python_app_py_first_start_on_a_damaged_hub_download_serves_its_page_then_falls_back_to_the_demo_model(tmp_path):
     """gpt2 in the Hub cache, its weights file damaged: the first start serves its page from config.json, the
     model fails to load behind it, and the app starts again the ordinary way, which falls back to the bundled
     demo model and says why, with what to do. No traceback; it stops cleanly."""
-    snapshot = tmp_path / "hf" / "hub" / "models--gpt2" / "snapshots" / "0123abcd"
-    save_random_gpt2(snapshot, n_layers=2, n_heads=4, d_model=64, n_ctx=64, seed=13)
-    (snapshot / "model.safetensors").write_bytes(b"not weights")
-    (snapshot.parent.parent / "refs").mkdir()
-    (snapshot.parent.parent / "refs" / "main").write_text("0123abcd")
+    _hub_cache(tmp_path / "hf", damaged=True)
     port = free_port()
     env = {"CIRCUITBREAKER_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "TQDM_DISABLE": "1"}
     process = _run_app("--port", str(port), env=env)
