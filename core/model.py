@@ -207,23 +207,27 @@ UNREADABLE = (OSError, ValueError, SafetensorError)  # files that are missing, m
 
 
 def _load_local(directory: str, device: str) -> Model:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     missing = [f for f in ("config.json",) if not os.path.exists(os.path.join(directory, f))]
     if missing:
         raise ModelLoadError(
             f"{directory} is not a Hugging Face model directory: it has no config.json. "
             "Save one with model.save_pretrained(dir) and tokenizer.save_pretrained(dir)."
         )
-    try:
-        hf_model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    except UNREADABLE as err:
-        raise ModelLoadError(
-            f"Could not load the model in {directory}: {err}. The directory needs config.json, "
-            "the weights (model.safetensors) and the tokenizer files."
-        ) from err
+    hf_model, tokenizer = _read(
+        directory, lambda err: f"Could not load the model in {directory}: {err}. The directory needs config.json, the weights (model.safetensors) "
+        "and the tokenizer files."
+    )
     return _set_source(_boot(directory, hf_model, tokenizer, device), directory)
+
+
+def _read(directory: str, failure: Callable[[Exception], str]):
+    """(the transformers model, its tokenizer) from the files in `directory`, or ModelLoadError(failure(reason))."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(directory, local_files_only=True), AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except UNREADABLE as err:
+        raise ModelLoadError(failure(err)) from err
 
 
 def _cached_snapshot(repo_id: str) -> str | None:
@@ -281,16 +285,10 @@ def _load_hub(name: str, device: str) -> Model:
 
 
 def _load_local_snapshot(name: str, snapshot: str, device: str) -> Model:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        hf_model = AutoModelForCausalLM.from_pretrained(snapshot, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(snapshot, local_files_only=True)
-    except UNREADABLE as err:
-        raise ModelLoadError(
-            f"Could not load '{name}' from the Hugging Face cache ({snapshot}): {err}. Delete that folder so that "
-            "the next start downloads it again, or pass a local model directory (--model /path/to/dir)."
-        ) from err
+    hf_model, tokenizer = _read(
+        snapshot, lambda err: f"Could not load '{name}' from the Hugging Face cache ({snapshot}): {err}. Delete that folder so that "
+        "the next start downloads it again, or pass a local model directory (--model /path/to/dir)."
+    )
     bridge = _boot(snapshot, hf_model, tokenizer, device)
     bridge.cfg.model_name = name  # the name the user asked for, not the cache's snapshot directory
     return _set_source(bridge, snapshot)

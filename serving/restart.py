@@ -47,8 +47,8 @@ class Record:
 
 def first_sketch(request: str) -> SimpleNamespace | None:
     """A stand-in for the model `request` names (as `Record.sketch`: its name, layers, heads and context) from
-    the config.json of the files load_model would read, where they are already here; else None (a download, a
-    name TransformerLens must resolve first, or a configuration that does not give the three numbers)."""
+    the config.json of the files load_model would read, where they are already here; else None (a download, or a
+    configuration that does not give the three numbers)."""
     found = cached_source(request)
     if found is None:
         return None

@@ -276,6 +276,7 @@ def test_a_first_start_page_fills_the_explorer_when_it_loads_and_never_over_a_vi
             page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
             page.wait_for_selector("text=on their way", timeout=60_000)
             assert page.evaluate(f"{tops}.length") == 0
+            shoot(page, "first-start-waiting")  # Gradio's progress over the figures meanwhile
             page.wait_for_timeout(1000)  # the fill is queued, waiting for the model
             page.get_by_label("Prompt").first.fill(IOI_CLEAN)
             page.get_by_role("button", name="Run", exact=True).click()

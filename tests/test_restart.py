@@ -231,6 +231,15 @@ def _hub_cache(root: Path, damaged: bool) -> None:
     (snapshot.parent.parent / "refs" / "main").write_text("0123abcd")
 
 
+def _first_start_from_the_hub_cache(process) -> tuple[str, list[str]]:
+    """Stop the app; (its console, its own lines), checked: a clean stop, and a first start that served its page first."""
+    output = _stop(process)
+    ours = [line for line in output.splitlines() if line.startswith("CircuitBreaker:")]
+    assert process.returncode == 0 and "Traceback" not in output, output
+    assert ours[0].startswith("CircuitBreaker: loading gpt2 from the local Hugging Face cache, behind the page"), output
+    return output, ours
+
+
 def test_python_app_py_first_start_on_gpt2_in_the_hub_cache_serves_its_page_then_loads_it(tmp_path):
     _hub_cache(tmp_path / "hf", damaged=False)
     port, cache = free_port(), tmp_path / "cache"
@@ -241,10 +250,7 @@ def test_python_app_py_first_start_on_gpt2_in_the_hub_cache_serves_its_page_then
         assert "Watch **gpt2** (2 layers x 4 heads)" in header  # from config.json, named as the loaded model is
         assert Client(f"http://127.0.0.1:{port}/", verbose=False).predict(IOI_CLEAN, 2, api_name="/predict")
     finally:
-        output = _stop(process)
-    ours = [line for line in output.splitlines() if line.startswith("CircuitBreaker:")]
-    assert process.returncode == 0 and "Traceback" not in output, output
-    assert ours[0].startswith("CircuitBreaker: loading gpt2 from the local Hugging Face cache, behind the page"), output
+        output, ours = _first_start_from_the_hub_cache(process)
     ready = next(i for i, line in enumerate(ours) if line.startswith("CircuitBreaker: ready in"))
     assert ours[ready + 1].startswith("CircuitBreaker: loaded gpt2 (2 layers x 4 heads)"), output
     record = restart.recall(cache, "gpt2", DEVICE)  # the next start is a restart
@@ -273,10 +279,7 @@ def test_python_app_py_first_start_on_a_damaged_hub_download_serves_its_page_the
             pytest.fail("the page never came back on the demo model")
         assert Client(f"http://127.0.0.1:{port}/", verbose=False).predict(IOI_CLEAN, 2, api_name="/predict")
     finally:
-        output = _stop(process)
-    ours = [line for line in output.splitlines() if line.startswith("CircuitBreaker:")]
-    assert process.returncode == 0 and "Traceback" not in output, output
-    assert ours[0].startswith("CircuitBreaker: loading gpt2 from the local Hugging Face cache, behind the page"), output
+        output, ours = _first_start_from_the_hub_cache(process)
     said = "\n".join(ours)
     assert "the model did not load behind the page (ModelLoadError): starting again, the model first" in said, output
     assert "because gpt2 could not be loaded: Could not load 'gpt2' from the Hugging Face cache" in said and "Delete that folder" in said, output

@@ -107,8 +107,9 @@ def fill_on_load(fill, inputs: list, outputs: list, lane: dict):
     def draw(ran_already: bool, *values) -> dict:
         return {component: gr.skip() for component in outputs} if ran_already else fill(*values)
 
-    loaded = gr.on(None, user_errors(warm), inputs, None, api_visibility="private", **lane, **RAW)  # no triggers: the page's load
-    loaded.then(user_errors(draw), [ran, *inputs], outputs, api_visibility="private", show_progress="hidden", **lane, **RAW)
+    # no triggers: the page's load; Gradio's progress (its timer) over the figures while the model loads and computes
+    loaded = gr.on(None, user_errors(warm), inputs, None, api_visibility="private", show_progress_on=outputs, **lane, **RAW)
+    loaded.success(user_errors(draw), [ran, *inputs], outputs, api_visibility="private", show_progress="hidden", **lane, **RAW)
     return ran
 
 
