@@ -78,8 +78,9 @@ def build_demo(
     """The whole app around `model` (default: the configured model, or the demo model when it cannot
     be loaded). `warm`: True precomputes every example before the page is built; "background" leaves
     them to `demo.warm_examples(stopping=...)` (a thread, started once the page serves, the first tab's first
-    example first; the page has each tab's first example where the cache has it; the tab shown first fills
-    its own when the page loads, the others when first opened); `notice` is shown at the top of the page;
+    example first; the page has each tab's first example where the runner finds it in its cache without
+    computing, which a runner still loading a first start's model cannot; the tab shown first fills its own
+    when the page loads, the others when first opened); `notice` is shown at the top of the page;
     `say(line)` hears start-up progress; `registry`: the techniques (default: every one in core)."""
     registry = techniques() if registry is None else registry
     untabbed = {name: t for name, t in registry.items() if t.tab is None}
@@ -199,18 +200,23 @@ def ordinary_start(settings: Settings, start: float, device: str) -> tuple[gr.Bl
     return demo, runner
 
 
-def loaded_behind(runner: Runner, sketch) -> Model | None:
-    """A first start's model, loaded behind its page: None (said why) where it failed to load or is not the
+def load_sketched(name: str, sketch) -> Model:
+    """load_model(name) for a page built on `sketch`: a model that is not what the sketch said never reaches
+    the runner (nothing is computed on it for that page)."""
+    model = load_model(name)
+    if not serving.restart.sketched(model, sketch):
+        raise ModelLoadError(f"{model_label(model)} is not the model its config.json describes: the page was built for that one.")
+    return model
+
+
+def loaded_behind(runner: Runner) -> Model | None:
+    """A first start's model, loaded behind its page: None (said why) where it failed to load, or is not the
     model the page was built for (then the app starts again the ordinary way)."""
     try:
-        model = runner.model
+        return runner.model
     except Exception as err:  # noqa: BLE001 - whatever stopped it: the ordinary start says why, or falls back to the demo model
         say(f"the model did not load behind the page ({type(err).__name__}): starting again, the model first")
         return None
-    if not serving.restart.sketched(model, sketch):
-        say("the loaded model is not the one its config.json describes: starting again, the model first")
-        return None
-    return model
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -227,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
             demo = build_demo(record.sketch(), runner=runner, say=say, warm="background")
     elif sketch is not None:  # a first start on files already here: the page first too (its shape from config.json)
         say(f"loading {settings.model} from {describe_source(settings.model)}, behind the page ...")
-        runner = Runner(loader=functools.partial(load_model, settings.model))
+        runner = Runner(loader=functools.partial(load_sketched, settings.model, sketch))
         demo = build_demo(sketch, runner=runner, say=say, warm="background")
     else:
         demo, runner = ordinary_start(settings, start, device)
@@ -249,9 +255,12 @@ def main(argv: list[str] | None = None) -> None:
         with forgotten_on_failure(settings, device, demo):
             model = runner.model
     elif sketch is not None:  # a first start's page serves; the model loads behind it (or has, for a request)
-        model = loaded_behind(runner, sketch)
+        model = loaded_behind(runner)
         if model is None:  # the page closes; the ordinary start loads the model (or says why not, or falls back to the demo model)
             demo.close()
+            if stop.is_set():  # Ctrl-C or SIGTERM meanwhile: no second start
+                say("stopped")
+                return
             demo, runner = ordinary_start(settings, start, device)
             serve(demo)
         else:

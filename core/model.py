@@ -47,15 +47,21 @@ def _load_cached(name_or_path: str, device: str) -> Model:
         return _load_local(name_or_path, device)
     if _path_like(name_or_path):
         raise ModelLoadError(
-            f"{name_or_path} is not a directory. Give the path of a local model directory (config.json, weights and "
-            "tokenizer files), or a model name such as 'gpt2'."
+            f"{name_or_path} is neither a directory nor a model name the Hugging Face Hub could have. Give the path of a local "
+            "model directory (config.json, weights and tokenizer files), or a model name such as 'gpt2'."
         )
     return _load_hub(name_or_path, device)
 
 
 def _path_like(name: str) -> bool:
-    """A path rather than a Hub name ('gpt2', 'openai-community/gpt2'): the Hub refuses these as names."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+    """Not a name the Hub could have ('gpt2', 'openai-community/gpt2'): a path, or a typo (huggingface_hub's own check)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return False
 
 
 def load_model(name_or_path: str = DEFAULTS.model_name, device: str | None = None) -> Model:
@@ -72,7 +78,7 @@ def load_model(name_or_path: str = DEFAULTS.model_name, device: str | None = Non
 
 def model_key(name_or_path: str) -> str:
     """What load_model knows a model by: the name, or a directory's full path (the demo model's too)."""
-    key = name_or_path.strip()
+    key = os.path.expanduser(name_or_path.strip())
     if key == DEMO:
         key = str(DEMO_DIR)
     return str(Path(key).resolve()) if os.path.isdir(key) else key
@@ -276,7 +282,7 @@ def _load_hub(name: str, device: str) -> Model:
         from transformer_lens.model_bridge import TransformerBridge
 
         bridge = TransformerBridge.boot_transformers(name, device=device)
-    except (OSError, ValueError) as err:
+    except UNREADABLE as err:
         raise ModelLoadError(
             f"Cannot load '{name}' from the Hugging Face Hub: {err}. "
             "Check the model name (e.g. 'gpt2') or pass a local model directory."

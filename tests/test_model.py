@@ -85,13 +85,16 @@ def test_directory_without_config_is_a_clear_error(tmp_path):
 
 
 def test_a_path_that_is_not_a_directory_is_a_clear_error(tmp_path):
-    for path in (tmp_path / "gone", tmp_path / "gone" / "deeper", "./not-here"):  # not sent to the Hub as a model name
-        with pytest.raises(ModelLoadError, match="is not a directory. Give the path of a local model directory"):
+    for path in (tmp_path / "gone", tmp_path / "gone" / "deeper", "./not-here", "~/not-here"):  # not sent to the Hub as a model name
+        with pytest.raises(ModelLoadError, match="is neither a directory nor a model name the Hugging Face Hub could have"):
             load_model(str(path))
     (tmp_path / "file.txt").write_text("a file")
-    with pytest.raises(ModelLoadError, match="is not a directory"):
+    with pytest.raises(ModelLoadError, match="is neither a directory"):
         load_model(str(tmp_path / "file.txt"))
-    with pytest.raises(ModelLoadError, match="Could not load the model in .*model.safetensors"):  # a damaged weights file
+    for typo in ("mymodel/", "models/my gpt2", "a..b"):  # not sent to the Hub either: it could not have them
+        with pytest.raises(ModelLoadError, match="is neither a directory"):
+            load_model(typo)
+    with pytest.raises(ModelLoadError, match="Could not load the model in .*: Error while deserializing"):  # a damaged weights file
         directory = save_random_gpt2(tmp_path / "damaged", n_layers=1, n_heads=2, d_model=32, n_ctx=16, seed=2)
         (Path(directory) / "model.safetensors").write_bytes(b"not weights")
         load_model(directory)

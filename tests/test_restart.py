@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
+import gradio as gr
 import pytest
 from gradio_client import Client
 
@@ -20,6 +21,7 @@ from core.model import default_device, load_recorded, loaded_from
 from serving.runner import ModelChanged, NotCached, Runner
 from tests.conftest import IOI_CLEAN, assert_same_answer, free_port
 from tests.test_app import _run_app, wait_for_page
+from ui.common import user_errors
 from ui.handlers import example_rows
 
 DEVICE = default_device()
@@ -108,6 +110,8 @@ def test_a_failed_load_is_not_tried_again_by_every_waiting_request(started):
         with pytest.raises(ModelLoadError, match="the disk is gone"):
             runner.run(predict, NEW_PROMPT, 3)
     assert tries == [1]
+    with pytest.raises(gr.Error, match=r"The model could not be loaded: .*Reload this page in a minute. \(the disk is gone\)"):
+        user_errors(lambda: runner.run(predict, NEW_PROMPT, 3))()  # a page's request: a sentence, not a traceback
 
 
 def test_a_record_is_not_used_once_a_file_is_added(started):
@@ -182,7 +186,10 @@ def test_a_first_start_builds_the_same_page_from_config_json_then_learns_the_wei
     sketch = restart.first_sketch(directory)
     model = load_model(directory)
     assert vars(sketch.cfg) == {"model_name": str(Path(directory).resolve()), "n_layers": 2, "n_heads": 4, "n_ctx": 64}
-    assert restart.sketched(model, sketch)
+    assert restart.sketched(model, sketch) and app.load_sketched(directory, sketch) is model
+    other = SimpleNamespace(cfg=SimpleNamespace(**(vars(sketch.cfg) | {"n_ctx": 1024})))
+    with pytest.raises(ModelLoadError, match="is not the model its config.json describes"):  # never handed to the page's runner
+        app.load_sketched(directory, other)
     loads = []
 
     def loader():

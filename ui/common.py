@@ -12,6 +12,10 @@ import plotly.graph_objects as go
 
 import serving
 from core.config import LIMITS
+from core.model import ModelLoadError
+from serving.runner import ModelChanged
+
+NOT_LOADED = (ModelLoadError, ModelChanged)  # the model failed to load behind the page: the app stops, or starts again
 
 # Two queues: quick techniques never wait behind a line of heavy ones (they wait at most for the
 # one heavy request running, which the limits in core/config.py keep short). Both take turns on the
@@ -25,7 +29,8 @@ RAW = dict(preprocess=False)  # widgets hand over what was sent; core validates 
 
 def user_errors(fn):
     """Core raises ValueError with a sentence a person can act on; show it as a Gradio error. An event
-    that must not start (the server is restarting) gets its sentence the same way."""
+    that must not start (the server is restarting), or whose model failed to load behind the page, gets
+    its sentence the same way."""
     if inspect.isgeneratorfunction(fn):
 
         @functools.wraps(fn)
@@ -35,6 +40,8 @@ def user_errors(fn):
                 yield from fn(*args, **kwargs)
             except ValueError as err:
                 raise gr.Error(plain_text(err), print_exception=False) from None
+            except NOT_LOADED as err:
+                raise gr.Error(not_loaded(err), print_exception=False) from None
 
         return steps
 
@@ -45,8 +52,14 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except ValueError as err:
             raise gr.Error(plain_text(err), print_exception=False) from None
+        except NOT_LOADED as err:
+            raise gr.Error(not_loaded(err), print_exception=False) from None
 
     return wrapper
+
+
+def not_loaded(err: Exception) -> str:
+    return f"The model could not be loaded: the app is starting again, or stopping. Reload this page in a minute. ({plain_text(err)})"
 
 
 def _may_start() -> None:

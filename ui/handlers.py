@@ -52,12 +52,13 @@ class Handlers:
         self.runner = runner
         self.download_dir = None if download_dir is None else Path(download_dir)
         self.max_downloads = max_downloads
-        self.defer_examples = False  # build_demo(warm="background"): a tab not shown first fills its example when opened
+        self.defer_examples = False  # build_demo(warm="background"): a tab without its example in the cache fills it later
 
     def first_example(self, handler: Callable, *row) -> dict | None:
-        """The first example of a tab not shown first, for the page being built: `handler(*row)`'s outputs,
-        or None where the page should not wait for it (`defer_examples` and the example not in the cache
-        yet): the tab then fills it when opened (`ui.common.fill_when_opened`)."""
+        """A tab's first example, for the page being built: `handler(*row)`'s outputs, or None where the page
+        should not wait for it (`defer_examples` and the example not in the cache yet, or its model not loaded
+        yet): the Explorer then fills it when the page loads (`ui.common.fill_on_load`), another tab when
+        first opened (`ui.common.fill_when_opened`)."""
         if not self.defer_examples:
             return handler(*row, persist=True)
         try:
