@@ -122,9 +122,8 @@ def describe_source(name_or_path: str) -> str:
     if os.path.isdir(key) or _path_like(key):
         return f"the local directory {key}"
     from huggingface_hub import constants
-    from transformer_lens.tools.model_registry.registry_io import resolve_model_alias
 
-    if _cached_snapshot(resolve_model_alias(key) or key) is not None:
+    if cached_source(key) is not None:
         return "the local Hugging Face cache"
     if constants.HF_HUB_OFFLINE:
         return "the Hugging Face cache (offline: HF_HUB_OFFLINE is set)"

@@ -103,19 +103,19 @@ def fill_when_opened(tab: gr.Tab, fill, outputs: list) -> None:
     tab.select(user_errors(once), filled, [*outputs, filled], api_visibility="private", show_progress="hidden", **HEAVY, **RAW)
 
 
-def fill_on_load(fill, inputs: list, outputs: list, lane: dict):
+def fill_on_load(compute, fill, inputs: list, outputs: list, lane: dict):
     """The first example of the tab shown first, where the page was built without it (a first start: the
     page serves before the example is computed, or before the model has loaded): each page fills it when it
-    loads, `fill(*inputs)` giving the outputs keyed by component (from the cache once computed); meanwhile its
-    figures say the results are on their way (`waiting_figure`). Unless the visitor has started a run of their
-    own there by then: the example must not cover newer results. Returns a hidden checkbox, for the tab's run
-    triggers to tick in the browser the moment they fire (`mark_runs`): the fill computes first, then draws in
-    a second step, which reads that box, and `inputs` as they are then. (Gradio's cancel of a pending event came
-    too late in a browser: its output still arrived after the visitor's run's.)"""
+    loads, `compute(*inputs)` computing it (the runner's cache keeps it; nothing drawn) and then `fill(*inputs)`
+    giving the outputs keyed by component, from the cache; meanwhile its figures say the results are on their
+    way (`waiting_figure`). Unless the visitor has started a run of their own there by then: the example must
+    not cover newer results. Returns a hidden checkbox, for the tab's run triggers to tick in the browser the
+    moment they fire (`mark_runs`): the drawing step reads that box, and `inputs` as they are then. (Gradio's
+    cancel of a pending event came too late in a browser: its output still arrived after the visitor's run's.)"""
     ran = gr.Checkbox(False, visible=False)
 
-    def warm(*values) -> None:  # computed (the cache keeps it), nothing drawn yet
-        fill(*values)
+    def warm(*values) -> None:  # Gradio hears nothing back: no outputs
+        compute(*values)
 
     def draw(ran_already: bool, *values) -> dict:
         return {component: gr.skip() for component in outputs} if ran_already else fill(*values)

@@ -43,7 +43,10 @@ def build(h: Handlers, model: Model) -> None:
     explore = by_component(h.explore, out)
     ran = None  # where the page lacks the first example, it fills it when it loads, at the layer and head the sliders show then
     if prefilled is None:
-        ran = fill_on_load(by_component(lambda layer, head: h.explore(*first[:3], layer, head, persist=True), out), [layer, head], outputs, LIGHT)
+        ran = fill_on_load(
+            lambda layer, head: h.explore_results(*first[:3], layer, persist=True),
+            by_component(lambda layer, head: h.explore(*first[:3], layer, head, persist=True), out), [layer, head], outputs, LIGHT,
+        )
         mark_runs([run.click, prompt.submit], ran)
     events = LIGHT | RAW | dict(validator=validator(h, input_errors, ["prompt", "target", "competing"]))
     run.click(user_errors(explore), inputs, outputs, api_name="explore", **events)

@@ -89,10 +89,13 @@ class Handlers:
 
     # --- UI events (outputs keyed by name) --------------------------------------------
 
+    def explore_results(self, prompt: str, target: str, competing: str, layer: int, persist: bool = False) -> tuple:
+        """The Prompt Explorer's four results from one forward pass (an empty target: the model's own top prediction)."""
+        return self.runner.run(explore, prompt, target or None, competing or None, whole(layer), DEFAULTS.top_k, persist=persist)
+
     def explore(self, prompt: str, target: str, competing: str, layer: int, head: int = 0, persist: bool = False) -> dict:
         """Prompt Explorer: predictions, logit lens, DLA and one layer's attention (one head large, all heads small)."""
-        # one forward pass; an empty target: the model's own top prediction
-        top, lens, dla, attention = self.runner.run(explore, prompt, target or None, competing or None, whole(layer), DEFAULTS.top_k, persist=persist)
+        top, lens, dla, attention = self.explore_results(prompt, target, competing, layer, persist=persist)
         data = {"predictions": top.to_dict(), "logit_lens": lens.to_dict(), "dla": dla.to_dict(), "attention": attention.to_dict()}
         return {
             "predictions": plots.top_predictions(top),
