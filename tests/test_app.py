@@ -20,6 +20,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError, ValidationError
 
 import app
+import ui.common
 from core import (
     SWEEPS,
     activation_patching,
@@ -366,8 +367,8 @@ def test_app_demo_is_built_once(monkeypatch):
 
 def test_a_first_start_page_waits_for_no_example_and_each_tab_fills_its_own(tiny_model, tmp_path):
     """warm="background" (python app.py) on an empty cache: the page computes nothing; the Prompt Explorer
-    fills its first example when the page loads (computed, then drawn unless the visitor ran something
-    meanwhile: tests/test_browser.py), Contrast Pairs and the Circuit Map the first time they are opened
+    fills its first example when the page loads (computed, then drawn into hidden copies, which the browser
+    shows unless the visitor's own results are shown by then: tests/test_browser.py), Contrast Pairs and the Circuit Map the first time they are opened
     (through the cache, which they fill for the next start), and opening them again changes nothing."""
     runner = Runner(tiny_model, cache_dir=tmp_path)
     demo = app.build_demo(runner=runner, warm="background")
@@ -377,11 +378,13 @@ def test_a_first_start_page_waits_for_no_example_and_each_tab_fills_its_own(tiny
     assert len(loads) == 1 and {loads[0].concurrency_id, draw.concurrency_id} == {"light"}  # the Explorer's lane
     prompt, target, competing, layer, head = example_rows(tiny_model)["explorer"][1][0]
     assert loads[0].fn(layer, head) is None and runner.computed == 1  # computed, not drawn
-    drawn = draw.fn(False, layer, 1)  # drawn at the head the slider shows then, from the cache
+    drawn = draw.fn(layer, 1)  # drawn at the head the slider shows then, from the cache
     figures = [value for block, value in drawn.items() if isinstance(block, gr.Plot)]
     assert len(figures) == 7 and all(value is not None for value in figures) and runner.computed == 1
     assert "head 1" in figures[5].layout.title.text  # the one head drawn large
-    assert all(value == gr.skip() for value in draw.fn(True, layer, head).values())  # the visitor ran something: held back
+    assert not any(block.visible for block in drawn)  # into hidden copies: the browser shows them where the figures still wait
+    show = next(fn for fn in demo.fns.values() if fn.js == ui.common.SHOW_IF_WAITING)
+    assert show.fn is None and show.outputs == show.inputs[len(drawn):] and show.inputs[: len(drawn)] == list(drawn)
     fills = [fn for fn in demo.fns.values() if any(event == "select" for _, event in fn.targets)]
     assert len(fills) == 2 and {fn.concurrency_id for fn in fills} == {"heavy"}  # after it, in order: what the visitor runs there
     contrast_status = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "contrast-status")

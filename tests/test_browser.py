@@ -260,7 +260,8 @@ def test_a_first_start_page_fills_the_explorer_when_it_loads_and_never_over_a_vi
     """A first start's page is built before any example is computed (warm="background", empty cache): the
     Explorer's figures say the results are on their way, and the page fills its first example when it loads.
     A visitor who runs a prompt of their own before the fill has answered (here the model is kept busy meanwhile)
-    sees their own results: the fill, which would otherwise arrive after their run and cover it, holds back."""
+    sees their own results, never covered by the example. A visitor whose first run is refused (an empty
+    prompt) gets the example, not figures left waiting for nothing."""
     runner = Runner(demo_model, cache_dir=tmp_path)
     demo = app.build_demo(runner=runner, warm="background")
     assert runner.computed == 0  # nothing computed for the page
@@ -280,6 +281,13 @@ def test_a_first_start_page_fills_the_explorer_when_it_loads_and_never_over_a_vi
             page.wait_for_timeout(1000)  # the fill is queued, waiting for the model
             page.get_by_label("Prompt").first.fill(IOI_CLEAN)
             page.get_by_role("button", name="Run", exact=True).click()
+            refused = browser.new_page(viewport={"width": 1400, "height": 1000})  # a second visitor, whose run is refused
+            refused.on("pageerror", lambda error: errors.append(str(error)))
+            refused.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
+            refused.wait_for_selector("text=on their way", timeout=60_000)
+            refused.get_by_label("Prompt").first.fill("")
+            refused.get_by_role("button", name="Run", exact=True).click()
+            refused.wait_for_selector("text=The prompt is empty", timeout=30_000)  # told at once, on the field, while the model is busy
             page.wait_for_timeout(1000)
         finally:
             runner.lock.release()
@@ -288,6 +296,11 @@ def test_a_first_start_page_fills_the_explorer_when_it_loads_and_never_over_a_vi
         lens = page.evaluate(f"{VISIBLE_PLOTS}.find(p => ((p.layout.title || {{}}).text || '').startsWith('Logit lens: top-1')).data[0].x")
         assert any("John" in str(token) for token in lens), lens  # the visitor's prompt, not the example's
         shoot(page, "first-start-visitor-run")
+        refused.wait_for_function(f"{tops}.length == 1", timeout=60_000)
+        lens = refused.evaluate(f"{VISIBLE_PLOTS}.find(p => ((p.layout.title || {{}}).text || '').startsWith('Logit lens: top-1')).data[0].x")
+        assert any("Eiffel" in str(token) for token in lens), lens  # the example, drawn where nothing else came
+        assert not refused.get_by_text("on their way").first.is_visible()
+        shoot(refused, "first-start-refused-run")
 
         fresh = browser.new_page(viewport={"width": 1400, "height": 1000})  # the next visitor: the fill, from the cache now
         fresh.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")

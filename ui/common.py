@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import re
 
 import gradio as gr
@@ -103,32 +104,36 @@ def fill_when_opened(tab: gr.Tab, fill, outputs: list) -> None:
     tab.select(user_errors(once), filled, [*outputs, filled], api_visibility="private", show_progress="hidden", **HEAVY, **RAW)
 
 
-def fill_on_load(compute, fill, inputs: list, outputs: list, lane: dict):
+def fill_on_load(compute, fill, inputs: list, outputs: list, lane: dict) -> None:
     """The first example of the tab shown first, where the page was built without it (a first start: the
     page serves before the example is computed, or before the model has loaded): each page fills it when it
     loads, `compute(*inputs)` computing it (the runner's cache keeps it; nothing drawn) and then `fill(*inputs)`
-    giving the outputs keyed by component, from the cache; meanwhile its figures say the results are on their
-    way (`waiting_figure`). Unless the visitor has started a run of their own there by then: the example must
-    not cover newer results. Returns a hidden checkbox, for the tab's run triggers to tick in the browser the
-    moment they fire (`mark_runs`): the drawing step reads that box, and `inputs` as they are then. (Gradio's
-    cancel of a pending event came too late in a browser: its output still arrived after the visitor's run's.)"""
-    ran = gr.Checkbox(False, visible=False)
+    drawing it, from the cache, at `inputs` as they are then, into hidden copies of `outputs`; meanwhile the
+    figures say the results are on their way (`waiting_figure`). The browser then shows those copies only where
+    the first output still waits (`SHOW_IF_WAITING`), at the moment they arrive: a visitor's run that has
+    answered by then keeps its results, one that answers later covers the example, and one that was refused
+    (its input checked bad) leaves the example to fill the tab. (Gradio's cancel of a pending event came too
+    late in a browser: its output still arrived after the visitor's run's.)"""
+    staged = [type(component)(visible=False) for component in outputs]
 
     def warm(*values) -> None:  # Gradio hears nothing back: no outputs
         compute(*values)
 
-    def draw(ran_already: bool, *values) -> dict:
-        return {component: gr.skip() for component in outputs} if ran_already else fill(*values)
+    def draw(*values) -> dict:
+        return dict(zip(staged, (fill(*values)[component] for component in outputs)))
 
     # no triggers: the page's load; Gradio's progress (its timer) over the figures while the model loads and computes
     loaded = gr.on(None, user_errors(warm), inputs, None, api_visibility="private", show_progress_on=outputs, **lane, **RAW)
-    loaded.success(user_errors(draw), [ran, *inputs], outputs, api_visibility="private", show_progress="hidden", **lane, **RAW)
-    return ran
+    drawn = loaded.success(user_errors(draw), inputs, staged, api_visibility="private", show_progress="hidden", **lane, **RAW)
+    drawn.success(None, [*staged, *outputs], outputs, js=SHOW_IF_WAITING, api_visibility="private", queue=False)
 
 
-def mark_runs(triggers: list, ran) -> None:
-    """Tick `ran` (fill_on_load's box) in the browser, with no request, whenever one of `triggers` fires."""
-    gr.on(triggers, None, None, ran, js="() => true", api_visibility="private", queue=False)
+# (staged values..., shown values...) -> the staged ones where the first shown value is still a waiting figure
+# (or empty), else the shown ones as they are: in the browser, with no request
+SHOW_IF_WAITING = f"""(...values) => {{
+    const half = values.length / 2, first = values[half];
+    return first == null || JSON.stringify(first).includes({json.dumps(ON_THEIR_WAY)}) ? values.slice(0, half) : values.slice(half);
+}}"""
 
 
 def by_component(fn, outputs: dict):
@@ -191,16 +196,14 @@ def listed_only(fn, rows):
     return run
 
 
-def examples(rows, labels, inputs, outputs, fn, api_name: str, lane: dict, ran=None):
+def examples(rows, labels, inputs, outputs, fn, api_name: str, lane: dict):
     """Clicking an example fills the inputs and runs the handler, which answers from the runner's warm
     cache (our cache, keyed by model and code, instead of Gradio's, which is keyed by component id and
     can go stale). The run is our own event: in the tab's lane, and for the listed examples only.
-    A click also ticks `ran` where given (`fill_on_load`). Returns that event (to chain what follows a run)."""
+    Returns that event (to chain what follows a run)."""
     examples = gr.Examples(
         rows, inputs=inputs, cache_examples=False, example_labels=labels, api_name=f"{api_name}_load", api_visibility="private",
     )
-    if ran is not None:
-        mark_runs([examples.dataset.click], ran)
     return examples.load_input_event.then(
         user_errors(listed_only(fn, rows)), inputs, outputs, api_name=api_name, api_visibility="private", **lane, **RAW
     )

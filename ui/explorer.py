@@ -6,13 +6,13 @@ import gradio as gr
 
 from core.attribution import input_errors
 from core.model import Model
-from ui.common import ABOUT, LIGHT, RAW, SPACE_HINT, about, by_component, examples, fill_on_load, mark_runs, user_errors, validator, waiting_figure
+from ui.common import ABOUT, LIGHT, RAW, SPACE_HINT, about, by_component, examples, fill_on_load, user_errors, validator, waiting_figure
 from ui.handlers import Handlers, example_rows
 
 
 def build(h: Handlers, model: Model) -> None:
     """The tab, shown first. Its first example is in the page, or (`h.defer_examples` and not in the cache
-    yet: a first start) filled when the page loads, unless the visitor runs something first."""
+    yet: a first start) filled when the page loads, unless the visitor's own results are shown by then."""
     labels, rows = example_rows(model)["explorer"]
     first = rows[0]
     prefilled = h.first_example(h.explore, *first)
@@ -41,13 +41,11 @@ def build(h: Handlers, model: Model) -> None:
     inputs = [prompt, target, competing, layer, head]
     outputs = list(out.values())
     explore = by_component(h.explore, out)
-    ran = None  # where the page lacks the first example, it fills it when it loads, at the layer and head the sliders show then
-    if prefilled is None:
-        ran = fill_on_load(
+    if prefilled is None:  # the page lacks the first example: it fills it when it loads, at the layer and head the sliders show then
+        fill_on_load(
             lambda layer, head: h.explore_results(*first[:3], layer, persist=True),
             by_component(lambda layer, head: h.explore(*first[:3], layer, head, persist=True), out), [layer, head], outputs, LIGHT,
         )
-        mark_runs([run.click, prompt.submit], ran)
     events = LIGHT | RAW | dict(validator=validator(h, input_errors, ["prompt", "target", "competing"]))
     run.click(user_errors(explore), inputs, outputs, api_name="explore", **events)
     prompt.submit(user_errors(explore), inputs, outputs, api_name="explore_submit", api_visibility="private", **events)
@@ -57,7 +55,7 @@ def build(h: Handlers, model: Model) -> None:
             user_errors(attention), [prompt, layer, head], [out["attention_head"], out["attention"]],
             api_name=f"attention_{'layer' if slider is layer else 'head'}", api_visibility="private", **LIGHT, **RAW,
         )
-    examples(rows, labels, inputs, outputs, explore, "explore_example", LIGHT, ran)
+    examples(rows, labels, inputs, outputs, explore, "explore_example", LIGHT)
     with gr.Row():
         out["predictions"].render()
         out["lens_final"].render()
