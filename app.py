@@ -51,6 +51,7 @@ CSS = """
   .tab-wrapper button { padding: 4px 5px !important; font-size: 12px !important; }
   #contrast-summary table { font-size: 12px; }
   #contrast-summary th, #contrast-summary td { padding: 4px 6px !important; word-break: normal; }
+  #lens-heatmap g.heatmap-label { display: none; }  /* each cell's top-1 token: too narrow to read there (a tap shows it) */
 }
 """
 TABS = {  # the designed tabs, by the name a technique's `tab` gives: (id, builder)

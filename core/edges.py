@@ -36,6 +36,7 @@ from core.patching.path import COMPONENTS, parse_senders, receiver_writes, sende
 from core.registry import Input, Progress, Technique
 from core.results import CircuitResult, EdgeAttributionResult
 from core.tasks import TASK_INPUTS, Task, chosen_task, metric_values
+from core.tasks import input_errors as task_input_errors
 
 ABLATIONS = ("corrupted", "mean")
 
@@ -640,10 +641,63 @@ def edge_attribution(
     return _scores_result(EdgeAttributionResult, model, chosen, contrast, method, steps, scores)
 
 
+CHOICES = {  # circuit's choices: what each is, for the message that names them
+    "selection": "choose 'greedy' (a connected circuit) or 'top' (the largest |scores|)",
+    "ablation": "choose 'corrupted' (the corrupted prompt's output) or 'mean' (the task's mean)",
+}
+
+
+def circuit_choice(value: str, choices, name: str) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"Unknown {name} {str(value)[:40]!r}: {CHOICES[name]}.")
+    return value
+
+
+def _circuit_budget(model: Model, contrast: list[ContrastPair], method: str, steps: int, sizes, searches: int, checks: int, ablation: str) -> None:
+    check_budget(
+        circuit_flops(model, contrast, method, steps, len(sizes) + 1, searches, checks, ablation), len(contrast),
+        f"A circuit ({method}, {len(sizes)} faithfulness points, {checks} exact checks) over {len(contrast)} pairs",
+    )
+
+
 def _method(method: str) -> str:
     if not isinstance(method, str) or method.lower() not in METHODS:
         raise ValueError(f"Unknown method {str(method)[:40]!r}: choose 'eap' (one gradient) or 'eap-ig' (integrated gradients over `steps`).")
     return method.lower()
+
+
+def input_errors(
+    model: Model, task: str = "ioi", n: int = 32, seed: int = 0, pairs: str = "", method: str = "eap", steps: int = DEFAULTS.eap_ig_steps,
+    selection: str = "greedy", k: int = DEFAULTS.circuit_edges, target: int = 0, ablation: str = "corrupted", checks: int = DEFAULTS.edge_checks,
+) -> dict[str, str]:
+    """What is wrong with circuit's inputs, keyed by input, without running the model: circuit's own checks and
+    messages (each input's, the task's: core.tasks.input_errors), then the server's budget, on the input that
+    sets the task's size. {} when all are fine."""
+    graph = build_graph(model.cfg.n_layers, model.cfg.n_heads)
+    fields = {
+        "method": lambda: _method(method),
+        "steps": lambda: _check_steps(steps),
+        "selection": lambda: circuit_choice(selection, SELECTIONS, "selection"),
+        "k": lambda: check_int(k, "k", 1, graph.n_edges),
+        "target": lambda: check_int(target, "target", 0, 100),
+        "ablation": lambda: circuit_choice(ablation, ABLATIONS, "ablation"),
+        "checks": lambda: check_int(checks, "checks", 0, min(LIMITS.max_edge_checks, graph.n_edges)),
+    }
+    errors = task_input_errors(model, task, n, seed, pairs)
+    for name, check in fields.items():
+        try:
+            check()
+        except ValueError as err:
+            errors[name] = str(err)
+    if not errors:
+        contrast = chosen_task(model, task, n, seed, pairs).contrast_pairs(model)
+        sizes = curve_sizes(graph.n_edges)
+        searches = int(np.ceil(np.log2(graph.n_edges))) if target else 0
+        try:
+            _circuit_budget(model, contrast, _method(method), steps, sizes, searches, checks, ablation)
+        except ValueError as err:
+            errors["pairs" if task == "custom" else "n"] = str(err)
+    return errors
 
 
 def circuit(
@@ -668,10 +722,8 @@ def circuit(
     effect alone is computed."""
     method = _method(method)
     _check_steps(steps)
-    if not isinstance(selection, str) or selection not in SELECTIONS:
-        raise ValueError(f"Unknown selection {str(selection)[:40]!r}: choose 'greedy' (a connected circuit) or 'top' (the largest |scores|).")
-    if not isinstance(ablation, str) or ablation not in ABLATIONS:
-        raise ValueError(f"Unknown ablation {str(ablation)[:40]!r}: choose 'corrupted' (the corrupted prompt's output) or 'mean' (the task's mean).")
+    circuit_choice(selection, SELECTIONS, "selection")
+    circuit_choice(ablation, ABLATIONS, "ablation")
     graph = build_graph(model.cfg.n_layers, model.cfg.n_heads)
     check_int(k, "k", 1, graph.n_edges)
     check_int(target, "target", 0, 100)
@@ -679,10 +731,7 @@ def circuit(
     chosen, contrast = _task_pairs(model, task, n, seed, pairs)
     sizes = curve_sizes(graph.n_edges)
     searches = int(np.ceil(np.log2(graph.n_edges))) if target else 0
-    check_budget(
-        circuit_flops(model, contrast, method, steps, len(sizes) + 1, searches, checks, ablation), len(contrast),
-        f"A circuit ({method}, {len(sizes)} faithfulness points, {checks} exact checks) over {len(contrast)} pairs",
-    )
+    _circuit_budget(model, contrast, method, steps, sizes, searches, checks, ablation)
 
     def part(low: float, high: float) -> Progress | None:
         return None if progress is None else (lambda fraction, desc: progress(low + (high - low) * fraction, desc))
@@ -768,6 +817,7 @@ CIRCUIT_TECHNIQUE = Technique(
     example={"task": "ioi", "n": 8, "seed": 0, "k": 5, "checks": 5},
     figures=(plots.circuit_graph, plots.faithfulness_curve, plots.edge_checks),
     progress=True,
+    input_errors=input_errors,
     tab="Circuit Map",
 )
 TECHNIQUES = (CIRCUIT_TECHNIQUE,)  # the registry reads TECHNIQUE and these

@@ -52,6 +52,8 @@ TEMPLATE = go.layout.Template(
         paper_bgcolor="white",
         plot_bgcolor="white",
         hoverlabel=dict(font_family="monospace"),
+        # box zoom, reset and download only: a phone's narrow figure has room for them beside the page's label badge
+        modebar=dict(remove=["pan", "zoomin", "zoomout", "autoscale", "select", "lasso"]),
         xaxis=_AXIS,
         yaxis=_AXIS,
         coloraxis=dict(colorbar=dict(thickness=14, title=dict(side="right", font=dict(size=12)), **NO_SI)),  # a vertical title keeps the bar narrow
@@ -94,7 +96,15 @@ def _title(main: str, detail: str | None = None) -> str:
     """A figure title: a short main line and, below it in a smaller font, the detail (wrapped)."""
     if detail is None:
         return main
-    lines = textwrap.wrap(detail, DETAIL_CHARS, break_long_words=False, break_on_hyphens=False)
+    def wrap(width: int) -> list[str]:
+        return textwrap.wrap(detail, width, break_long_words=False, break_on_hyphens=False)
+
+    lines = wrap(DETAIL_CHARS)
+    if len(lines) > 1:  # as many lines, of even length: no last line of a word or two
+        width = -(-len(detail) // len(lines))
+        while len(balanced := wrap(width)) > len(lines):
+            width += 1
+        lines = balanced
     return main + "".join(f"<br><sup>{line}</sup>" for line in lines)
 
 
@@ -209,7 +219,7 @@ def logit_lens_heatmap(result: LogitLensResult) -> go.Figure:
         result.top_probs,
         x=token_labels(result.tokens),
         y=result.layers,
-        title=_title("Logit lens: top-1 prediction by layer", "colour: P(top-1); each cell shows the top-1 token (␣ = space)"),
+        title=_title("Logit lens: top-1 prediction by layer", "colour: P(top-1); the top-1 token written in each cell (on a phone: tap it); ␣ = space"),
         hover="checkpoint %{y}<br>position %{x}<br>top-1 %{text}<br>P(top-1) = %{z:.4f}",
         signed=False,
         x_title="position: token",
@@ -488,8 +498,17 @@ def task_heatmap(result: TaskPatchingResult, sweep: str) -> go.Figure:
     scores = getattr(result, sweep)
     spec = SWEEPS[sweep]
     title = _title(f"Task patching: {result.task}", f"{spec.title} ({spec.detail}), mean over {result.n_pairs} pairs / mean gap {result.gap:+.2f}")
-    if scores is None:
-        fig = go.Figure(layout=dict(template=TEMPLATE, title=_title(f"Task patching: {result.task}", f"{spec.title}: not computed, pairs of several lengths")))
+    if scores is None:  # no empty axes: what was not computed, why, and where to look instead
+        lengths = ", ".join(map(str, result.lengths))
+        fig = go.Figure(layout=dict(
+            template=TEMPLATE, title=_title(f"Task patching: {result.task}", f"{spec.title}: not computed, pairs of several lengths"), height=260,
+            xaxis_visible=False, yaxis_visible=False, plot_bgcolor="white",
+        ))
+        fig.add_annotation(
+            text=f"Not computed: the pairs have {len(result.lengths)} token lengths ({lengths}), so positions do not line up.<br>"
+            "head_out (each head at all positions) is: see its tab. Pairs of one length give every sweep.",
+            showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper", font=dict(size=13, color="#4b5563"),
+        )
         return fig
     if spec.axis == "head":
         x, x_title, hover = head_labels(scores.shape[1]), "head", "%{y}%{x}"
@@ -549,7 +568,7 @@ def path_to_logits(result: PathPatchingResult) -> go.Figure:
         y=layer_labels(scores.shape[0]),
         title=_title(
             f"Direct path to the logits: {', '.join(result.senders)} = {result.logits:+.3f}",
-            f"each head alone into the final residual stream; {_path_scope(result)}",
+            f"each head alone into the final residual stream, through no MLP; {_path_scope(result)}",
         ),
         hover="%{y}%{x} → logits<br>restored = %{z:+.4f}",
         signed=True,
@@ -785,11 +804,13 @@ def circuit_graph(result: CircuitResult) -> go.Figure:
     xy = [place(name) for name in names]
     fig.add_trace(
         go.Scatter(
-            x=[x for x, _ in xy], y=[y for _, y in xy], mode="markers+text", text=names, textposition="top center", textfont=dict(size=10),
+            x=[x for x, _ in xy], y=[y for _, y in xy], mode="markers", text=names,
             marker=dict(size=11, color="#444444", symbol=["square" if n.startswith("MLP") else "circle" for n in names]),
             hovertemplate="%{text}<extra></extra>", showlegend=False, meta=-1,
         )
     )
+    for name, (x, y) in zip(names, xy):  # above every edge, on a light ground: no edge crosses out a node's name
+        fig.add_annotation(x=x, y=y, yshift=13, text=name, showarrow=False, font=dict(size=10), bgcolor="rgba(255, 255, 255, 0.85)", borderpad=1)
     steps = []
     for lowest in range(CIRCUIT_LEVELS):
         visible = [trace.meta < 0 or trace.meta >= lowest for trace in fig.data]
@@ -804,7 +825,8 @@ def circuit_graph(result: CircuitResult) -> go.Figure:
     title = _title(
         f"Circuit: {result.k} edges, faithfulness {result.faithfulness:.3f}",
         f"{result.task}, {result.n_pairs} pairs; {result.selection} by {result.method.upper()}; "
-        f"outside edges carry the {result.ablation} output; width and colour: approximate score (blue raises the logit difference)",
+        f"outside edges carry the {result.ablation} output; each edge runs left to right, writer to reader; width and colour: approximate "
+        "score (blue raises the logit difference)",
     )
     fig.update_layout(template=TEMPLATE, title=title, height=560, margin_t=_top_margin(title, 0), hovermode="closest")
     return fig

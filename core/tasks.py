@@ -328,6 +328,28 @@ def chosen_task(model: Model, task: str, n: int = 32, seed: int = 0, pairs: str 
     raise ValueError(f"There is no task {task!r}: pick one of {', '.join(BUILT_IN)}, or custom with your pairs.")
 
 
+def input_errors(model: Model, task: str, n: int = 32, seed: int = 0, pairs: str = "") -> dict[str, str]:
+    """What is wrong with a task's inputs, keyed by the input it is about, without running the model
+    (chosen_task's checks and messages, then each pair's, as ContrastPair.of checks it): {} when all are fine.
+    A built-in task that does not apply to the model is the task's fault; a custom task's, its pairs'."""
+    if task == "custom":
+        field = "pairs"
+    elif isinstance(task, str) and task in BUILT_IN:
+        for name, value, low, high in (("n", n, 1, LIMITS.max_task_patching_pairs), ("seed", seed, 0, 2**32 - 1)):
+            try:
+                check_int(value, name, low, high)
+            except ValueError as err:
+                return {name: str(err)}
+        field = "task"
+    else:
+        field = "task"
+    try:
+        chosen_task(model, task, n, seed, pairs).contrast_pairs(model)
+    except ValueError as err:
+        return {field: str(err)}
+    return {}
+
+
 TASK_INPUTS = (  # a task as a technique's inputs (core.registry): chosen_task's arguments
     Input("task", "choice", f"a built-in task ({', '.join(BUILT_IN)}), or custom (your pairs)", default="ioi", choices=(*BUILT_IN, "custom")),
     Input("n", "int", "pairs drawn from a built-in task", default=32),

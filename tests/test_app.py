@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 
 import gradio as gr
@@ -32,8 +33,10 @@ from core.attribution import input_errors as explorer_errors
 from core.config import LIMITS, Limits
 from core.contrast import input_errors as pair_errors
 from core.induction import input_errors as induction_errors
+from core.plots import SPACE
 from core.registry import techniques
 from core.results import dumps
+from examples import EIFFEL
 from serving.runner import Runner
 from tests.conftest import IOI_CLEAN, IOI_CORRUPTED, assert_same_answer, free_port  # noqa: F401  (free_port: used by other test modules too)
 from ui.common import validator
@@ -197,6 +200,18 @@ def test_handlers_in_process_default_the_target_to_the_top_prediction(tiny_model
     assert outputs["lens_heatmap"].layout.title.text.startswith("Logit lens")
 
 
+def test_a_prompt_ending_in_a_space_gets_a_hint_and_its_results(demo_model, tmp_path):
+    """GPT-2 reads a trailing space as a token of its own, so the predictions are for what follows it: the
+    Explorer says so (a warning beside the results, not an error)."""
+    handlers = Handlers(Runner(demo_model, cache_dir=None), str(tmp_path))
+    with pytest.warns(UserWarning, match="ends with a space"):
+        outputs = handlers.explore(EIFFEL + " ", "", "", 0, 0)
+    assert SPACE in outputs["predictions"].layout.title.text  # "next token after ␣"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        handlers.explore(EIFFEL, "", "", 0, 0)  # no hint without one
+
+
 def test_validators_show_each_message_on_its_field_before_the_run(demo_model, tmp_path):
     """Bad input is caught before the run (so the results shown stay), each message on the field it is about,
     with the exact sentence the run itself would give."""
@@ -320,8 +335,9 @@ def test_quick_and_heavy_requests_queue_separately(demo_model):
     assert {lanes[name] for name in ("predict", "logit_lens", "dla", "attention", "explore", "explore_example")} == {light}
     heavy = ("patching", "attribution_patching", "induction", "contrast", "circuit_map", "contrast_example", "circuit_map_example")
     assert {lanes[name] for name in heavy} == {("heavy", 1)}
-    # every event that runs a handler (all but the examples' input filling) is in one of the two lanes
-    model_events = [fn for fn in demo.fns.values() if not fn.api_name.endswith("_load")]
+    # every event that runs a handler (all but the examples' input filling, and what runs in the browser alone) is in one of the two lanes
+    model_events = [fn for fn in demo.fns.values() if not fn.api_name.endswith("_load") and fn.fn is not None]
+    assert all(fn.js and not fn.queue for fn in demo.fns.values() if fn.fn is None)  # those send no request
     assert {(fn.concurrency_id, fn.concurrency_limit) for fn in model_events} == {light, ("heavy", 1)}
 
 

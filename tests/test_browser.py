@@ -146,6 +146,14 @@ def test_preview_stays_visible_and_bad_input_keeps_the_results(browser, page_url
     assert page.locator(".error").filter(has_text="Error").count() == 0
     assert page.evaluate(f"{VISIBLE_PLOTS}.map(p => p.layout.title.text)") == before
 
+    # Enter in the prompt runs it (a one-line box that grows with its text; Shift+Enter would add a line)
+    page.get_by_label("Target token (empty: the model's top prediction)").fill("")
+    prompt = page.get_by_label("Prompt").first
+    prompt.fill(IOI_CLEAN.replace(" store", " park"))
+    prompt.press("Enter")
+    page.wait_for_function(f"{VISIBLE_PLOTS}.some(p => JSON.stringify(p.data[0].x || []).includes('park'))", timeout=60_000)
+    assert prompt.input_value() == IOI_CLEAN.replace(" store", " park")  # no new line typed into it
+
     # Contrast Pairs: run another example; while exact patching runs, no figure is covered by the progress overlay
     page.get_by_role("tab", name="Contrast Pairs").click()
     page.wait_for_function(f"{VISIBLE_PLOTS}.length >= 5", timeout=30_000)
@@ -189,13 +197,19 @@ def test_a_task_and_where_its_heads_send_their_effect(browser, page_url, tmp_pat
     page.get_by_role("tab", name="→ logits").click()
     page.wait_for_selector("text=Direct path to the logits", timeout=30_000)
     shoot(page, "path-pair")
+    figures = page.evaluate(f"{VISIBLE_PLOTS}.length")
+    while senders.locator(".token .token-remove").count():  # no sender left: said on the list, in its words, before any run
+        senders.locator(".token .token-remove").first.click()
+    page.get_by_role("button", name="Trace paths").click()
+    page.wait_for_selector("text=Choose at least one sender in the list", timeout=30_000)
+    assert page.locator(".toast-body").count() == 0 and page.evaluate(f"{VISIBLE_PLOTS}.length") == figures  # the paths shown stay
 
     # a task: the pair's inputs give way to the task's; the task's means, then paths over the task
     page.get_by_label("A task").check()
     page.get_by_label("Prompt A (clean)").wait_for(state="hidden", timeout=30_000)
     page.get_by_label("Task", exact=True).click()
     page.get_by_role("option", name="induction").click()
-    page.get_by_label("Pairs (1-64)").fill("8")
+    page.get_by_label("Pairs n (1-64)").fill("8")
     page.get_by_role("button", name="Run task patching").click()
     page.wait_for_selector("text=Task patching: induction", timeout=120_000)
     assert "8 pairs" in page.locator("#task-summary").inner_text()
@@ -217,7 +231,28 @@ def test_a_task_and_where_its_heads_send_their_effect(browser, page_url, tmp_pat
     page.locator("input[type=file]").set_input_files(str(upload))
     page.wait_for_function("[...document.querySelectorAll('textarea')].some(t => t.value.includes('Sarah'))", timeout=30_000)
     page.get_by_role("button", name="Run task patching").click()
-    page.wait_for_selector("text=Line 2: expected an object", timeout=60_000)
+    page.wait_for_selector("text=Line 2: expected an object", timeout=60_000)  # on the pairs' field, before any run
+
+    # a built-in task again: a bad number is said on its field, not in a toast; pairs of several token lengths
+    # open on head_out, the one sweep computed, and the others say why they are empty
+    page.get_by_label("Task", exact=True).click()
+    page.get_by_role("option", name="ioi", exact=True).click()
+    page.get_by_label("Pairs n (1-64)").first.fill("0")
+    page.get_by_role("button", name="Run task patching").click()
+    page.wait_for_selector("text=n must be between 1 and 64, got 0.", timeout=60_000)
+    assert page.locator(".toast-body").count() == 0
+    page.get_by_label("Pairs n (1-64)").first.fill("8")
+    page.get_by_role("button", name="Run task patching").click()
+    page.wait_for_function("document.querySelector('#task-summary').innerText.includes('ioi (s2), 8 pairs')", timeout=120_000)
+    page.wait_for_function("[...document.querySelectorAll('#task-sweeps [role=tab][aria-selected=true]')].some(t => t.innerText.trim() == 'head_out')",
+                           timeout=30_000)
+    shoot(page, "task-several-lengths")
+    page.get_by_role("tab", name="resid_pre").last.click()
+    page.wait_for_selector("text=so positions do not line up", timeout=30_000)
+
+    # pairs typed into the box are for the custom task: it is chosen as they are typed
+    page.get_by_label("Your pairs (task custom)", exact=False).first.fill("When John and Mary went to the store, John gave a drink to | x | Mary | John")
+    page.wait_for_function("[...document.querySelectorAll('input')].some(i => i.value == 'custom')", timeout=30_000)
     assert [e for e in errors if "status of 422" not in e] == [], errors
 
 
@@ -230,7 +265,7 @@ def test_a_task_circuit_on_the_circuit_map(browser, page_url):
     page.get_by_role("tab", name="Circuit Map").click()
     page.wait_for_function(f"{VISIBLE_PLOTS}.length >= 5", timeout=30_000)
     page.locator("#circuit-heading").scroll_into_view_if_needed()
-    page.get_by_label("Pairs (1-64)").last.fill("8")
+    page.get_by_label("Pairs n (1-64)").last.fill("8")
     page.get_by_label("Edges k (1-761)").fill("6")
     page.get_by_role("button", name="Find the circuit").click()
     page.wait_for_selector("text=Circuit: 6 edges", timeout=120_000)

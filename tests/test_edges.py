@@ -10,7 +10,8 @@ import pytest
 from transformer_lens.tools.analysis.attribution_patching import EdgeAttributionConfig, attribution_patch
 
 from core.contrast import ContrastPair
-from core.edges import build_graph, edge_scores, exact_edge_effects, faithfulness, greedy_edges, top_edges
+from core.edges import build_graph, circuit, edge_scores, exact_edge_effects, faithfulness, greedy_edges, top_edges
+from core.edges import input_errors as circuit_errors
 from core.patching.exact import run_pairs
 from tests.conftest import IOI_CLEAN, IOI_CORRUPTED
 from tests.test_crosscheck import _best_conditioned_answers
@@ -242,6 +243,8 @@ def test_the_circuit_view_and_its_downloads(demo_model, tmp_path):
     graph = out["circuit_graph"]
     segments = sum(len([x for x in trace.x if x is None]) for trace in graph.data if trace.mode == "lines")
     assert segments == 6 and len(graph.layout.sliders[0].steps) > 1
+    nodes = next(trace for trace in graph.data if trace.meta == -1)
+    assert sorted(a.text for a in graph.layout.annotations) == sorted(nodes.text) == sorted(data["nodes"])  # each node named above the edges
     assert "Faithfulness" in out["circuit_summary"] and "Pearson r" in out["circuit_summary"]
     targeted = h.task_circuit("ioi", 8, 0, "", "eap", 5, "greedy", 20, 90, "mean", 0)
     reached = json.loads(open(targeted["circuit_json"]).read())
@@ -265,3 +268,26 @@ def test_gpt2_ioi_circuit_has_the_name_movers_and_s_inhibition_edges(gpt2):
     assert sum((mover, "logits") in top for mover in movers) >= 2, sorted(top)[:20]
     inhibition = {(s, f"{m}.q") for s in ("L7H3", "L7H9", "L8H6", "L8H10") for m in movers}
     assert len(inhibition & top) >= 2, sorted(inhibition & top)
+
+
+@pytest.mark.parametrize(
+    "inputs, field",
+    [
+        (dict(k=0), "k"),
+        (dict(target=101), "target"),
+        (dict(checks=-1), "checks"),
+        (dict(method="nope"), "method"),
+        (dict(method="eap-ig", steps=0), "steps"),
+        (dict(selection="best"), "selection"),
+        (dict(ablation="zero"), "ablation"),
+        (dict(n=0), "n"),
+        (dict(task="custom", pairs="a | b"), "pairs"),
+    ],
+)
+def test_a_circuits_bad_inputs_are_named_by_field_before_the_run_with_the_runs_own_message(demo_model, inputs, field):
+    """What the Circuit Map's validator shows on a field (input_errors: no forward pass) is what the run would raise."""
+    inputs = dict(task="ioi", n=8) | inputs
+    errors = circuit_errors(demo_model, **inputs)
+    with pytest.raises(ValueError) as raised:
+        circuit(demo_model, **inputs)
+    assert errors == {field: str(raised.value)}

@@ -142,6 +142,7 @@ def test_titles_have_a_short_left_aligned_main_line_and_details_below(results):
         assert figure.layout.title.x is None and figure.layout.title.xanchor is None  # the template's, not overridden
         details = re.findall(r"<sup>(.*?)</sup>", figure.layout.title.text)
         assert all(len(line) <= plots.DETAIL_CHARS for line in details), details  # detail lines wrap to fit a phone
+        assert min(map(len, details), default=0) >= max(map(len, details), default=0) / 3, details  # evenly: no line of a lone word
     lens, induction, patching = results["lens"], results["induction"], results["patching"]
     assert "Logit lens: top-1 prediction" in plots.main_title(plots.logit_lens_heatmap(lens))
     assert "Loss by position on the repeated random sequence" in plots.main_title(plots.loss_by_position(induction))

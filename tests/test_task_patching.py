@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformer_lens import patching as tl_patching
 
-from core import SWEEPS, activation_patching
+from core import SWEEPS, activation_patching, plots
 from core.config import LIMITS
 from core.model import to_tokens
 from core.patching.cost import pairs_flops
@@ -17,6 +17,7 @@ from core.patching.exact import fast_engine
 from core.patching.fast import FastRun
 from core.patching.hooks import HookRun
 from core.patching.path import task_path_patching
+from core.patching.task import input_errors as task_errors
 from core.patching.task import patch_task, raw_task_sweeps, task_patching, task_sweeps
 from core.tasks import built_in_task
 
@@ -53,6 +54,9 @@ def test_pairs_of_several_lengths_keep_the_head_sweep_only(demo_model):
     result = task_patching(demo_model, built_in_task(demo_model, "ioi", 16, seed=0))
     assert len(result.lengths) > 1 and result.resid_pre is None and result.head_out.shape == (5, 4)
     assert "only head_out" in result.note and result.positions == []
+    figure = plots.task_heatmap(result, "resid_pre")  # says so in words, no empty axes
+    assert not figure.data and not figure.layout.xaxis.visible and "see its tab" in figure.layout.annotations[0].text
+    assert ", ".join(map(str, result.lengths)) in figure.layout.annotations[0].text
 
 
 def test_the_demo_models_ioi_task_singles_out_L4H0(demo_model):
@@ -86,9 +90,30 @@ def test_a_request_over_the_patching_budget_says_how_many_pairs_fit(gpt2_shaped)
     """On GPT-2's shape 64 ten-token induction pairs, every position patched, need 14.3 TFLOP of matrix
     products (about 2 minutes here), over LIMITS.max_patching_tflop: refused before any patching, with the
     number of pairs that fits; 64 IOI pairs (head_out, 4.0 TFLOP) fit."""
-    with pytest.raises(ValueError, match=r"This task \(64 pairs; resid_pre, attn_out, mlp_out, head_out\) needs 14.3 TFLOP .* at most 22 of these"):
+    with pytest.raises(ValueError, match=r"This task \(64 pairs; resid_pre, attn_out, mlp_out, head_out\) needs 14.3 TFLOP .* at most 22 of these") as raised:
         patch_task(gpt2_shaped, "induction", 64)
+    assert task_errors(gpt2_shaped, "induction", 64) == {"n": str(raised.value)}  # the page says it on the Pairs field, before the run
     with pytest.raises(ValueError, match=r"Path patching from embed over 64 pairs needs 19.4 TFLOP .* at most 16 of these"):
         task_path_patching(gpt2_shaped, "embed", "induction", 64)
     pairs = built_in_task(gpt2_shaped, "ioi", 64, seed=0).contrast_pairs(gpt2_shaped)
     assert task_sweeps(pairs) == ("head_out",) and pairs_flops(gpt2_shaped, pairs, ("head_out",)) < LIMITS.max_patching_tflop * 1e12
+
+
+@pytest.mark.parametrize(
+    "inputs, field",
+    [
+        (dict(task="ioi", n=0), "n"),
+        (dict(task="ioi", n=65), "n"),
+        (dict(task="ioi", n=8, seed=-1), "seed"),
+        (dict(task="nope"), "task"),
+        (dict(task="custom", pairs="this is | not right\nfoo"), "pairs"),
+        (dict(task="custom", pairs=""), "pairs"),
+    ],
+)
+def test_a_tasks_bad_inputs_are_named_by_field_before_the_run_with_the_runs_own_message(demo_model, inputs, field):
+    """What the page's validator shows on a field (input_errors: no forward pass) is what the run would raise."""
+    errors = task_errors(demo_model, **inputs)
+    with pytest.raises(ValueError) as raised:
+        patch_task(demo_model, **inputs)
+    assert errors == {field: str(raised.value)}
+

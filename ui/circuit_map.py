@@ -7,10 +7,11 @@ import gradio as gr
 
 from core import DEFAULTS, LIMITS
 from core.edges import ABLATIONS, METHODS, SELECTIONS, build_graph
+from core.edges import input_errors as circuit_errors
 from core.induction import input_errors, max_seq_len
 from core.model import Model
 from core.tasks import BUILT_IN
-from ui.common import ABOUT, HEAVY, RAW, WIDE, about, by_component, examples, user_errors, validator, waiting_figure
+from ui.common import ABOUT, HEAVY, RAW, WIDE, about, by_component, choose_custom, examples, user_errors, validator, waiting_figure
 from ui.handlers import Handlers, example_rows
 
 
@@ -78,7 +79,7 @@ def build_task_circuit(h: Handlers, model: Model) -> None:
     about(ABOUT["circuit"])
     with gr.Row():
         task = gr.Dropdown([*BUILT_IN, "custom"], value="ioi", label="Task", info="built in, or custom: your pairs below", min_width=140)
-        n = gr.Number(32, precision=0, label=f"Pairs (1-{LIMITS.max_task_patching_pairs})", min_width=100)
+        n = gr.Number(32, precision=0, label=f"Pairs n (1-{LIMITS.max_task_patching_pairs})", min_width=100)
         seed = gr.Number(0, precision=0, label="Seed", min_width=80)
         method = gr.Radio(list(METHODS), value="eap", label="Edge scores", info="eap: one gradient; eap-ig: integrated over steps", min_width=160)
         steps = gr.Number(DEFAULTS.eap_ig_steps, precision=0, label=f"EAP-IG steps (1-{LIMITS.max_eap_ig_steps})", min_width=100)
@@ -117,7 +118,10 @@ def build_task_circuit(h: Handlers, model: Model) -> None:
     def task_circuit(task, n, seed, pairs, method, steps, selection, k, target, ablation, checks, progress=gr.Progress()):
         return h.task_circuit(task, n, seed, pairs, method, steps, selection, k, target, ablation, checks, progress=progress)
 
+    names = ["task", "n", "seed", "pairs", "method", "steps", "selection", "k", "target", "ablation", "checks"]
     run.click(
         user_errors(by_component(task_circuit, out)), [task, n, seed, pairs, method, steps, selection, k, target, ablation, checks], list(out.values()),
-        api_name="circuit_figures", api_visibility="private", show_progress_on=[out["circuit_summary"]], **HEAVY, **RAW,
+        api_name="circuit_figures", api_visibility="private", show_progress_on=[out["circuit_summary"]],
+        validator=validator(h, circuit_errors, names), **HEAVY, **RAW,
     )
+    choose_custom(pairs, task)

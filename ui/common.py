@@ -136,6 +136,11 @@ SHOW_IF_WAITING = f"""(...values) => {{
 }}"""
 
 
+def choose_custom(pairs: gr.Textbox, task: gr.Dropdown) -> None:
+    """Pairs typed or pasted are for the custom task: choose it, in the browser (no request)."""
+    pairs.change(None, [pairs, task], task, js="(text, chosen) => text.trim() ? 'custom' : chosen", api_visibility="private", queue=False)
+
+
 def by_component(fn, outputs: dict):
     """`fn` returns (or yields) its outputs keyed by name; Gradio takes them keyed by component:
     `outputs` maps each name to its component, so nothing is matched by position."""
@@ -242,7 +247,7 @@ ABOUT = {
         "**Direct logit attribution** splits the final logit of the target (or target minus competing token) into what "
         "each head, MLP, embedding and bias writes straight into the residual stream, scaled by the final LayerNorm: the "
         "parts add up to the model's own logit. Blue pushes towards the target, red against. Look for the few heads that "
-        "carry most of it, e.g. the name movers L9H9 and L10H0 on IOI. ([Elhage et al., 2021]"
+        "carry most of it, e.g. GPT-2 Small's name movers L9H9 and L10H0 on IOI. ([Elhage et al., 2021]"
         "(https://transformer-circuits.pub/2021/framework/index.html); [Wang et al., 2022](https://arxiv.org/abs/2211.00593))"
     ),
     "attention": (
@@ -271,7 +276,8 @@ ABOUT = {
     ),
     "path": (
         "**Path patching** sends the senders' clean − corrupted output to ONE receiver at a time: a later head's query, key "
-        "or value input, or the logits (the final residual stream), while everything else sees the corrupted run. A large "
+        "or value input, or the logits (the final residual stream alone: through no MLP, not even the sender's own layer's), while "
+        "everything else sees the corrupted run. A large "
         "score in the k map means the senders matter through that head's keys (where it looks), in v through what it "
         "copies, in q through what it looks for. Exact, with the semantics of TransformerLens's "
         "`get_act_patch_direct_path`; on a task, averaged like the task's patching. ([Wang et al., 2022]"

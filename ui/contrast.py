@@ -12,6 +12,7 @@ from core import LIMITS, SWEEPS
 from core.contrast import input_errors
 from core.model import Model
 from core.patching.path import COMPONENTS
+from core.patching.task import input_errors as task_errors
 from core.tasks import BUILT_IN
 from ui.common import (
     ABOUT,
@@ -23,6 +24,7 @@ from ui.common import (
     WIDE,
     about,
     by_component,
+    choose_custom,
     examples,
     user_errors,
     validator,
@@ -37,6 +39,9 @@ def sender_choices(model: Model) -> list[str]:
     """Every component a path can start from, in the order the model computes them."""
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     return ["embed", *(name for layer in range(n_layers) for name in (*(f"L{layer}H{head}" for head in range(n_heads)), f"MLP{layer}"))]
+
+
+NO_SENDERS = "Choose at least one sender in the list: a head, an MLP or the embeddings."
 
 
 def read_upload(path: str | None) -> tuple[str, str]:
@@ -73,7 +78,7 @@ def build(h: Handlers, model: Model):
     with gr.Column(visible=False) as task_inputs:
         with gr.Row():
             task = gr.Dropdown([*BUILT_IN, "custom"], value="ioi", label="Task", info="built in, or custom: your pairs below", min_width=160)
-            n = gr.Number(32, precision=0, label=f"Pairs (1-{LIMITS.max_task_patching_pairs})", min_width=100)
+            n = gr.Number(32, precision=0, label=f"Pairs n (1-{LIMITS.max_task_patching_pairs})", min_width=100)
             seed = gr.Number(0, precision=0, label="Seed (same seed, same pairs)", min_width=100)
             run_task = gr.Button("Run task patching", variant="primary", min_width=120)
         pairs = gr.Textbox(
@@ -123,11 +128,12 @@ def build(h: Handlers, model: Model):
             "task_summary": gr.Markdown("Pick a task and **Run task patching**: every sweep, averaged over the task's pairs.", elem_id="task-summary"),
         }
         about(ABOUT["task"])
-        with gr.Tabs(elem_id="task-sweeps"):
+        with gr.Tabs(elem_id="task-sweeps") as task_tabs:
             for name in SWEEPS:
                 with gr.Tab(name, id=f"task-{name}"):
                     task_out[f"task {name}"] = gr.Plot(label=f"Task: {name}")
         task_out["task_download"] = gr.File(label="Download results (JSON: means, each pair's values and head effects)")
+        task_out["task_tab"] = task_tabs
 
     gr.Markdown("### Path patching: where does a component's effect go?", elem_id="path-heading")
     about(ABOUT["path"])
@@ -193,16 +199,21 @@ def build(h: Handlers, model: Model):
     run_task.click(hold, task_inputs_list, pending, api_visibility="private", **HEAVY, **RAW)
     then_accept(run_task.click(
         user_errors(by_component(task_patching, task_out)), task_inputs_list, list(task_out.values()),
-        api_name="task_figures", api_visibility="private", show_progress_on=[task_out["task_summary"]], **HEAVY, **RAW,
+        api_name="task_figures", api_visibility="private", show_progress_on=[task_out["task_summary"]],
+        validator=validator(h, task_errors, ["task", "n", "seed", "pairs"]), **HEAVY, **RAW,
     ), "task")
+    choose_custom(pairs, task)
 
     def paths(chosen, now, chosen_senders, progress=gr.Progress()):
         kind = "task" if chosen == TASK_MODE else "pair"
         return h.paths(kind, now.get(kind) if isinstance(now, dict) else None, chosen_senders, progress=progress)
 
+    def some_senders(chosen, now, chosen_senders) -> list:  # the list's own words, before the run: not the API's text syntax
+        return [gr.validate(True, ""), gr.validate(True, ""), gr.validate(bool(chosen_senders), NO_SENDERS)]
+
     trace.click(
         user_errors(by_component(paths, path_out)), [mode, shown, senders], list(path_out.values()),
-        api_name="path_figures", api_visibility="private", **HEAVY, **RAW,
+        api_name="path_figures", api_visibility="private", validator=some_senders, **HEAVY, **RAW,
     )
     upload.upload(read_upload, upload, [pairs, task], api_visibility="private", **LIGHT)
     if prefilled is not None:

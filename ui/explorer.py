@@ -19,7 +19,7 @@ def build(h: Handlers, model: Model) -> None:
     initial = prefilled or {}
     waiting = None if prefilled else waiting_figure()
     with gr.Row():
-        prompt = gr.Textbox(value=first[0], label="Prompt", lines=2, scale=3)
+        prompt = gr.Textbox(value=first[0], label="Prompt", info="Enter runs it (Shift+Enter: a new line).", lines=1, max_lines=8, scale=3)
         with gr.Column(scale=2, min_width=240):
             target = gr.Textbox(value=first[1], label="Target token (empty: the model's top prediction)", info=SPACE_HINT)
             competing = gr.Textbox(value=first[2], label="Competing token (optional: DLA of the difference)")
@@ -36,7 +36,9 @@ def build(h: Handlers, model: Model) -> None:
         "attention_head": "Attention: one head",
         "attention": "Attention: every head",
     }
-    out = {name: gr.Plot(value=initial.get(name, waiting), label=label, render=False) for name, label in labels_of.items()}
+    out = {
+        name: gr.Plot(value=initial.get(name, waiting), label=label, render=False, elem_id=name.replace("_", "-")) for name, label in labels_of.items()
+    }
     out["download"] = gr.File(value=initial.get("download"), label="Download all results (JSON)", render=False)
     inputs = [prompt, target, competing, layer, head]
     outputs = list(out.values())

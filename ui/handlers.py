@@ -96,6 +96,8 @@ class Handlers:
     def explore(self, prompt: str, target: str, competing: str, layer: int, head: int = 0, persist: bool = False) -> dict:
         """Prompt Explorer: predictions, logit lens, DLA and one layer's attention (one head large, all heads small)."""
         top, lens, dla, attention = self.explore_results(prompt, target, competing, layer, persist=persist)
+        if isinstance(prompt, str) and prompt != prompt.rstrip(" "):
+            gr.Warning(TRAILING_SPACE, duration=12)
         data = {"predictions": top.to_dict(), "logit_lens": lens.to_dict(), "dla": dla.to_dict(), "attention": attention.to_dict()}
         return {
             "predictions": plots.top_predictions(top),
@@ -188,6 +190,8 @@ class Handlers:
             "task_summary": task_summary(result),
             **{f"task {name}": plots.task_heatmap(result, name) for name in SWEEPS},
             "task_download": self._download(f"task-{result.task}", result.to_dict()),
+            # pairs of several lengths: only head_out is computed, so show its tab (the others say why they are empty)
+            "task_tab": gr.Tabs(selected="task-head_out") if result.resid_pre is None else gr.skip(),
         }
 
     def top_senders(self, kind: str, values: list) -> list[str]:
@@ -258,6 +262,12 @@ def _task_args(task, n, seed, pairs) -> tuple:
     """A task's four inputs as the task techniques take them, so the task run and the senders proposed
     from it ask the runner's cache for the same key."""
     return task, whole(n), whole(seed), pairs
+
+
+TRAILING_SPACE = (
+    "Your prompt ends with a space, which GPT-2 reads as a token of its own: the predictions are for the token after that "
+    "space. GPT-2's words carry their space in front (' Paris'), so a prompt usually ends without one."
+)
 
 
 def _check_shown(values) -> None:

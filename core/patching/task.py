@@ -25,6 +25,7 @@ from core.patching.fast import FastRun, evaluate_jobs, sweep_jobs
 from core.registry import Progress, Technique
 from core.results import TaskPatchingResult
 from core.tasks import TASK_INPUTS, Task, chosen_task
+from core.tasks import input_errors as task_input_errors
 
 
 def _fast_sweeps(runs: list[FastRun], sweeps: tuple[str, ...], rows_per_pass: int, progress: Progress | None) -> dict[str, np.ndarray]:
@@ -81,8 +82,7 @@ def task_patching(
     refuse (before any patching) a task that needs more than LIMITS.max_patching_tflop, as the server does."""
     pairs = task.contrast_pairs(model)
     if budget:
-        sweeps = task_sweeps(pairs)
-        check_budget(pairs_flops(model, pairs, sweeps), len(pairs), f"This task ({len(pairs)} pairs; {', '.join(sweeps)})")
+        _check_budget(model, pairs)
     lengths = sorted({pair.clean_tokens.shape[-1] for pair in pairs})
     clean, corrupted, raw = _raw_sweeps(model, pairs, progress, rows_per_pass)
     gap = float((clean - corrupted).mean())
@@ -98,6 +98,23 @@ def task_patching(
         head_out_effects=raw["head_out"] - corrupted[:, None, None],
         **scores,
     )
+
+
+def _check_budget(model: Model, pairs: list[ContrastPair]) -> None:
+    sweeps = task_sweeps(pairs)
+    check_budget(pairs_flops(model, pairs, sweeps), len(pairs), f"This task ({len(pairs)} pairs; {', '.join(sweeps)})")
+
+
+def input_errors(model: Model, task: str = "ioi", n: int = 32, seed: int = 0, pairs: str = "") -> dict[str, str]:
+    """What is wrong with patch_task's inputs, keyed by input, without running the model: the task's own
+    checks (core.tasks.input_errors), then the server's budget, on the input that sets the task's size."""
+    errors = task_input_errors(model, task, n, seed, pairs)
+    if not errors:
+        try:
+            _check_budget(model, chosen_task(model, task, n, seed, pairs).contrast_pairs(model))
+        except ValueError as err:
+            errors = {"pairs" if task == "custom" else "n": str(err)}
+    return errors
 
 
 def patch_task(
@@ -118,5 +135,6 @@ TECHNIQUE = Technique(
     example={"task": "induction", "n": 8, "seed": 0},
     figures=tuple(functools.partial(plots.task_heatmap, sweep=name) for name in SWEEPS),
     progress=True,
+    input_errors=input_errors,
     tab="Contrast Pairs",
 )
