@@ -641,19 +641,41 @@ def edge_attribution(
     return _scores_result(EdgeAttributionResult, model, chosen, contrast, method, steps, scores)
 
 
-CHOICES = {  # circuit's choices: what each is, for the message that names them
-    "selection": "choose 'greedy' (a connected circuit) or 'top' (the largest |scores|)",
-    "ablation": "choose 'corrupted' (the corrupted prompt's output) or 'mean' (the task's mean)",
+CHOICES = {  # circuit's choices: what may be chosen, and the message's words for them
+    "selection": (SELECTIONS, "choose 'greedy' (a connected circuit) or 'top' (the largest |scores|)"),
+    "ablation": (ABLATIONS, "choose 'corrupted' (the corrupted prompt's output) or 'mean' (the task's mean)"),
 }
 
 
-def circuit_choice(value: str, choices, name: str) -> str:
+def _choice(value: str, name: str) -> str:
+    choices, words = CHOICES[name]
     if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"Unknown {name} {str(value)[:40]!r}: {CHOICES[name]}.")
+        raise ValueError(f"Unknown {name} {str(value)[:40]!r}: {words}.")
     return value
 
 
-def _circuit_budget(model: Model, contrast: list[ContrastPair], method: str, steps: int, sizes, searches: int, checks: int, ablation: str) -> None:
+def _settings(graph: Graph, method, steps, selection, k, target, ablation, checks) -> dict[str, Callable[[], object]]:
+    """circuit's checks of its settings, by input name, in the order the run makes them: each gives the
+    setting as the run uses it, or raises the run's ValueError."""
+    return {
+        "method": lambda: _method(method),
+        "steps": lambda: check_int(steps, "steps", 1, LIMITS.max_eap_ig_steps),
+        "selection": lambda: _choice(selection, "selection"),
+        "ablation": lambda: _choice(ablation, "ablation"),
+        "k": lambda: check_int(k, "k", 1, graph.n_edges),
+        "target": lambda: check_int(target, "target", 0, 100),
+        "checks": lambda: check_int(checks, "checks", 0, min(LIMITS.max_edge_checks, graph.n_edges)),
+    }
+
+
+def _search(graph: Graph, target: int) -> tuple[np.ndarray, int]:
+    """The circuit sizes the faithfulness curve measures, and the bisection steps a target adds."""
+    return curve_sizes(graph.n_edges), int(np.ceil(np.log2(graph.n_edges))) if target else 0
+
+
+def _circuit_budget(model: Model, contrast: list[ContrastPair], graph: Graph, settings: dict) -> None:
+    method, steps, checks, ablation = (settings[name] for name in ("method", "steps", "checks", "ablation"))
+    sizes, searches = _search(graph, settings["target"])
     check_budget(
         circuit_flops(model, contrast, method, steps, len(sizes) + 1, searches, checks, ablation), len(contrast),
         f"A circuit ({method}, {len(sizes)} faithfulness points, {checks} exact checks) over {len(contrast)} pairs",
@@ -670,31 +692,20 @@ def input_errors(
     model: Model, task: str = "ioi", n: int = 32, seed: int = 0, pairs: str = "", method: str = "eap", steps: int = DEFAULTS.eap_ig_steps,
     selection: str = "greedy", k: int = DEFAULTS.circuit_edges, target: int = 0, ablation: str = "corrupted", checks: int = DEFAULTS.edge_checks,
 ) -> dict[str, str]:
-    """What is wrong with circuit's inputs, keyed by input, without running the model: circuit's own checks and
-    messages (each input's, the task's: core.tasks.input_errors), then the server's budget, on the input that
-    sets the task's size. {} when all are fine."""
+    """What is wrong with circuit's inputs, keyed by input, without running the model: circuit's checks and
+    messages (its settings', the task's: core.tasks.input_errors), then the server's budget, on the input that
+    sets the task's size. {} when all are fine. Not checked here: whether the model is one circuits apply to
+    (a GPT-2-style model; the run says so)."""
     graph = build_graph(model.cfg.n_layers, model.cfg.n_heads)
-    fields = {
-        "method": lambda: _method(method),
-        "steps": lambda: _check_steps(steps),
-        "selection": lambda: circuit_choice(selection, SELECTIONS, "selection"),
-        "k": lambda: check_int(k, "k", 1, graph.n_edges),
-        "target": lambda: check_int(target, "target", 0, 100),
-        "ablation": lambda: circuit_choice(ablation, ABLATIONS, "ablation"),
-        "checks": lambda: check_int(checks, "checks", 0, min(LIMITS.max_edge_checks, graph.n_edges)),
-    }
-    errors = task_input_errors(model, task, n, seed, pairs)
-    for name, check in fields.items():
+    errors, settings = task_input_errors(model, task, n, seed, pairs), {}
+    for name, check in _settings(graph, method, steps, selection, k, target, ablation, checks).items():
         try:
-            check()
+            settings[name] = check()
         except ValueError as err:
             errors[name] = str(err)
     if not errors:
-        contrast = chosen_task(model, task, n, seed, pairs).contrast_pairs(model)
-        sizes = curve_sizes(graph.n_edges)
-        searches = int(np.ceil(np.log2(graph.n_edges))) if target else 0
         try:
-            _circuit_budget(model, contrast, _method(method), steps, sizes, searches, checks, ablation)
+            _circuit_budget(model, chosen_task(model, task, n, seed, pairs).contrast_pairs(model), graph, settings)
         except ValueError as err:
             errors["pairs" if task == "custom" else "n"] = str(err)
     return errors
@@ -720,18 +731,12 @@ def circuit(
     is the smallest the search finds whose faithfulness reaches target / 100 (bisection between the
     curve's sizes). `ablation`: what edges outside carry. `checks`: the top edges by |score| whose exact
     effect alone is computed."""
-    method = _method(method)
-    _check_steps(steps)
-    circuit_choice(selection, SELECTIONS, "selection")
-    circuit_choice(ablation, ABLATIONS, "ablation")
     graph = build_graph(model.cfg.n_layers, model.cfg.n_heads)
-    check_int(k, "k", 1, graph.n_edges)
-    check_int(target, "target", 0, 100)
-    check_int(checks, "checks", 0, min(LIMITS.max_edge_checks, graph.n_edges))
+    settings = {name: check() for name, check in _settings(graph, method, steps, selection, k, target, ablation, checks).items()}
+    method, steps, k, target, checks = (settings[name] for name in ("method", "steps", "k", "target", "checks"))
     chosen, contrast = _task_pairs(model, task, n, seed, pairs)
     sizes = curve_sizes(graph.n_edges)
-    searches = int(np.ceil(np.log2(graph.n_edges))) if target else 0
-    _circuit_budget(model, contrast, method, steps, sizes, searches, checks, ablation)
+    _circuit_budget(model, contrast, graph, settings)
 
     def part(low: float, high: float) -> Progress | None:
         return None if progress is None else (lambda fraction, desc: progress(low + (high - low) * fraction, desc))

@@ -96,6 +96,7 @@ def _title(main: str, detail: str | None = None) -> str:
     """A figure title: a short main line and, below it in a smaller font, the detail (wrapped)."""
     if detail is None:
         return main
+
     def wrap(width: int) -> list[str]:
         return textwrap.wrap(detail, width, break_long_words=False, break_on_hyphens=False)
 
@@ -112,6 +113,13 @@ def _top_margin(title: str, panel_lines: int) -> int:
     """The top margin a figure with subplot titles needs: the title (main line and detail lines, below
     the page's label badge) and then `panel_lines` lines of panel titles, so neither overlaps."""
     return TITLE_PAD + 22 + 13 * title.count("<sup>") + 14 * panel_lines + 8
+
+
+def message_figure(text: str, height: int = 260, size: int = 13) -> go.Figure:
+    """A figure that is a sentence: no axes, the text in the middle (what is not there, and why)."""
+    figure = go.Figure(layout=dict(template=TEMPLATE, height=height, xaxis_visible=False, yaxis_visible=False))
+    figure.add_annotation(text=text, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper", font=dict(size=size, color="#4b5563"))
+    return figure
 
 
 def main_title(figure: go.Figure) -> str:
@@ -500,15 +508,11 @@ def task_heatmap(result: TaskPatchingResult, sweep: str) -> go.Figure:
     title = _title(f"Task patching: {result.task}", f"{spec.title} ({spec.detail}), mean over {result.n_pairs} pairs / mean gap {result.gap:+.2f}")
     if scores is None:  # no empty axes: what was not computed, why, and where to look instead
         lengths = ", ".join(map(str, result.lengths))
-        fig = go.Figure(layout=dict(
-            template=TEMPLATE, title=_title(f"Task patching: {result.task}", f"{spec.title}: not computed, pairs of several lengths"), height=260,
-            xaxis_visible=False, yaxis_visible=False, plot_bgcolor="white",
-        ))
-        fig.add_annotation(
-            text=f"Not computed: the pairs have {len(result.lengths)} token lengths ({lengths}), so positions do not line up.<br>"
-            "head_out (each head at all positions) is: see its tab. Pairs of one length give every sweep.",
-            showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper", font=dict(size=13, color="#4b5563"),
+        fig = message_figure(
+            f"Not computed: the pairs have {len(result.lengths)} token lengths ({lengths}), so positions do not line up.<br>"
+            "head_out (each head at all positions) is computed: see its tab. Pairs of one length give every sweep.",
         )
+        fig.update_layout(title=_title(f"Task patching: {result.task}", f"{spec.title}: not computed, pairs of several lengths"))
         return fig
     if spec.axis == "head":
         x, x_title, hover = head_labels(scores.shape[1]), "head", "%{y}%{x}"

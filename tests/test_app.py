@@ -32,7 +32,9 @@ from core import (
 from core.attribution import input_errors as explorer_errors
 from core.config import LIMITS, Limits
 from core.contrast import input_errors as pair_errors
+from core.edges import input_errors as circuit_errors
 from core.induction import input_errors as induction_errors
+from core.patching.task import input_errors as task_errors
 from core.plots import SPACE
 from core.registry import techniques
 from core.results import dumps
@@ -231,6 +233,13 @@ def test_validators_show_each_message_on_its_field_before_the_run(demo_model, tm
     assert "empty" in checks[0]["message"] and "same" in checks[2]["message"]
     circuit = validator(handlers, induction_errors, ["seq_len", "batch", "seed"])
     assert [c["is_valid"] for c in circuit(1000, 2, 0)] == [False, True, True]
+    task = validator(handlers, task_errors, ["task", "n", "seed", "pairs"])  # on the runner's tokenizing copy, as the page runs them
+    assert [c["is_valid"] for c in task("ioi", 0, 0, "")] == [True, False, True, True]
+    assert [c["is_valid"] for c in task("custom", 8, 0, "a | b")] == [True, True, True, False]
+    names = ["task", "n", "seed", "pairs", "method", "steps", "selection", "k", "target", "ablation", "checks"]
+    edges = validator(handlers, circuit_errors, names)
+    assert [c["is_valid"] for c in edges("ioi", 8, 0, "", "eap", 5, "greedy", 0, 0, "corrupted", 5)] == [n != "k" for n in names]
+    assert all(c["is_valid"] for c in edges("ioi", 8, 0, "", "eap", 5, "greedy", 6, 0, "corrupted", 5))
     busy = threading.Thread(target=handlers.runner.lock.acquire)  # the model busy elsewhere (for good): the checks do not wait
     busy.start()
     busy.join()
@@ -381,22 +390,27 @@ def test_app_demo_is_built_once(monkeypatch):
         app._module_demo.cache_clear()
 
 
-def test_a_first_start_page_waits_for_no_example_and_each_tab_fills_its_own(tiny_model, tmp_path):
+def test_a_first_start_page_waits_for_no_example_and_each_tab_fills_its_own(tiny_model, tmp_path, monkeypatch):
     """warm="background" (python app.py) on an empty cache: the page computes nothing; the Prompt Explorer
     fills its first example when the page loads (computed, then drawn into hidden copies, which the browser
     shows unless the visitor's own results are shown by then: tests/test_browser.py), Contrast Pairs and the Circuit Map the first time they are opened
     (through the cache, which they fill for the next start), and opening them again changes nothing."""
+    explored, explore = [], Handlers.explore
+    monkeypatch.setattr(Handlers, "explore", lambda self, *args, **kwargs: explored.append(args) or explore(self, *args, **kwargs))
     runner = Runner(tiny_model, cache_dir=tmp_path)
     demo = app.build_demo(runner=runner, warm="background")
     assert runner.computed == 0
     loads = [fn for fn in demo.fns.values() if any(event == "load" for _, event in fn.targets)]
     draw = next(fn for fn in demo.fns.values() if fn.name == "draw")
     assert len(loads) == 1 and {loads[0].concurrency_id, draw.concurrency_id} == {"light"}  # the Explorer's lane
-    prompt, target, competing, layer, head = example_rows(tiny_model)["explorer"][1][0]
+    assert ui.common.WAITING in ui.common.waiting_figure().to_json()  # what the browser looks for before it shows the fill
+    first_row = example_rows(tiny_model)["explorer"][1][0]
+    prompt, target, competing, layer, head = first_row
     assert loads[0].fn(layer, head) is None and runner.computed == 1  # computed, not drawn
-    drawn = draw.fn(layer, 1)  # drawn at the head the slider shows then, from the cache
+    explored.clear()
+    drawn = draw.fn(layer, 1)  # drawn at the head the slider shows then, from the cache, once
     figures = [value for block, value in drawn.items() if isinstance(block, gr.Plot)]
-    assert len(figures) == 7 and all(value is not None for value in figures) and runner.computed == 1
+    assert len(figures) == 7 and all(value is not None for value in figures) and runner.computed == 1 and explored == [(*first_row[:3], layer, 1)]
     assert "head 1" in figures[5].layout.title.text  # the one head drawn large
     assert not any(block.visible for block in drawn)  # into hidden copies: the browser shows them where the figures still wait
     show = next(fn for fn in demo.fns.values() if fn.js == ui.common.SHOW_IF_WAITING)

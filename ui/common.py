@@ -14,6 +14,7 @@ import plotly.graph_objects as go
 import serving
 from core.config import LIMITS
 from core.model import ModelLoadError
+from core.plots import message_figure
 from serving.runner import ModelChanged
 
 NOT_LOADED = (ModelLoadError, ModelChanged)  # the model failed to load behind the page: the app stops, or starts again
@@ -78,10 +79,13 @@ def plain_text(err: Exception) -> str:
 ON_THEIR_WAY = "The example's results are on their way (the app has just started)."
 
 
+WAITING = "circuitbreaker-waiting"  # a waiting figure's layout.meta: what the browser looks for (SHOW_IF_WAITING)
+
+
 def waiting_figure() -> go.Figure:
-    """What a figure of a tab's first example shows until the tab fills it (`fill_when_opened`)."""
-    figure = go.Figure(layout=dict(height=240, xaxis_visible=False, yaxis_visible=False, plot_bgcolor="white", margin=dict(l=10, r=10, t=10, b=10)))
-    figure.add_annotation(text=ON_THEIR_WAY, showarrow=False, font=dict(size=14, color="#6b7280"), x=0.5, y=0.5, xref="paper", yref="paper")
+    """What a figure of a tab's first example shows until the tab fills it (`fill_when_opened`, `fill_on_load`)."""
+    figure = message_figure(ON_THEIR_WAY, height=240, size=14)
+    figure.update_layout(meta=WAITING, margin=dict(l=10, r=10, t=10, b=10))
     return figure
 
 
@@ -120,7 +124,8 @@ def fill_on_load(compute, fill, inputs: list, outputs: list, lane: dict) -> None
         compute(*values)
 
     def draw(*values) -> dict:
-        return dict(zip(staged, (fill(*values)[component] for component in outputs)))
+        drawn = fill(*values)
+        return {copy: drawn[component] for copy, component in zip(staged, outputs)}
 
     # no triggers: the page's load; Gradio's progress (its timer) over the figures while the model loads and computes
     loaded = gr.on(None, user_errors(warm), inputs, None, api_visibility="private", show_progress_on=outputs, **lane, **RAW)
@@ -132,13 +137,13 @@ def fill_on_load(compute, fill, inputs: list, outputs: list, lane: dict) -> None
 # (or empty), else the shown ones as they are: in the browser, with no request
 SHOW_IF_WAITING = f"""(...values) => {{
     const half = values.length / 2, first = values[half];
-    return first == null || JSON.stringify(first).includes({json.dumps(ON_THEIR_WAY)}) ? values.slice(0, half) : values.slice(half);
+    return first == null || JSON.stringify(first).includes({json.dumps(WAITING)}) ? values.slice(0, half) : values.slice(half);
 }}"""
 
 
 def choose_custom(pairs: gr.Textbox, task: gr.Dropdown) -> None:
     """Pairs typed or pasted are for the custom task: choose it, in the browser (no request)."""
-    pairs.change(None, [pairs, task], task, js="(text, chosen) => text.trim() ? 'custom' : chosen", api_visibility="private", queue=False)
+    pairs.change(None, [pairs, task], task, js="(text, chosen) => (text ?? '').trim() ? 'custom' : chosen", api_visibility="private", queue=False)
 
 
 def by_component(fn, outputs: dict):
