@@ -35,8 +35,7 @@ from core.patching.fast import Engine, FastRun, Job, evaluate_jobs
 from core.patching.path import COMPONENTS, parse_senders, receiver_writes, sender_writes
 from core.registry import Input, Progress, Technique
 from core.results import CircuitResult, EdgeAttributionResult
-from core.tasks import TASK_INPUTS, Task, chosen_task, metric_values
-from core.tasks import input_errors as task_input_errors
+from core.tasks import TASK_INPUTS, Task, checked_inputs, chosen_task, metric_values, size_field
 
 ABLATIONS = ("corrupted", "mean")
 
@@ -693,11 +692,12 @@ def input_errors(
     selection: str = "greedy", k: int = DEFAULTS.circuit_edges, target: int = 0, ablation: str = "corrupted", checks: int = DEFAULTS.edge_checks,
 ) -> dict[str, str]:
     """What is wrong with circuit's inputs, keyed by input, without running the model: circuit's checks and
-    messages (its settings', the task's: core.tasks.input_errors), then the server's budget, on the input that
+    messages (its settings', the task's: core.tasks.checked_inputs), then the server's budget, on the input that
     sets the task's size. {} when all are fine. Not checked here: whether the model is one circuits apply to
     (a GPT-2-style model; the run says so)."""
     graph = build_graph(model.cfg.n_layers, model.cfg.n_heads)
-    errors, settings = task_input_errors(model, task, n, seed, pairs), {}
+    errors, contrast = checked_inputs(model, task, n, seed, pairs)
+    settings = {}
     for name, check in _settings(graph, method, steps, selection, k, target, ablation, checks).items():
         try:
             settings[name] = check()
@@ -705,9 +705,9 @@ def input_errors(
             errors[name] = str(err)
     if not errors:
         try:
-            _circuit_budget(model, chosen_task(model, task, n, seed, pairs).contrast_pairs(model), graph, settings)
+            _circuit_budget(model, contrast, graph, settings)
         except ValueError as err:
-            errors["pairs" if task == "custom" else "n"] = str(err)
+            errors[size_field(task)] = str(err)
     return errors
 
 

@@ -207,12 +207,15 @@ BUILT_IN: dict[str, Callable[..., Task]] = {
 }
 
 
+MAX_SEED = 2**32 - 1  # a draw's seed: 0 to this
+
+
 def built_in_task(model: Model, name: str, n: int, seed: int = 0) -> Task:
     """A built-in task of `n` pairs, drawn with `seed` (the same seed gives the same pairs)."""
     if not isinstance(name, str) or name not in BUILT_IN:
         raise ValueError(f"There is no task {name!r}: the built-in tasks are {', '.join(BUILT_IN)}.")
     n = check_int(n, "n", 1, LIMITS.max_task_pairs)
-    seed = check_int(seed, "seed", 0, 2**32 - 1)
+    seed = check_int(seed, "seed", 0, MAX_SEED)
     return BUILT_IN[name](model, n, seed)
 
 
@@ -324,30 +327,38 @@ def chosen_task(model: Model, task: str, n: int = 32, seed: int = 0, pairs: str 
             raise ValueError(f"Your task has {len(chosen.pairs)} pairs; patching takes at most {most} per request: use fewer.")
         return chosen
     if task in BUILT_IN:
-        return built_in_task(model, task, check_int(n, "n", 1, most), seed)
+        checked = {name: check() for name, check in _request_checks(n, seed).items()}
+        return built_in_task(model, task, checked["n"], checked["seed"])
     raise ValueError(f"There is no task {task!r}: pick one of {', '.join(BUILT_IN)}, or custom with your pairs.")
 
 
-def input_errors(model: Model, task: str, n: int = 32, seed: int = 0, pairs: str = "") -> dict[str, str]:
-    """What is wrong with a task's inputs, keyed by the input it is about, without running the model
-    (chosen_task's checks and messages, then each pair's, as ContrastPair.of checks it): {} when all are fine.
-    A built-in task that does not apply to the model is the task's fault; a custom task's, its pairs'."""
-    if task == "custom":
-        field = "pairs"
-    elif isinstance(task, str) and task in BUILT_IN:
-        for name, value, low, high in (("n", n, 1, LIMITS.max_task_patching_pairs), ("seed", seed, 0, 2**32 - 1)):
+def _request_checks(n, seed) -> dict[str, Callable[[], int]]:
+    """chosen_task's checks of a built-in task's size and seed, by input name, in the order it makes them:
+    each gives the value as the task uses it, or raises its ValueError."""
+    return {"n": lambda: check_int(n, "n", 1, LIMITS.max_task_patching_pairs), "seed": lambda: check_int(seed, "seed", 0, MAX_SEED)}
+
+
+def checked_inputs(model: Model, task: str, n: int = 32, seed: int = 0, pairs: str = "") -> tuple[dict[str, str], list[ContrastPair]]:
+    """(what is wrong with a task's inputs, keyed by the input it is about; the task's checked pairs, [] unless
+    nothing is), without running the model: chosen_task's checks and messages, then each pair's, as
+    ContrastPair.of checks it. A built-in task that does not apply to the model is the task's fault; a custom
+    task's, its pairs'."""
+    field = "pairs" if task == "custom" else "task"
+    if isinstance(task, str) and task in BUILT_IN:
+        for name, check in _request_checks(n, seed).items():
             try:
-                check_int(value, name, low, high)
+                check()
             except ValueError as err:
-                return {name: str(err)}
-        field = "task"
-    else:
-        field = "task"
+                return {name: str(err)}, []
     try:
-        chosen_task(model, task, n, seed, pairs).contrast_pairs(model)
+        return {}, chosen_task(model, task, n, seed, pairs).contrast_pairs(model)
     except ValueError as err:
-        return {field: str(err)}
-    return {}
+        return {field: str(err)}, []
+
+
+def size_field(task: str) -> str:
+    """The input that sets a task's size, which a request too big for the server's budget is refused on."""
+    return "pairs" if task == "custom" else "n"
 
 
 TASK_INPUTS = (  # a task as a technique's inputs (core.registry): chosen_task's arguments

@@ -30,7 +30,7 @@ from ui.common import (
     validator,
     waiting_figure,
 )
-from ui.handlers import TASK_MODE, Handlers, example_rows
+from ui.handlers import TASK_MODE, Handlers, example_rows, task_tab_id
 
 PAIR_MODE = "One pair"
 
@@ -130,7 +130,7 @@ def build(h: Handlers, model: Model):
         about(ABOUT["task"])
         with gr.Tabs(elem_id="task-sweeps") as task_tabs:
             for name in SWEEPS:
-                with gr.Tab(name, id=f"task-{name}"):
+                with gr.Tab(name, id=task_tab_id(name)):
                     task_out[f"task {name}"] = gr.Plot(label=f"Task: {name}")
         task_out["task_download"] = gr.File(label="Download results (JSON: means, each pair's values and head effects)")
         task_out["task_tab"] = task_tabs

@@ -191,7 +191,7 @@ class Handlers:
             **{f"task {name}": plots.task_heatmap(result, name) for name in SWEEPS},
             "task_download": self._download(f"task-{result.task}", result.to_dict()),
             # pairs of several lengths: only head_out is computed, so show its tab (the others say why they are empty)
-            "task_tab": gr.Tabs(selected="task-head_out") if result.resid_pre is None else gr.skip(),
+            "task_tab": gr.Tabs(selected=task_tab_id("head_out")) if result.resid_pre is None else gr.skip(),
         }
 
     def top_senders(self, kind: str, values: list) -> list[str]:
@@ -262,6 +262,11 @@ def _task_args(task, n, seed, pairs) -> tuple:
     """A task's four inputs as the task techniques take them, so the task run and the senders proposed
     from it ask the runner's cache for the same key."""
     return task, whole(n), whole(seed), pairs
+
+
+def task_tab_id(sweep: str) -> str:
+    """The id of a sweep's tab in Contrast Pairs' task results."""
+    return f"task-{sweep}"
 
 
 TRAILING_SPACE = (

@@ -24,8 +24,7 @@ from core.patching.exact import run_pairs
 from core.patching.fast import FastRun, evaluate_jobs, sweep_jobs
 from core.registry import Progress, Technique
 from core.results import TaskPatchingResult
-from core.tasks import TASK_INPUTS, Task, chosen_task
-from core.tasks import input_errors as task_input_errors
+from core.tasks import TASK_INPUTS, Task, checked_inputs, chosen_task, size_field
 
 
 def _fast_sweeps(runs: list[FastRun], sweeps: tuple[str, ...], rows_per_pass: int, progress: Progress | None) -> dict[str, np.ndarray]:
@@ -107,13 +106,13 @@ def _check_budget(model: Model, pairs: list[ContrastPair]) -> None:
 
 def input_errors(model: Model, task: str = "ioi", n: int = 32, seed: int = 0, pairs: str = "") -> dict[str, str]:
     """What is wrong with patch_task's inputs, keyed by input, without running the model: the task's own
-    checks (core.tasks.input_errors), then the server's budget, on the input that sets the task's size."""
-    errors = task_input_errors(model, task, n, seed, pairs)
+    checks (core.tasks.checked_inputs), then the server's budget, on the input that sets the task's size."""
+    errors, contrast = checked_inputs(model, task, n, seed, pairs)
     if not errors:
         try:
-            _check_budget(model, chosen_task(model, task, n, seed, pairs).contrast_pairs(model))
+            _check_budget(model, contrast)
         except ValueError as err:
-            errors = {"pairs" if task == "custom" else "n": str(err)}
+            errors = {size_field(task): str(err)}
     return errors
 
 
