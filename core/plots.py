@@ -329,44 +329,51 @@ _ATTENTION_HOVER = "dest %{y}<br>src %{x}<br>attention = %{z:.3f}<extra></extra>
 _ATTENTION_AXES = "row: destination (query) token, column: source (key) token it attends to"
 
 
-def attention_heads(result: AttentionResult, wrap: int = 4) -> go.Figure:
+def attention_heads(result: AttentionResult, wrap: int | None = None) -> go.Figure:
     """Every head of the layer as a small map (an overview: tokens are named on hover), on one
-    fixed 0-1 scale. `attention_head` draws one head readably. The figure px.imshow(facet_col=0,
-    facet_col_wrap=wrap) draws, built as one dict (px took 120 ms for twelve heads; this takes 15)."""
+    fixed 0-1 scale, `wrap` maps a row (default: about the square root of the heads, so the grid is
+    about as wide as tall: GPT-2's twelve heads in four rows of three). Each map is square and named
+    just above itself.
+    `attention_head` draws one head readably. The figure px.imshow(facet_col=0, facet_col_wrap=wrap)
+    draws, built as one dict (px took 120 ms for twelve heads; this takes 15)."""
     labels = token_labels(result.tokens)
     n_heads = result.patterns.shape[0]
-    cols = min(wrap, n_heads)
+    cols = min(wrap or max(1, round(n_heads**0.5)), n_heads)
     rows = -(-n_heads // cols)
-    col_gap, row_gap = 0.03, 0.06
+    col_gap, row_gap = 0.03, 0.24 / rows  # a row gap room for its maps' names
     width, height = (1 - col_gap * (cols - 1)) / cols, (1 - row_gap * (rows - 1)) / rows
     layout: dict = {}
     heads: dict[int, int] = {}  # subplot number (numbered from the bottom row, as make_subplots does) -> head
     for head in range(n_heads):
         heads[(rows - 1 - head // cols) * cols + head % cols + 1] = head
     notes = []
+    hidden = dict(showticklabels=False, ticks="", showgrid=False, zeroline=False, type="category")
     for number in range(1, rows * cols + 1):
         row, col = divmod(number - 1, cols)  # row from the bottom
         x0, y0 = col * (width + col_gap), row * (height + row_gap)
         name = _axis_suffix(number)
         first = {"scaleanchor": "y", "constrain": "domain"} if number == 1 else {"matches": "x"}
-        layout[f"xaxis{name}"] = dict(anchor=f"y{name}", domain=[x0, x0 + width], **first, showticklabels=False, type="category")
+        layout[f"xaxis{name}"] = dict(anchor=f"y{name}", domain=[x0, x0 + width], **first, **hidden)
         first = {"autorange": "reversed", "constrain": "domain"} if number == 1 else {"matches": "y"}
-        layout[f"yaxis{name}"] = dict(anchor=f"x{name}", domain=[y0, y0 + height], **first, showticklabels=False, type="category")
-        if number in heads:
-            notes.append(dict(showarrow=False, text=f"L{result.layer}H{heads[number]}", x=x0 + width / 2, xanchor="center", xref="paper",
-                              y=y0 + height, yanchor="bottom", yref="paper"))
+        layout[f"yaxis{name}"] = dict(anchor=f"x{name}", domain=[y0, y0 + height], **first, **hidden)
+        if number in heads:  # on the map's own domain, which the square constraint shrinks: the name stays on its map
+            notes.append(dict(showarrow=False, text=f"L{result.layer}H{heads[number]}", x=0.5, xanchor="center", xref=f"x{name} domain",
+                              y=1, yanchor="bottom", yref=f"y{name} domain", font=dict(size=11)))
     data = [
         dict(type="heatmap", z=result.patterns[head], x=labels, y=labels, coloraxis="coloraxis", name=str(head),
              xaxis=f"x{_axis_suffix(number)}", yaxis=f"y{_axis_suffix(number)}",
              hovertemplate=f"head L{result.layer}H{head}<br>" + _ATTENTION_HOVER)
         for number, head in sorted(heads.items(), key=lambda item: item[1])
     ]
+    title = _title(f"Attention patterns, layer {result.layer}, every head", _ATTENTION_AXES)
+    side = min(200, 460 // cols)  # px a map is wide in a half-width figure (about 460 px of plot beside the colour bar), at most 200
     layout.update(
         template=TEMPLATE,
-        title=dict(text=_title(f"Attention patterns, layer {result.layer}, every head", _ATTENTION_AXES)),
+        title=dict(text=title),
         annotations=notes,
         coloraxis=dict(colorscale=_colour_scale(UNSIGNED_SCALE), autocolorscale=False, cmin=0.0, cmax=1.0, colorbar=dict(title=dict(text="attention"))),
-        height=260 * rows + 100,
+        margin=dict(l=20, b=20, t=_top_margin(title, 1)),  # the top row's names below the title
+        height=_top_margin(title, 1) + rows * (side + 22) + 20,
     )
     return go.Figure(data=data, layout=layout)
 
@@ -377,11 +384,12 @@ def _axis_suffix(number: int) -> str:
 
 
 def attention_head(result: AttentionResult, head: int) -> go.Figure:
-    """One head's pattern, tokens named on both axes: destination (query) down, source (key) across."""
+    """One head's pattern, tokens named on both axes: destination (query) down, source (key) across; the
+    figure grows with the prompt (16 px a token, 450-900 px tall), so that a GPT-2 prompt's rows keep their names."""
     n_heads = result.patterns.shape[0]
     head = check_int(head, "head", 0, n_heads - 1)
     labels = token_labels(result.tokens)
-    return _heatmap(
+    figure = _heatmap(
         result.patterns[head],
         x=labels,
         y=labels,
@@ -393,6 +401,8 @@ def attention_head(result: AttentionResult, head: int) -> go.Figure:
         colour_title="attention",
         limit=1.0,  # attention weights are probabilities: one fixed scale for every head
     )
+    figure.layout.height = min(900, max(450, 260 + 16 * len(labels)))
+    return figure
 
 
 # --- induction ----------------------------------------------------------------------

@@ -10,6 +10,7 @@ import pytest
 
 from core import (
     SWEEPS,
+    AttentionResult,
     LogitLensResult,
     Predictions,
     activation_patching,
@@ -106,6 +107,28 @@ def test_attention_facets_are_named_by_layer_and_head(results):
     figure = plots.attention_heads(results["attention"])
     assert sorted(a.text for a in figure.layout.annotations) == ["L0H0", "L0H1", "L0H2", "L0H3"]
     assert len(figure.data) == 4
+    axes_of = {f"L0H{trace.name}": (trace.xaxis, trace.yaxis) for trace in figure.data}
+    for note in figure.layout.annotations:  # each name sits on its own map's domain (which the square maps shrink), just above it
+        assert (note.xref, note.yref) == tuple(f"{axis} domain" for axis in axes_of[note.text]), note
+        assert (note.x, note.y, note.yanchor) == (0.5, 1, "bottom")
+
+
+def test_attention_overview_is_a_grid_about_as_wide_as_tall():
+    def columns(n_heads: int) -> int:
+        patterns = np.tril(np.ones((n_heads, 3, 3)))
+        figure = plots.attention_heads(AttentionResult(tokens=["a", "b", "c"], layer=0, patterns=patterns / patterns.sum(-1, keepdims=True)))
+        return len({tuple(figure.layout[trace.xaxis.replace("x", "xaxis")].domain) for trace in figure.data})
+
+    assert [columns(n) for n in (1, 4, 12, 16)] == [1, 2, 3, 4]  # GPT-2 Small's twelve heads: four rows of three
+
+
+def test_one_head_grows_with_the_prompt_so_every_row_keeps_its_name():
+    def height(n_tokens: int) -> int:
+        patterns = np.tril(np.ones((1, n_tokens, n_tokens)))
+        result = AttentionResult(tokens=[f"t{i}" for i in range(n_tokens)], layer=0, patterns=patterns / patterns.sum(-1, keepdims=True))
+        return plots.attention_head(result, 0).layout.height
+
+    assert [height(n) for n in (5, 10, 25, 100)] == [450, 450, 660, 900]  # 16 px a token above 450, at most 900
 
 
 def test_dla_vs_patching_reports_pearson_r(results):
