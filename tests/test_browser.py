@@ -207,6 +207,9 @@ def test_a_task_and_where_its_heads_send_their_effect(browser, page_url, tmp_pat
     # a task: the pair's inputs give way to the task's; the task's means, then paths over the task
     page.get_by_label("A task").check()
     page.get_by_label("Prompt A (clean)").wait_for(state="hidden", timeout=30_000)
+    page.get_by_role("button", name="Trace paths").click()  # no task run yet: said on the list, before any run
+    page.wait_for_selector("text=Run patching (or task patching) first", timeout=30_000)
+    assert page.locator(".toast-body").count() == 0
     page.get_by_label("Task", exact=True).click()
     page.get_by_role("option", name="induction").click()
     page.get_by_label("Pairs n (1-64)").fill("8")

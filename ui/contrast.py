@@ -30,7 +30,7 @@ from ui.common import (
     validator,
     waiting_figure,
 )
-from ui.handlers import TASK_MODE, Handlers, example_rows, task_tab_id
+from ui.handlers import NOTHING_SHOWN, TASK_MODE, Handlers, example_rows, is_shown, task_tab_id
 
 PAIR_MODE = "One pair"
 
@@ -204,12 +204,16 @@ def build(h: Handlers, model: Model):
     ), "task")
     choose_custom(pairs, task)
 
-    def paths(chosen, now, chosen_senders, progress=gr.Progress()):
+    def traced(chosen, now) -> tuple[str, list | None]:  # the kind the tab shows, and its inputs as run (None: not run yet)
         kind = "task" if chosen == TASK_MODE else "pair"
-        return h.paths(kind, now.get(kind) if isinstance(now, dict) else None, chosen_senders, progress=progress)
+        return kind, now.get(kind) if isinstance(now, dict) else None
 
-    def some_senders(chosen, now, chosen_senders) -> list:  # the list's own words, before the run: not the API's text syntax
-        return [gr.validate(True, ""), gr.validate(True, ""), gr.validate(bool(chosen_senders), NO_SENDERS)]
+    def paths(chosen, now, chosen_senders, progress=gr.Progress()):
+        return h.paths(*traced(chosen, now), chosen_senders, progress=progress)
+
+    def some_senders(chosen, now, chosen_senders) -> list:  # on the list, before the run: not a toast, not the API's text syntax
+        ran = is_shown(traced(chosen, now)[1])  # a task chosen but not run yet
+        return [gr.validate(True, ""), gr.validate(True, ""), gr.validate(ran and bool(chosen_senders), NO_SENDERS if ran else NOTHING_SHOWN)]
 
     trace.click(
         user_errors(by_component(paths, path_out)), [mode, shown, senders], list(path_out.values()),

@@ -275,10 +275,17 @@ TRAILING_SPACE = (
 )
 
 
-def _check_shown(values) -> None:
+NOTHING_SHOWN = "Run patching (or task patching) first: path patching traces the pair or task whose results are shown."
+
+
+def is_shown(values) -> bool:
     """What the page says is shown: a pair's or a task's four inputs (anything else: nothing run yet)."""
-    if not (isinstance(values, list) and len(values) == 4):
-        raise ValueError("Run patching (or task patching) first: path patching traces the pair or task whose results are shown.")
+    return isinstance(values, list) and len(values) == 4
+
+
+def _check_shown(values) -> None:
+    if not is_shown(values):
+        raise ValueError(NOTHING_SHOWN)
 
 
 def circuit_summary(result) -> str:
