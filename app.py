@@ -115,7 +115,7 @@ def build_demo(
             if untabbed:
                 with gr.Tab("More", id="more"):  # short: four tab names still fit a phone's width
                     ui.more.build(handlers, model, untabbed)
-        ui.api.build(runner, registry)
+        ui.api.build(runner, model, registry)
     # api_open=False: every call goes through the queue and its lanes (gradio_client uses the queue
     # too); Gradio would otherwise leave /gradio_api/run/<name> open, which skips both.
     demo.queue(default_concurrency_limit=1, max_size=LIMITS.max_queue_size, api_open=False)

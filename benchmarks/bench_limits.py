@@ -79,7 +79,7 @@ def main() -> None:
         runner.prepare()  # the fast engine built and checked, as the app's warming leaves it before users
         loaded = rss_bytes()
         h = Handlers(runner, directory)
-        api = {name: json_endpoint(t, runner) for name, t in techniques().items()}  # the JSON endpoints, as the server runs them
+        api = {name: json_endpoint(t, runner, model) for name, t in techniques().items()}  # the JSON endpoints, as the server runs them
         prompt = prompt_of(model, LIMITS.max_prompt_tokens)
         clean = prompt_of(model, LIMITS.max_patching_tokens)
         corrupted = prompt_of(model, LIMITS.max_patching_tokens, " When")  # differs at its first word

@@ -91,8 +91,8 @@ def _check_lengths(model: Model, clean_tokens: Tensor, corrupted_tokens: Tensor)
     if clean_tokens.shape != corrupted_tokens.shape:
         raise ValueError(
             "The clean and corrupted prompts must have the same number of tokens so positions line up: "
-            f"clean has {clean_tokens.shape[-1]} {str_tokens(model, clean_tokens)}, "
-            f"corrupted has {corrupted_tokens.shape[-1]} {str_tokens(model, corrupted_tokens)}."
+            f"clean has {clean_tokens.shape[-1]} (BOS, then {str_tokens(model, clean_tokens)[1:]}), "  # BOS unnamed: its '<' is no
+            f"corrupted has {corrupted_tokens.shape[-1]} (BOS, then {str_tokens(model, corrupted_tokens)[1:]})."  # HTML entity in an API's message
         )
     if torch.equal(clean_tokens, corrupted_tokens):
         raise ValueError(

@@ -178,4 +178,5 @@ TECHNIQUE = Technique(
     input_errors=input_errors,
     tab="Circuit Map",
     progress=True,
+    fitted_defaults=lambda model: {"seq_len": min(DEFAULTS.induction_seq_len, max_seq_len(model))},  # a short context: its longest
 )

@@ -358,10 +358,11 @@ def str_tokens(model: Model, tokens: Int[Tensor, "1 pos"]) -> list[str]:
 
 def single_token_id(model: Model, text: str, role: str = "target") -> int:
     """The id of `text` if it is exactly one known token, else a ValueError saying how it splits."""
+    noun = role if role.endswith("token") else f"{role} token"  # "target token", "competing token"
     if not isinstance(text, str):
-        raise ValueError(f"The {role} token must be text, got {type(text).__name__}.")
+        raise ValueError(f"The {noun} must be text, got {type(text).__name__}.")
     if text == "":
-        raise ValueError(f"The {role} token is empty: give a single token such as ' Paris'.")
+        raise ValueError(f"The {noun} is empty: give a single token such as ' Paris'.")
     if len(text) > LIMITS.max_token_chars:
         raise ValueError(f"The {role} must be a single token, got {short(text)}: pick one word.")
     ids = model.tokenizer.encode(text, add_special_tokens=False)

@@ -77,8 +77,14 @@ class Technique:
     input_errors: Callable | None = None  # input_errors(model, *inputs) -> {input name: message}; tokenizing only
     tab: str | None = None  # the designed tab that shows it; None: the generic "More" tab
     progress: bool = False  # run() takes progress=report(fraction, description) and stops at its steps
+    fitted_defaults: Callable | None = None  # fitted_defaults(model) -> {input name: default} where a declared default does not fit the model
     reads_prompt: PromptReader | None = None  # it reads one forward pass over its prompt (the first input), so
     # several such techniques can share one pass: read_prompt(model, prompt, (t.reads_prompt, other inputs), ...)
+
+    def defaults(self, model) -> dict[str, Any]:
+        """Each optional input's default on `model` (the API's): the declared one, or the one fitted to the model."""
+        declared = {spec.name: spec.default for spec in self.inputs if not spec.required}
+        return declared | (self.fitted_defaults(model) if self.fitted_defaults else {})
 
     def request(self, overrides: dict[str, Any] | None = None) -> tuple:
         """The example (with `overrides`) as the values an API request sends, in input order, each input

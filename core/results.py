@@ -19,6 +19,7 @@ from jaxtyping import Bool, Float, Int
 
 from core.config import DEFAULTS
 from core.contrast import SWEEPS
+from core.graph import build_graph
 
 
 def mean_and_error(values: np.ndarray) -> tuple[float, float | None]:
@@ -309,9 +310,16 @@ class _EdgeScores(_Result, _OverPairs):
     clean_values: Float[np.ndarray, " pair"]
     corrupted_values: Float[np.ndarray, " pair"]
 
+    @property
+    def graph_edges(self) -> Bool[np.ndarray, "writer reader"]:
+        """Which (writer, reader) are edges (core.graph), for the model these writers are: `scores` is 0.0
+        where there is none, and at an edge whose score is exactly 0.0."""
+        n_layers = sum(1 for w in self.writers if w.startswith("MLP"))
+        return build_graph(n_layers, sum(1 for w in self.writers if w.startswith("L0H"))).edges
+
     def ranked(self, limit: int | None = None) -> list[list]:
-        """[writer, reader, score] of the edges, largest |score| first (ties: the graph's order)."""
-        flat = np.flatnonzero(self.scores)
+        """[writer, reader, score] of every edge (0.0 scores too), largest |score| first (ties: the graph's order)."""
+        flat = np.flatnonzero(self.graph_edges)
         order = flat[np.argsort(-np.abs(self.scores.ravel()[flat]), kind="stable")][:limit]
         rows, columns = np.unravel_index(order, self.scores.shape)
         return [[self.writers[w], self.readers[r], float(self.scores[w, r])] for w, r in zip(rows, columns)]

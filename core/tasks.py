@@ -314,28 +314,46 @@ class TaskMetric:
         return mean_and_error(self.clean_values - self.corrupted_values)
 
 
+def task_name(task):
+    """A task as its name is matched: case and surrounding spaces ignored ("IOI" is "ioi"); not text: as it is."""
+    return task.strip().lower() if isinstance(task, str) else task
+
+
 def chosen_task(model: Model, task: str, n: int = 32, seed: int = 0, pairs: str = "") -> Task:
-    """A built-in task (`task`, `n` pairs drawn with `seed`) or, for task "custom", your own `pairs`
-    (one per line, clean | corrupted | answer | wrong; or CSV or JSONL with those four fields): what the task
+    """A built-in task (`task`, `n` pairs drawn with `seed`; `pairs` left empty) or, for task "custom", your own
+    `pairs` (one per line, clean | corrupted | answer | wrong; or CSV or JSONL with those four fields): what the task
     techniques' inputs (TASK_INPUTS) name. At most LIMITS.max_task_patching_pairs pairs: a request patches them all."""
     if not isinstance(task, str):
         raise ValueError(f"The task must be text: one of {', '.join(BUILT_IN)}, or custom; got {type(task).__name__}.")
-    most = LIMITS.max_task_patching_pairs
-    if task == "custom":
+    name, most = task_name(task), LIMITS.max_task_patching_pairs
+    if name == "custom":
         chosen = parse_pairs(pairs, "auto")
         if len(chosen.pairs) > most:
             raise ValueError(f"Your task has {len(chosen.pairs)} pairs; patching takes at most {most} per request: use fewer.")
         return chosen
-    if task in BUILT_IN:
-        checked = {name: check() for name, check in _request_checks(n, seed).items()}
-        return built_in_task(model, task, checked["n"], checked["seed"])
+    if name in BUILT_IN:
+        checked = {field: check() for field, check in _request_checks(name, n, seed, pairs).items()}
+        return built_in_task(model, name, checked["n"], checked["seed"])
     raise ValueError(f"There is no task {task!r}: pick one of {', '.join(BUILT_IN)}, or custom with your pairs.")
 
 
-def _request_checks(n, seed) -> dict[str, Callable[[], int]]:
-    """chosen_task's checks of a built-in task's size and seed, by input name, in the order it makes them:
-    each gives the value as the task uses it, or raises its ValueError."""
-    return {"n": lambda: check_int(n, "n", 1, LIMITS.max_task_patching_pairs), "seed": lambda: check_int(seed, "seed", 0, MAX_SEED)}
+def _no_pairs(name: str, pairs) -> None:
+    """A built-in task draws its own pairs: pairs given beside it would be ignored, so they are refused."""
+    if pairs is None or (isinstance(pairs, str) and not pairs.strip()):
+        return
+    if not isinstance(pairs, str):
+        raise ValueError(f"The pairs must be text, got {type(pairs).__name__}.")
+    raise ValueError(f"You gave pairs, but the task is {name}, which draws its own: choose the task custom to run your pairs, or clear them to run {name}.")
+
+
+def _request_checks(name: str, n, seed, pairs) -> dict[str, Callable[[], int | None]]:
+    """chosen_task's checks of built-in task `name`'s other inputs, by input name, in the order it makes them:
+    each gives the value as the task uses it (None: pairs, which it does not use), or raises its ValueError."""
+    return {
+        "n": lambda: check_int(n, "n", 1, LIMITS.max_task_patching_pairs),
+        "seed": lambda: check_int(seed, "seed", 0, MAX_SEED),
+        "pairs": lambda: _no_pairs(name, pairs),
+    }
 
 
 def checked_inputs(model: Model, task: str, n: int = 32, seed: int = 0, pairs: str = "") -> tuple[dict[str, str], list[ContrastPair]]:
@@ -343,22 +361,22 @@ def checked_inputs(model: Model, task: str, n: int = 32, seed: int = 0, pairs: s
     nothing is), without running the model: chosen_task's checks and messages, then each pair's, as
     ContrastPair.of checks it. A built-in task that does not apply to the model is the task's fault; a custom
     task's, its pairs'."""
-    field = "pairs" if task == "custom" else "task"
-    if isinstance(task, str) and task in BUILT_IN:
-        for name, check in _request_checks(n, seed).items():
+    name = task_name(task)
+    if name in BUILT_IN:
+        for field, check in _request_checks(name, n, seed, pairs).items():
             try:
                 check()
             except ValueError as err:
-                return {name: str(err)}, []
+                return {field: str(err)}, []
     try:
         return {}, chosen_task(model, task, n, seed, pairs).contrast_pairs(model)
     except ValueError as err:
-        return {field: str(err)}, []
+        return {"pairs" if name == "custom" else "task": str(err)}, []
 
 
 def size_field(task: str) -> str:
     """The input that sets a task's size, which a request too big for the server's budget is refused on."""
-    return "pairs" if task == "custom" else "n"
+    return "pairs" if task_name(task) == "custom" else "n"
 
 
 TASK_INPUTS = (  # a task as a technique's inputs (core.registry): chosen_task's arguments

@@ -98,6 +98,8 @@ def test_json_endpoints_equal_core(client, demo_model, endpoint, args, compute):
 def test_defaults_of_optional_inputs(client, demo_model):
     assert client.predict(IOI_CLEAN, api_name="/predict") == predict(demo_model, IOI_CLEAN, 10).to_dict()
     assert client.predict(api_name="/induction", seq_len=8) == induction_scores(demo_model, 8, 10, 0).to_dict()
+    longest = (demo_model.cfg.n_ctx - 1) // 2  # 50 random tokens twice do not fit the demo model's context: its longest
+    assert longest < 50 and client.predict(api_name="/induction") == induction_scores(demo_model, longest, 10, 0).to_dict()
 
 
 @pytest.mark.parametrize(

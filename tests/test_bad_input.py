@@ -72,7 +72,8 @@ def cases():
     for endpoint in PAIR_ENDPOINTS:  # the pair first, then the endpoint's other inputs as in GOOD
         rest = GOOD[endpoint][4:]
         out += [
-            (endpoint, (SHORT, SHORT + " and", " Mary", " John", *rest), r"same number of tokens.*clean has 9 .* corrupted has 10"),
+            (endpoint, (SHORT, SHORT + " and", " Mary", " John", *rest),
+             r"^(?![\s\S]*&lt;)[\s\S]*same number of tokens.*clean has 9 \(BOS, then \['When'.* corrupted has 10"),  # no '<' to escape
         ]
         out.append((endpoint, (IOI_CLEAN, IOI_CLEAN, " Mary", " John", *rest), "same logit difference"))
     for endpoint, inputs in INPUTS.items():  # what a technique parses itself
@@ -97,6 +98,9 @@ def cases():
                 ]:
                     custom[position] = text
                     out.append((endpoint, tuple(custom), message))
+                if GOOD[endpoint][task] != "custom":  # pairs beside a built-in task: refused, never silently left out
+                    out.append((endpoint, with_arg(endpoint, position, f"{IOI_CLEAN} | {IOI_CORRUPTED} | Mary | John"),
+                                r"You gave pairs, but the task is \w+, which draws its own: choose the task custom"))
     for endpoint, positions in TOKEN_FIELDS.items():
         for position in positions:
             out += [
@@ -104,7 +108,7 @@ def cases():
                 (endpoint, with_arg(endpoint, position, " zebra"), r"' zebra' is not in this model's vocabulary"),
                 (endpoint, with_arg(endpoint, position, "Berlin"), r"did you mean ' Berlin'\?"),
                 (endpoint, with_arg(endpoint, position, "y" * 5000), r"must be a single token, got 'yyyy.*\(5,000 characters\)"),
-                (endpoint, with_arg(endpoint, position, 7), "must be text"),
+                (endpoint, with_arg(endpoint, position, 7), r"^(?![\s\S]*token token)[\s\S]*The [a-z ]*token must be text, got int"),
             ]
     out += [
         ("/dla", (IOI_CLEAN, "", " John"), "target token is empty"),

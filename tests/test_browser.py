@@ -246,6 +246,9 @@ def test_a_task_and_where_its_heads_send_their_effect(browser, page_url, tmp_pat
     assert page.locator(".toast-body").count() == 0
     page.get_by_label("Pairs n (1-64)").first.fill("8")
     page.get_by_role("button", name="Run task patching").click()
+    page.wait_for_selector("text=You gave pairs, but the task is ioi", timeout=60_000)  # the uploaded pairs are still in the box: never left out silently
+    page.get_by_label("Your pairs (task custom)", exact=False).first.fill("")  # cleared, the task stays ioi
+    page.get_by_role("button", name="Run task patching").click()
     page.wait_for_function("document.querySelector('#task-summary').innerText.includes('ioi (s2), 8 pairs')", timeout=120_000)
     page.wait_for_function("[...document.querySelectorAll('#task-sweeps [role=tab][aria-selected=true]')].some(t => t.innerText.trim() == 'head_out')",
                            timeout=30_000)

@@ -10,7 +10,7 @@ import pytest
 from transformer_lens.tools.analysis.attribution_patching import EdgeAttributionConfig, attribution_patch
 
 from core.contrast import ContrastPair
-from core.edges import build_graph, circuit, edge_scores, exact_edge_effects, faithfulness, greedy_edges, top_edges
+from core.edges import build_graph, circuit, edge_attribution, edge_scores, exact_edge_effects, faithfulness, greedy_edges, top_edges
 from core.edges import input_errors as circuit_errors
 from core.patching.exact import run_pairs
 from tests.conftest import IOI_CLEAN, IOI_CORRUPTED
@@ -291,3 +291,18 @@ def test_a_circuits_bad_inputs_are_named_by_field_before_the_run_with_the_runs_o
     with pytest.raises(ValueError) as raised:
         circuit(demo_model, **inputs)
     assert errors == {field: str(raised.value)}
+
+
+def test_edge_attribution_lists_every_edge_of_the_graph_zeros_included(demo_model):
+    """/edge_attribution's `edges` has one row per edge (n_edges), as its JSON says: an edge that scores exactly
+    0.0 (here the embeddings' direct edge to the logits: IOI's corruption leaves the final token alone) is
+    listed, last; a pair that is not an edge never is."""
+    result = edge_attribution(demo_model, "ioi", 4)
+    graph = build_graph(demo_model.cfg.n_layers, demo_model.cfg.n_heads)
+    rows = result.to_dict()["edges"]
+    assert len(rows) == result.n_edges == graph.n_edges == 761
+    index = {(w, r) for w in range(len(graph.writers)) for r in range(len(graph.readers)) if graph.edges[w, r]}
+    assert {(graph.writers.index(w), graph.readers.index(r)) for w, r, _ in rows} == index
+    assert ["embed", "logits", 0.0] in rows and rows[-1][2] == 0.0
+    sizes = [abs(score) for _, _, score in rows]
+    assert sizes == sorted(sizes, reverse=True)

@@ -41,10 +41,14 @@ def test_each_declaration_is_whole_and_its_example_runs(demo_model, name):
         assert isinstance(figure, go.Figure) and plots.main_title(figure)
     if t.input_errors is not None:
         assert t.input_errors(demo_model, *t.arguments()) == {}
-    signature = inspect.signature(endpoint(t, Runner(demo_model, cache_dir=None)))
+    signature = inspect.signature(endpoint(t, Runner(demo_model, cache_dir=None), demo_model))
+    defaults = t.defaults(demo_model)  # the declared ones, or fitted to the model where they do not fit it
     assert [(p.name, p.annotation, p.default) for p in signature.parameters.values()] == [
-        (spec.name, spec.type, inspect.Parameter.empty if spec.required else spec.default) for spec in t.inputs
+        (spec.name, spec.type, inspect.Parameter.empty if spec.required else defaults[spec.name]) for spec in t.inputs
     ]
+    if t.input_errors is not None:  # the defaults are a good request on this model
+        values = {spec.name: t.example[spec.name] for spec in t.inputs if spec.required} | defaults
+        assert t.input_errors(demo_model, *t.arguments(values)) == {}, values
 
 
 def test_arguments_fill_defaults_and_name_what_is_missing():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.tasks import BUILT_IN, PairText, built_in_task, parse_pairs, task_metric
+from core.tasks import BUILT_IN, PairText, built_in_task, checked_inputs, chosen_task, parse_pairs, task_metric
 from tests.conftest import IOI_CLEAN, IOI_CORRUPTED
 
 
@@ -112,6 +112,18 @@ def test_a_pair_the_model_cannot_take_is_named_by_its_line(demo_model):
 def test_bad_task_requests_get_a_clear_message(demo_model, args, message):
     with pytest.raises(ValueError, match=message):
         built_in_task(demo_model, *args)
+
+
+def test_a_task_is_named_in_any_case_and_pairs_beside_a_built_in_one_are_refused(demo_model):
+    """As a method is ("EAP" is "eap"); pairs given with a built-in task would be left out: an API caller who
+    forgot task="custom" is told, instead of getting the built-in task's numbers for theirs."""
+    assert chosen_task(demo_model, " IOI ", 4, 1).pairs == chosen_task(demo_model, "ioi", 4, 1).pairs
+    assert chosen_task(demo_model, "Custom", pairs=f"{IOI_CLEAN} | {IOI_CORRUPTED} | Mary | John").name == "Your task"
+    with pytest.raises(ValueError, match="You gave pairs, but the task is ioi, which draws its own: choose the task custom to run your pairs"):
+        chosen_task(demo_model, "ioi", 4, pairs=f"{IOI_CLEAN} | {IOI_CORRUPTED} | Mary | John")
+    assert checked_inputs(demo_model, "IOI", 4, 0, "x")[0] == {"pairs": "You gave pairs, but the task is ioi, which draws its own: "
+                                                                 "choose the task custom to run your pairs, or clear them to run ioi."}
+    assert chosen_task(demo_model, "ioi", 4, pairs=" \n").name == chosen_task(demo_model, "ioi", 4, pairs=None).name  # blank: none given
 
 
 @pytest.mark.gpt2

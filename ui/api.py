@@ -9,20 +9,25 @@ from typing import Callable
 
 import gradio as gr
 
+from core.model import Model
 from core.registry import Technique, techniques
 from serving.runner import Runner
 from ui.common import LANES, user_errors
 
 
-def endpoint(technique: Technique, runner: Runner) -> Callable[..., dict]:
+def endpoint(technique: Technique, runner: Runner, model: Model) -> Callable[..., dict]:
     """`technique` as a function of its inputs (positional, in order) returning its JSON, through the
-    runner. Its signature names and types the inputs, which is what Gradio's API page and gradio_client read."""
+    runner. Its signature names and types the inputs, with their defaults on `model` (Technique.defaults),
+    which is what Gradio's API page and gradio_client read."""
 
     def call(*values) -> dict:
         return runner.run(technique.run, *technique.arguments(values)).to_dict()
 
+    defaults = technique.defaults(model)
     parameters = [
-        inspect.Parameter(spec.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=spec.type, **({} if spec.required else {"default": spec.default}))
+        inspect.Parameter(
+            spec.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=spec.type, **({} if spec.required else {"default": defaults[spec.name]})
+        )
         for spec in technique.inputs
     ]
     call.__name__ = call.__qualname__ = technique.name
@@ -32,6 +37,7 @@ def endpoint(technique: Technique, runner: Runner) -> Callable[..., dict]:
     return call
 
 
-def build(runner: Runner, registry: dict[str, Technique] | None = None) -> None:
+def build(runner: Runner, model: Model, registry: dict[str, Technique] | None = None) -> None:
+    """An endpoint per technique; `model`: the runner's, or the sketch of it a restart's page is built from."""
     for technique in (registry or techniques()).values():
-        gr.api(user_errors(endpoint(technique, runner)), api_name=technique.name, **LANES[technique.lane])
+        gr.api(user_errors(endpoint(technique, runner, model)), api_name=technique.name, **LANES[technique.lane])

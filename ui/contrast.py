@@ -88,8 +88,9 @@ def build(h: Handlers, model: Model):
         )
         upload = gr.UploadButton("Upload pairs (.csv, .jsonl, .txt)", file_types=[".csv", ".jsonl", ".txt"], size="sm")
     out = {  # in the order /contrast returns them
-        "status": gr.Markdown(initial.get("status"), elem_id="contrast-status", render=False),
-        "summary": gr.Markdown(initial.get("summary"), elem_id="contrast-summary", render=False),
+        # labels (not shown) name these outputs on the API page and in gradio_client's view_api
+        "status": gr.Markdown(initial.get("status"), label="Status", show_label=False, elem_id="contrast-status", render=False),
+        "summary": gr.Markdown(initial.get("summary"), label="Summary", show_label=False, elem_id="contrast-summary", render=False),
         "lens": gr.Plot(initial.get("lens", waiting), label="Logit lens, both prompts", render=False),
         **{f"exact {name}": gr.Plot(initial.get(f"exact {name}", waiting), label=f"Exact: {name}", render=False, **WIDE) for name in SWEEPS},
         **{

@@ -39,6 +39,7 @@ from core import plots
 from core.config import DEFAULTS
 from core.contrast import ON_A_PAIR, PAIR, PAIR_EXAMPLE, ContrastPair
 from core.contrast import input_errors as pair_errors
+from core.graph import COMPONENTS
 from core.model import Model, run_cached
 from core.patching.cost import check_budget, pairs_flops
 from core.patching.exact import run_pairs
@@ -48,7 +49,6 @@ from core.registry import Input, Progress, Technique
 from core.results import PathPatchingResult
 from core.tasks import TASK_INPUTS, Task, chosen_task
 
-COMPONENTS = ("q", "k", "v")
 Head = tuple[int, int]
 
 
