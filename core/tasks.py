@@ -362,7 +362,7 @@ def checked_inputs(model: Model, task: str, n: int = 32, seed: int = 0, pairs: s
     ContrastPair.of checks it. A built-in task that does not apply to the model is the task's fault; a custom
     task's, its pairs'."""
     name = task_name(task)
-    if name in BUILT_IN:
+    if isinstance(name, str) and name in BUILT_IN:
         for field, check in _request_checks(name, n, seed, pairs).items():
             try:
                 check()

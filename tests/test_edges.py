@@ -282,6 +282,8 @@ def test_gpt2_ioi_circuit_has_the_name_movers_and_s_inhibition_edges(gpt2):
         (dict(ablation="zero"), "ablation"),
         (dict(n=0), "n"),
         (dict(task="custom", pairs="a | b"), "pairs"),
+        (dict(pairs="x"), "pairs"),  # pairs beside a built-in task: refused, never left out
+        (dict(task={"ioi": 1}), "task"),
     ],
 )
 def test_a_circuits_bad_inputs_are_named_by_field_before_the_run_with_the_runs_own_message(demo_model, inputs, field):

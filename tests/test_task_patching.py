@@ -108,6 +108,8 @@ def test_a_request_over_the_patching_budget_says_how_many_pairs_fit(gpt2_shaped)
         (dict(task="nope"), "task"),
         (dict(task="custom", pairs="this is | not right\nfoo"), "pairs"),
         (dict(task="custom", pairs=""), "pairs"),
+        (dict(task="ioi", n=8, pairs="x"), "pairs"),  # pairs beside a built-in task: refused, never left out
+        (dict(task=["ioi"]), "task"),
     ],
 )
 def test_a_tasks_bad_inputs_are_named_by_field_before_the_run_with_the_runs_own_message(demo_model, inputs, field):

@@ -12,7 +12,7 @@ from core.induction import input_errors, max_seq_len
 from core.model import Model
 from core.tasks import BUILT_IN
 from ui.common import ABOUT, HEAVY, RAW, WIDE, about, by_component, choose_custom, examples, user_errors, validator, waiting_figure
-from ui.handlers import Handlers, example_rows
+from ui.handlers import Handlers, example_rows, page_task_errors
 
 
 def build(h: Handlers, model: Model):
@@ -122,6 +122,6 @@ def build_task_circuit(h: Handlers, model: Model) -> None:
     run.click(
         user_errors(by_component(task_circuit, out)), [task, n, seed, pairs, method, steps, selection, k, target, ablation, checks], list(out.values()),
         api_name="circuit_figures", api_visibility="private", show_progress_on=[out["circuit_summary"]],
-        validator=validator(h, circuit_errors, names), **HEAVY, **RAW,
+        validator=validator(h, page_task_errors(circuit_errors), names), **HEAVY, **RAW,
     )
     choose_custom(pairs, task)

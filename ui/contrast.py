@@ -30,7 +30,7 @@ from ui.common import (
     validator,
     waiting_figure,
 )
-from ui.handlers import NOTHING_SHOWN, TASK_MODE, Handlers, example_rows, is_shown, task_tab_id
+from ui.handlers import NOTHING_SHOWN, TASK_MODE, Handlers, example_rows, is_shown, page_task_errors, task_tab_id
 
 PAIR_MODE = "One pair"
 
@@ -201,7 +201,7 @@ def build(h: Handlers, model: Model):
     then_accept(run_task.click(
         user_errors(by_component(task_patching, task_out)), task_inputs_list, list(task_out.values()),
         api_name="task_figures", api_visibility="private", show_progress_on=[task_out["task_summary"]],
-        validator=validator(h, task_errors, ["task", "n", "seed", "pairs"]), **HEAVY, **RAW,
+        validator=validator(h, page_task_errors(task_errors), ["task", "n", "seed", "pairs"]), **HEAVY, **RAW,
     ), "task")
     choose_custom(pairs, task)
 

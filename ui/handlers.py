@@ -33,6 +33,7 @@ from core.model import Model
 from core.patching.path import COMPONENTS, path_patching, task_path_patching
 from core.patching.task import patch_task
 from core.registry import Technique
+from core.tasks import task_name
 from examples import EXAMPLES
 from serving.runner import NotCached, Runner, ServerBusy, write_whole
 from ui.common import literal, three_places, whole
@@ -259,9 +260,17 @@ TASK_MODE = "A task"  # the Contrast Pairs tab's second mode (the first: one pai
 
 
 def _task_args(task, n, seed, pairs) -> tuple:
-    """A task's four inputs as the task techniques take them, so the task run and the senders proposed
-    from it ask the runner's cache for the same key."""
-    return task, whole(n), whole(seed), pairs
+    """A task's four inputs on the page as the task techniques take them, so the task run and the senders proposed
+    from it ask the runner's cache for the same key. The pairs box is for task custom (its label says so): a
+    built-in task chosen in the list runs without what the box holds, which waits there for custom. (The API,
+    which has no list to choose from, refuses pairs beside a built-in task: core.tasks.)"""
+    return task, whole(n), whole(seed), pairs if task_name(task) == "custom" else ""
+
+
+def page_task_errors(errors_of: Callable) -> Callable:
+    """A task technique's input_errors(model, task, n, seed, pairs, *rest) for a page's validator: the task as the
+    page's run takes it (`_task_args`)."""
+    return lambda model, task, n, seed, pairs, *rest: errors_of(model, *_task_args(task, n, seed, pairs), *rest)
 
 
 def task_tab_id(sweep: str) -> str:
