@@ -333,9 +333,8 @@ def attention_heads(result: AttentionResult, wrap: int | None = None) -> go.Figu
     """Every head of the layer as a small map (an overview: tokens are named on hover), on one
     fixed 0-1 scale, `wrap` maps a row (default: about the square root of the heads, so the grid is
     about as wide as tall: GPT-2's twelve heads in four rows of three). Each map is square and named
-    just above itself.
-    `attention_head` draws one head readably. The figure px.imshow(facet_col=0, facet_col_wrap=wrap)
-    draws, built as one dict (px took 120 ms for twelve heads; this takes 15)."""
+    just above itself. `attention_head` draws one head readably. The figure px.imshow(facet_col=0,
+    facet_col_wrap=wrap) draws, built as one dict (px took 120 ms for twelve heads; this takes 15)."""
     labels = token_labels(result.tokens)
     n_heads = result.patterns.shape[0]
     cols = min(wrap or max(1, round(n_heads**0.5)), n_heads)
