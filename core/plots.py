@@ -401,6 +401,8 @@ def attention_head(result: AttentionResult, head: int) -> go.Figure:
         limit=1.0,  # attention weights are probabilities: one fixed scale for every head
     )
     figure.layout.height = min(900, max(450, 260 + 16 * len(labels)))
+    if len(labels) > 12:  # at half width a longer prompt's slanted token names run into each other: upright ones do not
+        figure.layout.xaxis.tickangle = -90
     return figure
 
 

@@ -123,12 +123,13 @@ def test_attention_overview_is_a_grid_about_as_wide_as_tall():
 
 
 def test_one_head_grows_with_the_prompt_so_every_row_keeps_its_name():
-    def height(n_tokens: int) -> int:
+    def layout(n_tokens: int):
         patterns = np.tril(np.ones((1, n_tokens, n_tokens)))
         result = AttentionResult(tokens=[f"t{i}" for i in range(n_tokens)], layer=0, patterns=patterns / patterns.sum(-1, keepdims=True))
-        return plots.attention_head(result, 0).layout.height
+        return plots.attention_head(result, 0).layout
 
-    assert [height(n) for n in (5, 10, 25, 100)] == [450, 450, 660, 900]  # 16 px a token above 450, at most 900
+    assert [layout(n).height for n in (5, 10, 25, 100)] == [450, 450, 660, 900]  # 16 px a token above 450, at most 900
+    assert [layout(n).xaxis.tickangle for n in (10, 25)] == [-45, -90]  # a long prompt's column names upright: they never overlap
 
 
 def test_dla_vs_patching_reports_pearson_r(results):
