@@ -574,8 +574,8 @@ def circuit_flops(
     return total
 
 
-def _check_steps(steps: int) -> None:
-    check_int(steps, "steps", 1, LIMITS.max_eap_ig_steps)
+def _check_steps(steps: int) -> int:
+    return check_int(steps, "steps", 1, LIMITS.max_eap_ig_steps)
 
 
 def _task_pairs(model: Model, task: str, n: int, seed: int, pairs: str) -> tuple[Task, list[ContrastPair]]:
@@ -626,7 +626,7 @@ def _settings(graph: Graph, method, steps, selection, k, target, ablation, check
     setting as the run uses it, or raises the run's ValueError."""
     return {
         "method": lambda: _method(method),
-        "steps": lambda: check_int(steps, "steps", 1, LIMITS.max_eap_ig_steps),
+        "steps": lambda: _check_steps(steps),
         "selection": lambda: _choice(selection, "selection"),
         "ablation": lambda: _choice(ablation, "ablation"),
         "k": lambda: check_int(k, "k", 1, graph.n_edges),
@@ -703,7 +703,7 @@ def circuit(
     settings = {name: check() for name, check in _settings(graph, method, steps, selection, k, target, ablation, checks).items()}
     method, steps, k, target, checks = (settings[name] for name in ("method", "steps", "k", "target", "checks"))
     chosen, contrast = _task_pairs(model, task, n, seed, pairs)
-    sizes = curve_sizes(graph.n_edges)
+    sizes, _ = _search(graph, target)
     _circuit_budget(model, contrast, graph, settings)
 
     def part(low: float, high: float) -> Progress | None:

@@ -224,9 +224,13 @@ def built_in_task(model: Model, name: str, n: int, seed: int = 0) -> Task:
 FIELDS = ("clean", "corrupted", "answer", "wrong")
 
 
+def _check_text(pairs) -> None:
+    if not isinstance(pairs, str):
+        raise ValueError(f"The pairs must be text, got {type(pairs).__name__}.")
+
+
 def _lines(text: str, name: str) -> list[tuple[int, str]]:
-    if not isinstance(text, str):
-        raise ValueError(f"The pairs must be text, got {type(text).__name__}.")
+    _check_text(text)
     if len(text) > LIMITS.max_task_chars:
         raise ValueError(f"The pairs are {len(text):,} characters long; the limit is {LIMITS.max_task_chars:,}: use fewer pairs.")
     lines = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
@@ -341,8 +345,7 @@ def _no_pairs(name: str, pairs) -> None:
     """A built-in task draws its own pairs: pairs given beside it would be ignored, so they are refused."""
     if pairs is None or (isinstance(pairs, str) and not pairs.strip()):
         return
-    if not isinstance(pairs, str):
-        raise ValueError(f"The pairs must be text, got {type(pairs).__name__}.")
+    _check_text(pairs)
     raise ValueError(f"You gave pairs, but the task is {name}, which draws its own: choose the task custom to run your pairs, or clear them to run {name}.")
 
 

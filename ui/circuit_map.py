@@ -118,10 +118,10 @@ def build_task_circuit(h: Handlers, model: Model) -> None:
     def task_circuit(task, n, seed, pairs, method, steps, selection, k, target, ablation, checks, progress=gr.Progress()):
         return h.task_circuit(task, n, seed, pairs, method, steps, selection, k, target, ablation, checks, progress=progress)
 
-    names = ["task", "n", "seed", "pairs", "method", "steps", "selection", "k", "target", "ablation", "checks"]
+    fields = dict(task=task, n=n, seed=seed, pairs=pairs, method=method, steps=steps, selection=selection, k=k, target=target, ablation=ablation, checks=checks)
     run.click(
-        user_errors(by_component(task_circuit, out)), [task, n, seed, pairs, method, steps, selection, k, target, ablation, checks], list(out.values()),
+        user_errors(by_component(task_circuit, out)), list(fields.values()), list(out.values()),
         api_name="circuit_figures", api_visibility="private", show_progress_on=[out["circuit_summary"]],
-        validator=validator(h, page_task_errors(circuit_errors), names), **HEAVY, **RAW,
+        validator=validator(h, page_task_errors(circuit_errors), list(fields)), **HEAVY, **RAW,
     )
     choose_custom(pairs, task)

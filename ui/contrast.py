@@ -196,12 +196,12 @@ def build(h: Handlers, model: Model):
     def task_patching(task, n, seed, pairs, progress=gr.Progress()):
         return h.task(task, n, seed, pairs, progress=progress)
 
-    task_inputs_list = [task, n, seed, pairs]
-    run_task.click(hold, task_inputs_list, pending, api_visibility="private", **HEAVY, **RAW)
+    task_fields = dict(task=task, n=n, seed=seed, pairs=pairs)
+    run_task.click(hold, list(task_fields.values()), pending, api_visibility="private", **HEAVY, **RAW)
     then_accept(run_task.click(
-        user_errors(by_component(task_patching, task_out)), task_inputs_list, list(task_out.values()),
+        user_errors(by_component(task_patching, task_out)), list(task_fields.values()), list(task_out.values()),
         api_name="task_figures", api_visibility="private", show_progress_on=[task_out["task_summary"]],
-        validator=validator(h, page_task_errors(task_errors), ["task", "n", "seed", "pairs"]), **HEAVY, **RAW,
+        validator=validator(h, page_task_errors(task_errors), list(task_fields)), **HEAVY, **RAW,
     ), "task")
     choose_custom(pairs, task)
 
